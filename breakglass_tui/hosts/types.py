@@ -1,0 +1,115 @@
+"""Plain result types shared by the hosts layer, the lab and the breakglass agent.
+
+These are the contract between layers: the agent (core) consumes them, the UI renders them. No
+Textual, no SDK: dataclasses only, so they can be built in tests and serialised to the audit log.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Stream = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """One SSH endpoint, addressed by IP literal (no DNS: the ADR's hardening)."""
+
+    host: str
+    port: int
+    user: str
+    # known_hosts text pinning the host key. None only in the lab, never for real targets.
+    known_hosts: str | None
+    name: str = "devvm"
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(
+                f"{self.name} host {self.host!r} is not an IP literal: targets are addressed by IP"
+                " so a DNS outage cannot stop the rescue; give the address, not a name"
+            ) from None
+        if not 0 < self.port < 65536:
+            raise ValueError(f"{self.name} port {self.port} is out of range (1-65535)")
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of a running command's output, decoded with replacement."""
+
+    stream: Stream
+    text: str
+
+
+class Ending(enum.StrEnum):
+    """How a devvm command ended."""
+
+    EXITED = "exited"  # the remote command exited; see exit_status / signal
+    TIMED_OUT = "timed_out"  # our deadline expired; the remote command was stopped
+    CANCELLED = "cancelled"  # the operator cancelled; the remote command was stopped
+    DISCONNECTED = "disconnected"  # the connection dropped while it ran
+    FAILED = "failed"  # it could not be started (no connection, sudo refused, ...)
+
+
+@dataclass
+class CommandOutcome:
+    """The result of one devvm command. `stdout`/`stderr` hold the whole output."""
+
+    command: str
+    ending: Ending
+    exit_status: int | None = None
+    signal: str | None = None
+    stdout: str = ""
+    stderr: str = ""
+    duration_s: float = 0.0
+    message: str = ""  # one human sentence for anything but a plain exit
+
+    @property
+    def ok(self) -> bool:
+        return self.ending is Ending.EXITED and self.exit_status == 0
+
+
+class Reachability(enum.StrEnum):
+    """What the reachability probe found, in the order the breakglass agent reasons about it."""
+
+    HEALTHY = "healthy"  # SSH works and a trivial command ran
+    REFUSED = "refused"  # TCP connection refused: sshd down or the guest is booting/off
+    TCP_TIMEOUT = "tcp_timeout"  # no TCP answer at all: guest or network dead
+    NO_BANNER = "no_banner"  # TCP accepted, no SSH banner: the classic wedged guest
+    AUTH_REFUSED = "auth_refused"  # banner seen, our key refused
+    HOST_KEY_MISMATCH = "host_key_mismatch"  # the host key is not the pinned one
+    COMMAND_FAILED = "command_failed"  # logged in, but the trivial command failed or hung
+
+
+@dataclass
+class ProbeResult:
+    reachability: Reachability
+    elapsed_s: float
+    message: str
+    banner: str | None = None
+
+
+VerbName = Literal["status", "forensics", "reset", "stop", "start", "cycle"]
+VERBS: tuple[VerbName, ...] = ("status", "forensics", "reset", "stop", "start", "cycle")
+MUTATING_VERBS: frozenset[str] = frozenset({"reset", "stop", "start", "cycle"})
+
+
+@dataclass
+class VerbResult:
+    """A forced-command verb's outcome, parsed from breakglass-verb's JSON document."""
+
+    verb: str
+    ok: bool
+    exit_code: int
+    message: str
+    vmid: int | None = None
+    state_before: str | None = None
+    state_after: str | None = None
+    bundle_id: str | None = None
+    refused: str | None = None  # "busy" | "budget" | "cooldown" when refused by policy
+    cold_case: bool = False  # the PVE host could not be reached, or host-level recovery needed
+    document: dict[str, Any] = field(default_factory=dict)  # the verb's whole JSON document

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what breakglass-tui needs on a fresh Debian machine, as root: Debian packages (only
+# those missing), a virtual environment in .venv, and the project with the extras asked for.
+#   scripts/setup.sh            the app
+#   scripts/setup.sh test       the app, the test tools and the real parts the tests start
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-app}
+
+debs=(openssh-client)
+if [ "$mode" = test ]; then
+    # Real parts for the tests: sshd for the forced command, QEMU for QMP, Chromium for the page.
+    debs+=(openssh-server qemu-system-x86 chromium)
+fi
+missing=()
+for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+extras=""
+[ "$mode" = test ] && extras="[test,browser,chart]"
+# Quiet unless it fails; pip's cache makes a second run take seconds.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" >/tmp/breakglass-pip.log 2>&1 \
+    || { cat /tmp/breakglass-pip.log >&2; echo "setup: pip install failed (log above)" >&2; exit 1; }
