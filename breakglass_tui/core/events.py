@@ -1,0 +1,137 @@
+"""The events the breakglass agent emits and the UI renders.
+
+The contract between ``core`` and ``ui``: plain frozen dataclasses, no Textual. The agent calls its
+``emit`` callback with these, in order; the UI turns each into widget updates (the Textual app posts
+them to itself as messages). Every event is also what the audit log records, minus live output,
+which the transcript keeps whole.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from breakglass_tui.hosts.types import OutputChunk, ProbeResult, VerbResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionStarted(Event):
+    session_id: str
+    operator: str
+    lab: bool
+    model: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionEnded(Event):
+    session_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatorMessage(Event):
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssistantTurnStarted(Event):
+    turn_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssistantTextDelta(Event):
+    turn_id: str
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssistantTurnEnded(Event):
+    turn_id: str
+    stop_reason: str | None
+    usage: Usage
+    total_usage: Usage  # the whole incident so far
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolCallStarted(Event):
+    call_id: str
+    tool: str  # devvm_shell | pve_verb | probe_devvm | read_output | ...
+    input: dict[str, Any]
+    mutating: bool  # a mutating forced-command verb: the UI makes it stand out
+    manual: bool  # started by the operator's slash command, not by Claude
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolOutput(Event):
+    """A piece of live output of a running tool call (devvm_shell)."""
+
+    call_id: str
+    chunk: OutputChunk
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolCallEnded(Event):
+    call_id: str
+    tool: str
+    ok: bool
+    summary: str  # one line: "exit 0, 1.2 KiB, 0.4 s" / "timed out after 120 s" / "cancelled"
+    duration_s: float
+    exit_status: int | None = None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeUpdated(Event):
+    result: ProbeResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerbCompleted(Event):
+    """A forced-command verb finished (status, forensics or a mutating one)."""
+
+    result: VerbResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModeChanged(Event):
+    """Claude became unavailable (manual mode) or available again."""
+
+    manual: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiError(Event):
+    kind: str  # overloaded | rate_limited | stream_error | stalled | dropped | max_tokens | ...
+    message: str
+    will_retry: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Notice(Event):
+    """Anything else worth a line in the chat: step limit reached, help text, report ready."""
+
+    level: str  # info | warning | error
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportReady(Event):
+    """An incident report was produced (by /report); the UI offers it as a download."""
+
+    filename: str
+    markdown: str
