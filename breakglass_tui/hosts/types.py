@@ -67,6 +67,11 @@ class CommandOutcome:
     stderr: str = ""
     duration_s: float = 0.0
     message: str = ""  # one human sentence for anything but a plain exit
+    # Byte counts of the whole output, and whether stdout/stderr above hold only a tail because
+    # the caller took the stream through on_output and asked run() not to keep it all.
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    kept_tail_only: bool = False
 
     @property
     def ok(self) -> bool:
