@@ -68,9 +68,32 @@ class Settings(BaseSettings):
     max_steps: int = Field(40, ge=1)
     api_deadline_s: float = Field(90.0, gt=0)
 
+    # -- breakglass-serve ---------------------------------------------------------------------
+    serve_host: str = "0.0.0.0"  # noqa: S104 - the pod listens on its own IP; the Service fronts it
+    serve_port: int = Field(8080, ge=1, le=65535)
+    public_url: str | None = None  # https://breakglass.example.org — required by breakglass-serve
+    identity_header: str = "X-authentik-username"
+    max_sessions: int = Field(4, ge=1)
+    # Set by `breakglass-serve --lab` for its app processes: the targets are the lab's, say so.
+    targets_are_lab: bool = False
+
     # -- records -------------------------------------------------------------------------------
     state_dir: Path = Path("./breakglass-state")  # audit log, transcripts, downloaded bundles
     operator: str = Field(default_factory=lambda: os.environ.get("USER") or "operator")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL such as https://breakglass.example.org")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must be the site's origin only, without a path, query or fragment")
+        return value.rstrip("/")
 
     @field_validator("devvm_host", "pve_host")
     @classmethod

@@ -1,0 +1,103 @@
+"""What breakglass-serve prepares once at start: the keys in an ssh-agent and the targets.
+
+Real targets: the keys come from Vault (or the operator's ssh-agent) through the hosts layer.
+Lab: the lab is started here, once, and its generated keys go into a private ssh-agent, so every
+tab drives the same lab exactly as it would drive real targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from breakglass_tui.config import Settings
+from breakglass_tui.serve.server import ServeState
+
+log = logging.getLogger("breakglass.serve")
+
+
+def target_env(prefix: str, host: str, port: int, user: str, known_hosts: str | None) -> dict:
+    env = {
+        f"BREAKGLASS_{prefix}_HOST": host,
+        f"BREAKGLASS_{prefix}_PORT": str(port),
+        f"BREAKGLASS_{prefix}_USER": user,
+    }
+    if known_hosts:
+        env[f"BREAKGLASS_{prefix}_HOST_KEY"] = known_hosts
+    return env
+
+
+class ServeBackend:
+    def __init__(self, settings: Settings, *, lab: bool, scenario: str, state_dir: Path) -> None:
+        self.settings = settings
+        self.lab_mode = lab
+        self.scenario = scenario
+        self.state_dir = state_dir
+        self._lab: Any = None
+        self._agent: Any = None
+
+    async def prepare(self, state: ServeState) -> None:
+        """Load the keys and describe the targets for the app processes; fill /readyz's state."""
+        from breakglass_tui.hosts.keyagent import KeyAgent, load_keys
+
+        env = {"BREAKGLASS_STATE_DIR": str(self.state_dir)}
+        if self.lab_mode:
+            from breakglass_tui.lab.lab import start_lab
+
+            self._lab = lab = await start_lab(self.scenario)
+            self._agent = await KeyAgent.start_private()
+            await self._agent.add_keys(lab.client_keys)
+            env.update(
+                target_env(
+                    "DEVVM", lab.devvm.host, lab.devvm.port, lab.devvm.user, lab.devvm.known_hosts
+                )
+            )
+            env.update(
+                target_env("PVE", lab.pve.host, lab.pve.port, lab.pve.user, lab.pve.known_hosts)
+            )
+            env["BREAKGLASS_TARGETS_ARE_LAB"] = "1"
+        else:
+            s = self.settings
+            if not s.devvm_host or not s.pve_host:
+                raise RuntimeError(
+                    "BREAKGLASS_DEVVM_HOST and BREAKGLASS_PVE_HOST must both be set (IP literals)"
+                )
+            loaded = await load_keys(s)
+            self._agent = loaded.agent
+            env.update(
+                target_env(
+                    "DEVVM",
+                    s.devvm_host,
+                    s.devvm_port,
+                    s.devvm_user,
+                    loaded.devvm_known_hosts or s.devvm_host_key,
+                )
+            )
+            env.update(
+                target_env(
+                    "PVE",
+                    s.pve_host,
+                    s.pve_port,
+                    s.pve_user,
+                    loaded.pve_known_hosts or s.pve_host_key,
+                )
+            )
+            if not env.get("BREAKGLASS_DEVVM_HOST_KEY") or not env.get("BREAKGLASS_PVE_HOST_KEY"):
+                raise RuntimeError(
+                    "no pinned host key for the devvm or the PVE host: put devvm_known_hosts and"
+                    " pve_known_hosts in the Vault secret, or set BREAKGLASS_DEVVM_HOST_KEY and"
+                    " BREAKGLASS_PVE_HOST_KEY"
+                )
+        env["SSH_AUTH_SOCK"] = self._agent.socket_path
+        state.child_env = env
+        state.keys_loaded = True
+        state.config_ok = True
+        state.problem = ""
+        log.info("ready", extra={"lab": self.lab_mode, "scenario": self.scenario})
+
+    async def close(self) -> None:
+        if self._agent is not None:
+            await self._agent.close()
+        if self._lab is not None:
+            await self._lab.close()

@@ -1,0 +1,424 @@
+"""breakglass-serve: textual-serve hardened for the cluster's ingress.
+
+textual-serve on its own accepts a websocket from any ``Origin``, hands every app process the
+server's whole environment, caps nothing, lists ``/static``, loads Google Fonts and buffers each
+child's stderr without bound (DESIGN.md §4). This subclass closes each of those holes:
+
+- ``/ws`` refuses any ``Origin`` but the public URL's (403, logged, nothing spawned);
+- each app process gets an environment built from an allowlist (never a Vault variable);
+- the proxy's identity header names the operator in the child's environment (for the audit);
+- a session cap, ``/healthz`` and ``/readyz``, no directory listing, self-hosted fonts, a CSP and
+  the usual security headers;
+- children's stderr goes line by line to the server log, bounded;
+- new audit lines (the app writes them to its audit file) are forwarded to stdout as structured
+  log lines for the cluster's log pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+from textual_serve.app_service import AppService
+from textual_serve.server import Server
+
+from breakglass_tui.serve.audit_forward import AuditForwarder
+
+log = logging.getLogger("breakglass.serve")
+
+HERE = Path(__file__).parent
+UPSTREAM_STATIC = Path(__import__("textual_serve").__file__).parent / "static"
+
+# What an app process may inherit from the server. Everything else — above all VAULT_* and the
+# server's own secrets — stays out. BREAKGLASS_VAULT_* is excluded below even though it matches
+# the prefix: the children never talk to Vault, the server loaded the keys once.
+CHILD_ENV_ALLOW = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
+CHILD_ENV_ALLOW_PREFIXES = ("BREAKGLASS_",)
+CHILD_ENV_DENY_PREFIXES = ("BREAKGLASS_VAULT_", "VAULT_")
+CHILD_ENV_PASS_SECRETS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")  # the app calls Claude itself
+
+MAX_STDERR_LINE = 2000  # characters of one stderr line kept in the server log
+OPERATOR_RE_MAX = 128
+
+CSP = (
+    "default-src 'none'; "
+    "script-src 'self'; "
+    "style-src 'self' 'unsafe-inline'; "  # xterm.js sets inline styles on its canvas layers
+    "img-src 'self' data: blob:; "
+    "font-src 'self'; "
+    "connect-src 'self' {ws_origin}; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+def origin_of(url: str) -> str:
+    """The serialised origin (scheme://host[:port]) of an absolute URL, as browsers send it."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    port = parts.port
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+def clean_operator(value: str | None) -> str | None:
+    """The identity header's value made safe for an environment variable and a log line."""
+    if not value:
+        return None
+    value = "".join(ch for ch in value if ch.isprintable())[:OPERATOR_RE_MAX].strip()
+    return value or None
+
+
+def child_environment(
+    parent: Mapping[str, str], *, operator: str | None, extra: Mapping[str, str]
+) -> dict[str, str]:
+    """Build an app process's environment from an allowlist of the server's."""
+    env: dict[str, str] = {}
+    for name, value in parent.items():
+        if name.startswith(CHILD_ENV_DENY_PREFIXES):
+            continue
+        if (
+            name in CHILD_ENV_ALLOW
+            or name in CHILD_ENV_PASS_SECRETS
+            or name.startswith(CHILD_ENV_ALLOW_PREFIXES)
+        ):
+            env[name] = value
+    env.update(extra)
+    if operator:
+        env["BREAKGLASS_OPERATOR"] = operator
+    return env
+
+
+@dataclass
+class ServeState:
+    """What /readyz reports and what every app process is given."""
+
+    keys_loaded: bool = False
+    config_ok: bool = False
+    problem: str = "starting"
+    child_env: dict[str, str] = field(default_factory=dict)
+
+
+class BreakglassAppService(AppService):
+    """One app process per websocket, with an allowlisted environment and bounded stderr."""
+
+    def __init__(self, *args: Any, environment: dict[str, str], label: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._environment = environment
+        self.label = label
+
+    def _build_environment(self, width: int = 80, height: int = 24) -> dict[str, str]:
+        env = dict(self._environment)
+        env.update(
+            TEXTUAL_DRIVER="textual.drivers.web_driver:WebDriver",
+            TEXTUAL_FPS="60",
+            TEXTUAL_COLOR_SYSTEM="truecolor",
+            TERM_PROGRAM="textual",
+            COLUMNS=str(width),
+            ROWS=str(height),
+        )
+        return env
+
+    async def run(self) -> None:
+        """Relay the app's packets to the browser; its stderr goes to the log line by line."""
+        process = self._process
+        assert process is not None and process.stdout is not None and process.stderr is not None
+        stdout, stderr = process.stdout, process.stderr
+
+        async def relay_stderr() -> None:
+            while True:
+                line = await stderr.readline()
+                if not line:
+                    return
+                text = line.decode("utf-8", "replace").rstrip()
+                if text:
+                    log.warning(
+                        "app stderr", extra={"session": self.label, "line": text[:MAX_STDERR_LINE]}
+                    )
+
+        stderr_task = asyncio.create_task(relay_stderr())
+        try:
+            for _ in range(10):  # textual's web driver announces itself first
+                line = await stdout.readline()
+                if not line or line == b"__GANGLION__\n":
+                    break
+            while True:
+                kind = await stdout.readexactly(1)
+                size = int.from_bytes(await stdout.readexactly(4), "big")
+                payload = await stdout.readexactly(size)
+                if kind == b"D":
+                    await self.on_data(payload)
+                elif kind == b"M":
+                    await self.on_meta(payload)
+                elif kind == b"P":
+                    await self.on_packed(payload)
+        except (asyncio.IncompleteReadError, ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stderr_task, 2)
+            stderr_task.cancel()
+
+    async def stop(self) -> None:
+        """Ask the app to quit, then make sure its process is gone (by its own PID)."""
+        await super().stop()
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), 5)
+            except TimeoutError:
+                log.warning("app did not quit; killing it", extra={"session": self.label})
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+
+class BreakglassServer(Server):
+    """textual-serve's Server with the holes closed. See the module docstring."""
+
+    def __init__(
+        self,
+        command: str,
+        *,
+        host: str,
+        port: int,
+        public_url: str,
+        identity_header: str,
+        max_sessions: int,
+        state_dir: Path,
+        default_operator: str,
+        prepare: Callable[[ServeState], Any] | None = None,
+        cleanup: Callable[[], Any] | None = None,
+        title: str = "breakglass",
+    ) -> None:
+        super().__init__(command, host=host, port=port, title=title, public_url=public_url)
+        self.public_origin = origin_of(public_url)
+        self.identity_header = identity_header
+        self.max_sessions = max_sessions
+        self.default_operator = default_operator
+        self.state = ServeState()
+        self.sessions: dict[str, BreakglassAppService] = {}
+        self.templates_path = HERE / "templates"
+        self.statics_path = UPSTREAM_STATIC
+        self._prepare = prepare
+        self._cleanup = cleanup
+        self.forwarder = AuditForwarder(state_dir / "audit.jsonl", sys.stdout)
+        ws_origin = "wss://" if public_url.startswith("https") else "ws://"
+        self.csp = CSP.format(ws_origin=ws_origin + urlsplit(public_url).netloc)
+
+    # -- logging ------------------------------------------------------------------------------
+    def initialize_logging(self) -> None:
+        """Structured JSON lines on stdout: the container log is the cluster's log pipeline."""
+        from breakglass_tui.serve.jsonlog import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(logging.DEBUG if self.debug else logging.INFO)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+    # -- application --------------------------------------------------------------------------
+    async def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._security_headers])
+        aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(self.templates_path))
+        app.add_routes(
+            [
+                web.get("/", self.handle_index, name="index"),
+                web.get("/ws", self.handle_websocket, name="websocket"),
+                web.get("/download/{key}", self.handle_download, name="download"),
+                web.get("/healthz", self.handle_healthz, name="healthz"),
+                web.get("/readyz", self.handle_readyz, name="readyz"),
+                # No directory listing: show_index stays off.
+                web.static("/static", self.statics_path, show_index=False, name="static"),
+                web.static("/assets", HERE / "static", show_index=False, name="assets"),
+            ]
+        )
+        app.on_startup.append(self.on_startup)
+        app.on_shutdown.append(self.on_shutdown)
+        return app
+
+    @web.middleware
+    async def _security_headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        headers = response.headers
+        headers.setdefault("Content-Security-Policy", self.csp)
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+        headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+        headers.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=()")
+        if request.path in ("/", "/healthz", "/readyz") or request.path.startswith("/download"):
+            headers.setdefault("Cache-Control", "no-store")
+        if self.public_url.startswith("https"):
+            headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
+
+    async def on_startup(self, app: web.Application) -> None:
+        log.info("breakglass-serve starting", extra={"public_url": self.public_url})
+        if self._prepare is not None:
+            try:
+                result = self._prepare(self.state)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as exc:  # keep serving /healthz and say why /readyz fails
+                self.state.problem = str(exc)
+                log.error("not ready: %s", exc)
+        self.forwarder.start()
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        log.info("breakglass-serve shutting down", extra={"sessions": len(self.sessions)})
+        await asyncio.gather(
+            *(service.stop() for service in list(self.sessions.values())), return_exceptions=True
+        )
+        await self.forwarder.stop()  # after the apps quit: their last audit lines are forwarded
+        if self._cleanup is not None:
+            result = self._cleanup()
+            if asyncio.iscoroutine(result):
+                await result
+
+    # -- routes ---------------------------------------------------------------------------------
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "sessions": len(self.sessions)})
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        ready = self.state.keys_loaded and self.state.config_ok
+        body = {"ready": ready, "keys_loaded": self.state.keys_loaded}
+        if not ready:
+            body["problem"] = self.state.problem
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def handle_index(self, request: web.Request) -> web.Response:
+        if len(self.sessions) >= self.max_sessions:
+            return aiohttp_jinja2.render_template(
+                "full.html",
+                request,
+                {"max_sessions": self.max_sessions, "sessions": len(self.sessions)},
+                status=503,
+            )
+        font_size = 16
+        with contextlib.suppress(ValueError):
+            font_size = max(8, min(32, int(request.query.get("fontsize", "16"))))
+        ws_scheme = "wss" if self.public_url.startswith("https") else "ws"
+        context = {
+            "font_size": font_size,
+            "app_websocket_url": ws_scheme + self.public_url[self.public_url.index(":") :] + "/ws",
+            "static_url": self.public_url + "/static/",
+            "assets_url": self.public_url + "/assets/",
+            "title": self.title,
+        }
+        return aiohttp_jinja2.render_template("index.html", request, context)
+
+    def origin_allowed(self, request: web.Request) -> bool:
+        return request.headers.get("Origin") == self.public_origin
+
+    async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if not self.origin_allowed(request):
+            # A page on another site, in the operator's browser with the SSO cookie, must not
+            # be able to drive the breakglass agent (cross-site WebSocket hijacking).
+            log.warning(
+                "websocket refused: foreign origin",
+                extra={"origin": (origin or "<none>")[:200], "expected": self.public_origin},
+            )
+            return web.Response(status=403, text="Forbidden: this page's origin may not connect.\n")
+        if len(self.sessions) >= self.max_sessions:
+            log.warning("websocket refused: session cap", extra={"cap": self.max_sessions})
+            return web.Response(
+                status=503,
+                text=f"All {self.max_sessions} sessions are in use: close another tab and retry.\n",
+            )
+        if not self.state.child_env:
+            return web.Response(status=503, text=f"Not ready: {self.state.problem}\n")
+
+        operator = clean_operator(request.headers.get(self.identity_header))
+        operator = operator or self.default_operator
+        width = _clamp(request.query.get("width"), 80, 20, 1000)
+        height = _clamp(request.query.get("height"), 24, 5, 500)
+        label = uuid.uuid4().hex[:12]
+        websocket = web.WebSocketResponse(heartbeat=15, max_msg_size=1 << 20)
+        await websocket.prepare(request)
+        environment = child_environment(os.environ, operator=operator, extra=self.state.child_env)
+        service = BreakglassAppService(
+            self.command,
+            write_bytes=websocket.send_bytes,
+            write_str=websocket.send_str,
+            close=websocket.close,
+            download_manager=self.download_manager,
+            environment=environment,
+            label=label,
+        )
+        self.sessions[label] = service
+        started = time.monotonic()
+        log.info("session opened", extra={"session": label, "operator": operator})
+        try:
+            await service.start(width, height)
+            await self._process_messages(websocket, service)
+        except asyncio.CancelledError:
+            await websocket.close()
+        except Exception:
+            log.exception("session failed", extra={"session": label})
+        finally:
+            await service.stop()
+            self.sessions.pop(label, None)
+            log.info(
+                "session closed",
+                extra={"session": label, "seconds": round(time.monotonic() - started, 1)},
+            )
+        return websocket
+
+    async def _process_messages(self, websocket: web.WebSocketResponse, app_service: Any) -> None:
+        """Like upstream, but a malformed frame is dropped instead of ending the session."""
+        from aiohttp import WSMsgType
+
+        async for message in websocket:
+            if message.type != WSMsgType.TEXT:
+                continue
+            try:
+                envelope = json.loads(message.data)
+                kind, data = envelope[0], envelope[1] if len(envelope) > 1 else None
+            except (ValueError, TypeError, IndexError, KeyError):
+                continue
+            if kind == "stdin" and isinstance(data, str):
+                await app_service.send_bytes(data.encode("utf-8"))
+            elif kind == "resize" and isinstance(data, dict):
+                await app_service.set_terminal_size(
+                    _clamp(data.get("width"), 80, 20, 1000), _clamp(data.get("height"), 24, 5, 500)
+                )
+            elif kind == "ping":
+                await websocket.send_json(["pong", data])
+            elif kind == "blur":
+                await app_service.blur()
+            elif kind == "focus":
+                await app_service.focus()
+
+
+def _clamp(value: object, default: int, low: int, high: int) -> int:
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return default
+    return max(low, min(high, number))
+
+
+def app_command() -> str:
+    """The shell command textual-serve runs for each tab: this Python, the breakglass-tui app,
+    against the targets and the ssh-agent the server prepared (in the child's environment)."""
+    return shlex.join([sys.executable, "-m", "breakglass_tui.cli"])

@@ -1,0 +1,267 @@
+"""breakglass-serve's hardening, against the real textual-serve machinery and a real Textual app
+process per websocket (a tiny one that records the environment it was given)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shlex
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from breakglass_tui.serve.audit_forward import AuditForwarder
+from breakglass_tui.serve.server import BreakglassServer, ServeState, child_environment, origin_of
+from tests.support.realparts import free_port
+
+ENVAPP = Path(__file__).with_name("envapp.py")
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+class Served:
+    def __init__(self, server: BreakglassServer, runner: web.AppRunner, port: int, out: Path):
+        self.server, self.runner, self.port, self.out = server, runner, port, out
+        self.base = f"http://127.0.0.1:{port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws?width=80&height=24"
+
+
+async def serve(
+    tmp_path: Path, *, max_sessions: int = 2, ready: bool = True, monkeypatch=None
+) -> Served:
+    port = free_port()
+    out = tmp_path / "env.json"
+
+    async def prepare(state: ServeState) -> None:
+        if not ready:
+            raise RuntimeError("Vault refused the login for role breakglass (403)")
+        state.child_env = {
+            "BREAKGLASS_DEVVM_HOST": "192.0.2.10",
+            "BREAKGLASS_TEST_ENVAPP_OUT": str(out),
+        }
+        state.keys_loaded = state.config_ok = True
+
+    server = BreakglassServer(
+        shlex.join([sys.executable, str(ENVAPP)]),
+        host="127.0.0.1",
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        identity_header="X-authentik-username",
+        max_sessions=max_sessions,
+        state_dir=tmp_path,
+        default_operator="local-operator",
+        prepare=prepare,
+    )
+    runner = web.AppRunner(await server._make_app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return Served(server, runner, port, out)
+
+
+@pytest.fixture
+async def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
+    # Secrets the server process holds must never reach an app process.
+    monkeypatch.setenv("VAULT_TOKEN", "hvs.not-for-children")
+    monkeypatch.setenv("BREAKGLASS_VAULT_ADDR", "http://127.0.0.1:8200")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unrelated-server-secret")
+    s = await serve(tmp_path)
+    try:
+        yield s
+    finally:
+        await s.runner.cleanup()
+
+
+def test_origin_of_matches_what_browsers_send() -> None:
+    assert origin_of("https://breakglass.example.org") == "https://breakglass.example.org"
+    assert origin_of("https://breakglass.example.org:443/") == "https://breakglass.example.org"
+    assert origin_of("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+    assert origin_of("http://[::1]:8080") == "http://[::1]:8080"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://evil.example", "http://127.0.0.1:1", "null", None, "http://127.0.0.1.evil.example"],
+)
+async def test_foreign_origin_is_refused_and_spawns_nothing(served: Served, origin) -> None:
+    headers = {"Origin": origin} if origin else {}
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+            await http.ws_connect(served.ws_url, headers=headers)
+    assert err.value.status == 403
+    await asyncio.sleep(0.3)
+    assert served.server.sessions == {}
+    assert not served.out.exists(), "an app process was started for a foreign origin"
+
+
+async def test_right_origin_spawns_app_with_allowlisted_environment(served: Served) -> None:
+    headers = {"Origin": served.base, "X-authentik-username": "viktor"}
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(served.ws_url, headers=headers)
+        try:
+            await wait_for(served.out.exists)
+            await asyncio.sleep(0.2)
+            doc = json.loads(served.out.read_text())
+        finally:
+            await ws.close()
+    names = doc["names"]
+    assert not [n for n in names if n.startswith(("VAULT_", "BREAKGLASS_VAULT_"))]
+    assert "AWS_SECRET_ACCESS_KEY" not in names
+    assert doc["values"]["BREAKGLASS_OPERATOR"] == "viktor"
+    assert doc["values"]["BREAKGLASS_DEVVM_HOST"] == "192.0.2.10"
+    await wait_for(lambda: served.server.sessions == {})
+
+
+async def test_operator_falls_back_to_config_without_identity_header(served: Served) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
+        try:
+            await wait_for(served.out.exists)
+            await asyncio.sleep(0.2)
+            doc = json.loads(served.out.read_text())
+        finally:
+            await ws.close()
+    assert doc["values"]["BREAKGLASS_OPERATOR"] == "local-operator"
+
+
+async def test_closing_the_tab_ends_the_app_process(served: Served) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
+        await wait_for(served.out.exists)
+        await asyncio.sleep(0.2)
+        pid = json.loads(served.out.read_text())["pid"]
+        await ws.close()
+    await wait_for(lambda: served.server.sessions == {})
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie awaiting its reap counts as gone.
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+    await wait_for(gone, 10)
+
+
+async def test_session_cap_holds(tmp_path: Path) -> None:
+    s = await serve(tmp_path, max_sessions=1)
+    try:
+        async with aiohttp.ClientSession() as http:
+            first = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+            await wait_for(lambda: len(s.server.sessions) == 1)
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+            assert err.value.status == 503
+            async with http.get(s.base + "/") as page:
+                assert page.status == 503
+                assert "All 1 sessions are in use" in await page.text()
+            await first.close()
+            await wait_for(lambda: s.server.sessions == {})
+            async with http.get(s.base + "/") as page:
+                assert page.status == 200
+    finally:
+        await s.runner.cleanup()
+
+
+async def test_health_and_readiness(tmp_path: Path) -> None:
+    ready = await serve(tmp_path / "a")
+    not_ready = await serve(tmp_path / "b", ready=False)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for s in (ready, not_ready):
+                async with http.get(s.base + "/healthz") as r:
+                    assert r.status == 200
+                    assert (await r.json())["status"] == "alive"
+            async with http.get(ready.base + "/readyz") as r:
+                assert r.status == 200 and (await r.json())["ready"] is True
+            async with http.get(not_ready.base + "/readyz") as r:
+                body = await r.json()
+                assert r.status == 503
+                assert "Vault refused the login" in body["problem"]
+            # Not ready: a websocket spawns nothing and says why.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(not_ready.ws_url, headers={"Origin": not_ready.base})
+            assert err.value.status == 503
+    finally:
+        await ready.runner.cleanup()
+        await not_ready.runner.cleanup()
+
+
+async def test_page_is_self_contained_and_headers_are_hardened(served: Served) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(served.base + "/") as page:
+            html = await page.text()
+            headers = page.headers
+        assert page.status == 200
+        assert "googleapis" not in html and "gstatic" not in html
+        assert "<script>" not in html, "inline script would need 'unsafe-inline'"
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert f"ws://127.0.0.1:{served.port}" in csp
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        async with http.get(served.base + "/static/") as listing:
+            assert listing.status in (403, 404)
+        async with http.get(served.base + "/static/fonts/") as listing:
+            assert listing.status in (403, 404)
+        async with http.get(served.base + "/static/js/textual.js") as js:
+            assert js.status == 200
+        async with http.get(served.base + "/assets/breakglass.css") as css:
+            assert "RobotoMono" in await css.text()
+
+
+def test_child_environment_is_an_allowlist() -> None:
+    parent = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/app",
+        "VAULT_TOKEN": "s.x",
+        "VAULT_ADDR": "http://v",
+        "BREAKGLASS_VAULT_ROLE": "breakglass",
+        "BREAKGLASS_MODEL": "m",
+        "ANTHROPIC_API_KEY": "k",
+        "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+        "SSH_AUTH_SOCK": "/tmp/other-agent",
+    }
+    env = child_environment(parent, operator="viktor", extra={"SSH_AUTH_SOCK": "/run/agent.sock"})
+    assert env == {
+        "PATH": "/usr/bin",
+        "HOME": "/home/app",
+        "BREAKGLASS_MODEL": "m",
+        "ANTHROPIC_API_KEY": "k",
+        "SSH_AUTH_SOCK": "/run/agent.sock",
+        "BREAKGLASS_OPERATOR": "viktor",
+    }
+
+
+def test_audit_forwarder_forwards_only_new_complete_lines(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text('{"event": "old"}\n')
+    out = io.StringIO()
+    fwd = AuditForwarder(audit, out)
+    fwd._offset, fwd._inode = audit.stat().st_size, audit.stat().st_ino  # as start() does
+    with audit.open("a") as f:
+        f.write('{"event": "tool_call", "session": "s1"}\n{"event": "par')
+    assert fwd.pump() == 1
+    with audit.open("a") as f:
+        f.write('tial"}\n')
+    assert fwd.pump() == 1
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["record"]["event"] for line in lines] == ["tool_call", "partial"]
+    assert all(line["log"] == "audit" for line in lines)
