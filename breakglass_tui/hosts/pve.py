@@ -1,0 +1,209 @@
+"""The PVE client: call one forced-command verb on the PVE host and type its JSON answer.
+
+The PVE key can only run ``breakglass-verb`` (``command="…",restrict`` in authorized_keys), so
+each call is one SSH exec of the verb's name: no pty, pinned host key, a fresh connection each
+time (verbs are rare; a fresh connection has no stale state to go wrong). Nothing here raises for
+host-side failures: the result says what happened. A PVE host that cannot be reached while the
+cluster (where this runs) works is, most likely, the cold case: we say so, with the pointer.
+
+A mutating verb, once begun, finishes on the host even if we disconnect; a timeout or cancel here
+only stops our waiting, and the result says to run ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import asyncssh
+
+from breakglass_tui.config import COLD_PATH_POINTER
+from breakglass_tui.hosts.ssh import ConnectOptions, SshConnectError, connect
+from breakglass_tui.hosts.types import VERBS, Reachability, SshTarget, VerbResult
+
+BUNDLE_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}")
+
+# No exit code: the verb never ran, or we stopped waiting for it.
+NO_EXIT_CODE = -1
+
+# breakglass-verb's exit codes (its protocol) and what each means to the operator.
+EXIT_MEANINGS: dict[int, str] = {
+    0: "done",
+    2: "the PVE host refused the input as not a verb (bad input; nothing was done)",
+    3: "busy: another mutating verb is running on the PVE host; wait for it, then run status",
+    4: "refused by policy (the hourly budget or the cooldown between resets); nothing was done"
+    " — wait, or recover by hand",
+    5: "the action failed on the PVE host",
+    6: "breakglass-verb's config on the PVE host is invalid, so nothing was done; fix"
+    " /etc/breakglass/verb.toml",
+    70: "breakglass-verb hit an internal error; see the PVE host's journal (breakglass-verb)",
+}
+
+
+def _unreachable(verb: str, exc: SshConnectError) -> VerbResult:
+    if exc.kind in (Reachability.AUTH_REFUSED, Reachability.HOST_KEY_MISMATCH):
+        # Reached, but refused: a configuration problem, not the cold case.
+        return VerbResult(
+            verb=verb, ok=False, exit_code=NO_EXIT_CODE, message=f"{verb} not run: {exc.message}"
+        )
+    return VerbResult(
+        verb=verb,
+        ok=False,
+        exit_code=NO_EXIT_CODE,
+        cold_case=True,
+        message=f"{verb} not run: the PVE host cannot be reached ({exc.message}). "
+        + COLD_PATH_POINTER,
+    )
+
+
+class PveClient:
+    """Calls breakglass-verb on the PVE host over SSH (forced command, pinned host key)."""
+
+    def __init__(
+        self,
+        target: SshTarget,
+        *,
+        agent_path: str | None = None,
+        client_keys: Sequence[asyncssh.SSHKey] | None = None,
+        connect_timeout_s: float = 6.0,
+        keepalive_interval_s: float = 5.0,
+        keepalive_count_max: int = 3,
+        verb_timeout_s: float = 300.0,
+    ) -> None:
+        self.target = target
+        self.options = ConnectOptions(
+            agent_path=agent_path,
+            client_keys=tuple(client_keys) if client_keys else None,
+            connect_timeout_s=connect_timeout_s,
+            keepalive_interval_s=keepalive_interval_s,
+            keepalive_count_max=keepalive_count_max,
+        )
+        self.verb_timeout_s = verb_timeout_s
+        self._open: set[asyncssh.SSHClientConnection] = set()
+
+    async def _exec(
+        self, command: str
+    ) -> tuple[asyncssh.SSHCompletedProcess | None, str | None, SshConnectError | None]:
+        """Run command once: (completed, None, None), (None, why, None) or (None, None, conn
+        error)."""
+        try:
+            conn = await connect(self.target, self.options)
+        except SshConnectError as exc:
+            return None, None, exc
+        self._open.add(conn)
+        try:
+            done = await asyncio.wait_for(
+                conn.run(command, check=False, term_type=None), self.verb_timeout_s
+            )
+            return done, None, None
+        except TimeoutError:
+            return (
+                None,
+                (
+                    f"no answer from the PVE host within {self.verb_timeout_s:g}s; a mutating verb"
+                    " finishes on the host even so: run status to see the VM's state"
+                ),
+                None,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            return (
+                None,
+                (
+                    f"the connection to the PVE host dropped during the call ({exc}); a mutating"
+                    " verb finishes on the host even so: run status to see the VM's state"
+                ),
+                None,
+            )
+        finally:
+            self._open.discard(conn)
+            conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 2.0)
+
+    async def verb(self, name: str) -> VerbResult:
+        """Run the forced-command verb `name` (one of VERBS) and return its typed result."""
+        if name not in VERBS:
+            # Refused here too, before connecting: the host would refuse it anyway (exit 2).
+            return VerbResult(
+                verb=str(name)[:40],
+                ok=False,
+                exit_code=2,
+                refused="bad_input",
+                message=f"{str(name)[:40]!r} is not a verb; the verbs are {', '.join(VERBS)}",
+            )
+        done, why, conn_error = await self._exec(name)
+        if conn_error is not None:
+            return _unreachable(name, conn_error)
+        if done is None:
+            return VerbResult(verb=name, ok=False, exit_code=NO_EXIT_CODE, message=why or "")
+        return self._parse(name, done)
+
+    def _parse(self, name: str, done: asyncssh.SSHCompletedProcess) -> VerbResult:
+        code = done.exit_status if done.exit_status is not None else NO_EXIT_CODE
+        stdout, stderr = str(done.stdout or ""), str(done.stderr or "")
+        try:
+            doc: Any = json.loads(stdout)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            err = stderr.strip().splitlines()
+            detail = f" (stderr: {err[0][:200]})" if err else ""
+            return VerbResult(
+                verb=name,
+                ok=False,
+                exit_code=code,
+                message=f"{name}: the PVE host answered with no JSON document (exit {code})"
+                f"{detail}; is breakglass-verb the forced command for this key?",
+            )
+        said = str(doc.get("message") or "").strip()
+        meaning = EXIT_MEANINGS.get(code, f"breakglass-verb exited with unknown code {code}")
+        ok = code == 0 and bool(doc.get("ok", True))
+        message = (said or f"{name}: {meaning}") if ok else f"{name}: {meaning}"
+        if not ok and said:
+            message += f" — {said}"
+        return VerbResult(
+            verb=str(doc.get("verb") or name),
+            ok=ok,
+            exit_code=code,
+            message=message,
+            vmid=doc.get("vmid") if isinstance(doc.get("vmid"), int) else None,
+            state_before=doc.get("state_before"),
+            state_after=doc.get("state_after"),
+            bundle_id=doc.get("bundle_id"),
+            refused=doc.get("refused"),
+            cold_case=bool(doc.get("cold_case", False)),
+            document=doc,
+        )
+
+    async def bundle(self, bundle_id: str) -> dict[str, Any]:
+        """Fetch a forensics bundle by its exact id: breakglass-verb's document
+        ``{verb: "bundle", ok, bundle_id, manifest, files: {name: base64}}``. On any failure, a
+        document with ok False and a message (never raises for host-side failures)."""
+        if not isinstance(bundle_id, str) or not BUNDLE_ID.fullmatch(bundle_id):
+            return {
+                "verb": "bundle",
+                "ok": False,
+                "bundle_id": None,
+                "message": f"{str(bundle_id)[:80]!r} is not a bundle id (like"
+                " 20260612T101500Z-reset-1a2b3c)",
+            }
+        done, why, conn_error = await self._exec(f"bundle {bundle_id}")
+        failed: dict[str, Any] = {"verb": "bundle", "ok": False, "bundle_id": bundle_id}
+        if conn_error is not None:
+            return {**failed, "message": _unreachable("bundle", conn_error).message}
+        if done is None:
+            return {**failed, "message": why}
+        result = self._parse("bundle", done)
+        if not result.document:
+            return {**failed, "exit_code": result.exit_code, "message": result.message}
+        return {**result.document, "ok": result.ok, "message": result.message}
+
+    async def close(self) -> None:
+        """Close any connection still open (a call in flight is abandoned; the verb goes on)."""
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
