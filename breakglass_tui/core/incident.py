@@ -1,0 +1,280 @@
+"""One incident, many tabs: the incident's event journal, its driver lease, its saved context.
+
+Under textual-serve each browser tab is its own process, and a closed tab ends its process. So the
+incident lives on disk, in ``<state_dir>/incidents/<incident id>/``:
+
+- ``events.jsonl`` — every event the breakglass agent emitted, as it happened. A second tab follows
+  it live (read-only); a reopened tab replays it to restore the chat, outputs and bundles.
+- ``conversation.json`` — the model's context (the Messages API conversation), saved after each
+  step, so a reopened tab rebuilds the agent where the closed one left it.
+- ``driver.json`` — which session drives (runs the agent and verbs) and since when. Only the
+  driver acts; the others watch. Taking over is explicit, and the former driver sees it on its
+  next check and becomes read-only. A driver whose process is gone holds nothing.
+
+``<state_dir>/incidents/current`` names the open incident; closing it (after the report, or
+when the operator starts afresh) clears that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import fcntl
+import json
+import os
+import secrets
+import time
+import types
+import typing
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from breakglass_tui.core import events as ev
+
+# Live output is journaled so followers see it, but one call's share is capped: a 10 MB output
+# must not make every follower and every resume replay 10 MB. The transcript keeps it whole.
+MAX_JOURNALED_OUTPUT_PER_CALL = 256 * 1024
+
+
+def _event_types() -> dict[str, type[ev.Event]]:
+    found: dict[str, type[ev.Event]] = {}
+    for value in vars(ev).values():
+        if isinstance(value, type) and issubclass(value, ev.Event) and value is not ev.Event:
+            found[value.__name__] = value
+    return found
+
+
+EVENT_TYPES = _event_types()
+
+
+def event_to_json(event: ev.Event) -> dict[str, Any]:
+    """An event as a JSON-ready dict with its type name."""
+    doc = dataclasses.asdict(event)
+    doc["type"] = type(event).__name__
+    return json.loads(json.dumps(doc, default=_json_default))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """Turn JSON back into the annotated type (nested dataclasses, enums, tuples)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                return _convert(value, arg)
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return tuple(_convert(v, inner) for v in value)
+    if isinstance(hint, type):
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            return _from_fields(hint, value)
+        if issubclass(hint, enum.Enum):
+            return hint(value)
+    return value
+
+
+def _from_fields(cls: type, doc: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in doc and f.init:
+            kwargs[f.name] = _convert(doc[f.name], hints.get(f.name, Any))
+    return cls(**kwargs)
+
+
+def event_from_json(doc: dict[str, Any]) -> ev.Event | None:
+    """The event a journal line describes; None for a type this version does not know."""
+    cls = EVENT_TYPES.get(str(doc.get("type")))
+    if cls is None:
+        return None
+    return _from_fields(cls, {k: v for k, v in doc.items() if k != "type"})
+
+
+@dataclass(frozen=True)
+class Driver:
+    """Who drives the incident."""
+
+    session_id: str
+    operator: str
+    since: float
+    pid: int
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class Incident:
+    """One incident's directory. Safe to use from several processes at once."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.id = directory.name
+        self.events_path = directory / "events.jsonl"
+        self._journaled: dict[str, int] = {}
+
+    # -- the event journal ----------------------------------------------------------------------
+    def append_event(self, event: ev.Event) -> None:
+        """Journal one event (one line, O_APPEND: whole lines even with several writers)."""
+        if isinstance(event, ev.ToolOutput):
+            used = self._journaled.get(event.call_id, 0)
+            if used >= MAX_JOURNALED_OUTPUT_PER_CALL:
+                return
+            self._journaled[event.call_id] = used + len(event.chunk.text)
+        line = json.dumps(event_to_json(event), ensure_ascii=False) + "\n"
+        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def read_events(self) -> list[ev.Event]:
+        """Every journaled event, in order (a torn last line is skipped)."""
+        return [e for e, _ in self._iter_from(0)]
+
+    def _iter_from(self, offset: int) -> Iterator[tuple[ev.Event, int]]:
+        try:
+            f = self.events_path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            f.seek(offset)
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    return  # a line still being written
+                offset += len(raw)
+                try:
+                    event = event_from_json(json.loads(raw))
+                except (ValueError, TypeError):
+                    continue
+                if event is not None:
+                    yield event, offset
+
+    async def follow(
+        self, *, from_start: bool = True, poll_s: float = 0.2
+    ) -> AsyncIterator[ev.Event]:
+        """Yield journaled events as they are written, until cancelled."""
+        offset = 0 if from_start else self._size()
+        while True:
+            for event, next_offset in self._iter_from(offset):
+                offset = next_offset
+                yield event
+            await asyncio.sleep(poll_s)
+
+    def _size(self) -> int:
+        try:
+            return self.events_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    # -- the model's context --------------------------------------------------------------------
+    def save_conversation(self, messages: list[dict[str, Any]]) -> None:
+        tmp = self.dir / f".conversation.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(messages, ensure_ascii=False))
+        tmp.replace(self.dir / "conversation.json")
+
+    def load_conversation(self) -> list[dict[str, Any]]:
+        try:
+            return json.loads((self.dir / "conversation.json").read_text())
+        except FileNotFoundError:
+            return []
+
+    # -- the driver lease -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.dir / "driver.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def driver(self) -> Driver | None:
+        """The session that drives now, or None if nobody (alive) does."""
+        try:
+            doc = json.loads((self.dir / "driver.json").read_text())
+            current = Driver(**doc)
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+        return current if current.alive() else None
+
+    def claim(self, session_id: str, operator: str, *, take_over: bool = False) -> Driver:
+        """Become the driver if nobody drives (or ``take_over``); return who drives now."""
+        with self._locked():
+            current = self.driver()
+            if current is not None and current.session_id != session_id and not take_over:
+                return current
+            me = Driver(session_id, operator, time.time(), os.getpid())
+            if current is not None and current.session_id == session_id:
+                me = current
+            tmp = self.dir / f".driver.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(dataclasses.asdict(me)))
+            tmp.replace(self.dir / "driver.json")
+            return me
+
+    def release(self, session_id: str) -> None:
+        with self._locked():
+            current = self.driver()
+            if current is not None and current.session_id == session_id:
+                (self.dir / "driver.json").unlink(missing_ok=True)
+
+    def is_driver(self, session_id: str) -> bool:
+        current = self.driver()
+        return current is not None and current.session_id == session_id
+
+
+class IncidentStore:
+    """The incidents under a state directory, and which one is open."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir) / "incidents"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def current(self) -> Incident | None:
+        """The open incident, if any."""
+        try:
+            incident_id = (self.root / "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+        directory = self.root / incident_id
+        if not incident_id or not directory.is_dir():
+            return None
+        return Incident(directory)
+
+    def open_new(self) -> Incident:
+        """Start a new incident and make it the open one."""
+        incident_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        directory = self.root / incident_id
+        directory.mkdir(mode=0o700)
+        tmp = self.root / f".current.{os.getpid()}.tmp"
+        tmp.write_text(incident_id)
+        tmp.replace(self.root / "current")
+        return Incident(directory)
+
+    def close(self, incident: Incident) -> None:
+        """The incident is over: the next tab starts a new one."""
+        current = self.current()
+        if current is not None and current.id == incident.id:
+            (self.root / "current").unlink(missing_ok=True)
