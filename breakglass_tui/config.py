@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     devvm_host_key: str | None = None  # known_hosts line(s); overridden by the Vault secret
     pve_host: str | None = None
     pve_port: int = Field(22, ge=1, le=65535)
-    pve_user: str = "breakglass"
+    pve_user: str = "root"  # the forced command needs root for qm; the key can run nothing else
     pve_host_key: str | None = None
     vmid: int = Field(102, ge=100)
 
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     agent_socket_dir: Path | None = None  # where a private ssh-agent's socket goes (0700 dir)
 
     # -- the breakglass agent ------------------------------------------------------------------
-    model: str = "claude-sonnet-4-5"
+    model: str = "claude-sonnet-4-6"  # current Sonnet; 4.5 reaches end of life 2026-11-30
     max_steps: int = Field(40, ge=1)
     api_deadline_s: float = Field(90.0, gt=0)
 
