@@ -135,3 +135,14 @@ class ReportReady(Event):
 
     filename: str
     markdown: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleSaved(Event):
+    """A forensics bundle was fetched from the PVE host and saved under the state dir; the
+    forensics pane lists its files (``directory``/name) and the manifest."""
+
+    bundle_id: str
+    directory: str
+    files: tuple[str, ...]
+    manifest: dict[str, Any]

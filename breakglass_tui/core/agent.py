@@ -1,0 +1,1280 @@
+"""The breakglass agent: Claude's tool loop over the hosts layer, with budgets, resilience, audit
+and manual mode.
+
+The UI calls :meth:`BreakglassAgent.handle` for every operator message or slash command, in an
+exclusive worker; cancelling that worker is the operator's cancel. The agent emits plain events
+(``core.events``) and never imports Textual. The anthropic SDK is imported lazily, on the first
+request, because ``import anthropic`` costs seconds and every browser tab is a new process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from breakglass_tui.config import COLD_PATH_POINTER, Settings
+from breakglass_tui.core import prompt, report
+from breakglass_tui.core.audit import audit_log, transcript
+from breakglass_tui.core.events import (
+    ApiError,
+    AssistantTextDelta,
+    AssistantTurnEnded,
+    AssistantTurnStarted,
+    BundleSaved,
+    Event,
+    ModeChanged,
+    Notice,
+    OperatorMessage,
+    ProbeUpdated,
+    ReportReady,
+    SessionEnded,
+    SessionStarted,
+    ToolCallEnded,
+    ToolCallStarted,
+    ToolOutput,
+    Usage,
+    VerbCompleted,
+)
+from breakglass_tui.core.hostapi import HostSessionLike
+from breakglass_tui.core.outputs import OutputRecord, OutputStore
+from breakglass_tui.core.pricing import add, cost_usd
+from breakglass_tui.core.scrub import Scrubber
+from breakglass_tui.hosts.types import (
+    MUTATING_VERBS,
+    VERBS,
+    CommandOutcome,
+    Ending,
+    OutputChunk,
+    ProbeResult,
+    Reachability,
+    VerbResult,
+)
+
+HELP = """\
+Slash commands (they work with or without Claude, through the same hosts layer):
+  /probe            probe the devvm's reachability
+  /status           PVE verb: the VM's state (read-only)
+  /forensics        PVE verb: capture a forensics bundle (read-only)
+  /reset            PVE verb: reset the guest (QEMU stays; forensics first)
+  /stop             PVE verb: stop the VM (forensics first)
+  /start            PVE verb: start the VM (never refused by the budget)
+  /cycle            PVE verb: stop and start the QEMU process (forensics first)
+  /sh <command>     run a command as root on the devvm
+  /cancel           stop what is running (the stream and the running command)
+  /report           write the Markdown incident report
+  /help             this list
+Anything else is a message to Claude."""
+
+_BUNDLE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}$")
+_SLASH_VERBS = {f"/{v}": v for v in VERBS}
+_MAX_TOKENS_CAP = 32000
+_SHORTENED = "[older result, shortened]"
+
+
+class _TurnFailed(Exception):
+    """One attempt at a model turn failed in a way worth telling the operator about."""
+
+    def __init__(self, kind: str, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass
+class _Reply:
+    """One assistant message as streamed: its content blocks and how it ended."""
+
+    turn_id: str
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str | None = None
+    got_message_stop: bool = False
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def text(self) -> str:
+        return "".join(b.get("text", "") for b in self.blocks if b["type"] == "text")
+
+    @property
+    def tool_uses(self) -> list[dict[str, Any]]:
+        return [b for b in self.blocks if b["type"] == "tool_use"]
+
+    def truncated_tool_use(self) -> bool:
+        """A tool call cut short (max_tokens inside its input, or a block never closed)."""
+        for block in self.tool_uses:
+            if not block.get("_stopped") or block.get("_bad_json"):
+                return True
+        last_is_tool = bool(self.blocks) and self.blocks[-1]["type"] == "tool_use"
+        return self.stop_reason == "max_tokens" and last_is_tool
+
+    def as_param(self) -> dict[str, Any]:
+        """The assistant message for the conversation (empty text blocks dropped: the API
+        refuses them)."""
+        content: list[dict[str, Any]] = []
+        for b in self.blocks:
+            if b["type"] == "text" and b["text"]:
+                content.append({"type": "text", "text": b["text"]})
+            elif b["type"] == "tool_use":
+                content.append(
+                    {"type": "tool_use", "id": b["id"], "name": b["name"], "input": b["input"]}
+                )
+        return {"role": "assistant", "content": content}
+
+
+@dataclass
+class _ToolRun:
+    """What one tool call produced: the tool_result content and the facts for the record."""
+
+    content: str
+    is_error: bool = False  # for Claude: the tool itself failed (not a command's exit status)
+    summary: str = ""
+    record: OutputRecord | None = None
+    exit_status: int | None = None
+    ok: bool | None = None  # for the operator: exit 0 / verb ok; None = not is_error
+
+
+class BreakglassAgent:
+    """Claude's tool loop for the warm case, plus the operator's manual slash commands.
+
+    Extra knobs beyond :class:`Settings` are keyword arguments with defaults (see the report of
+    issue 4 for the names the lead may move into config).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        hosts: HostSessionLike,
+        emit: Callable[[Event], None],
+        *,
+        operator: str,
+        lab: bool,
+        session_id: str | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        stream_read_timeout_s: float = 30.0,
+        api_connect_timeout_s: float = 5.0,
+        sdk_max_retries: int = 2,
+        turn_retries: int = 1,
+        retry_delay_s: float = 1.0,
+        max_tokens: int = 4096,
+        output_budget_bytes: int = 8192,
+        output_budget_tokens: int = 2048,
+        context_budget_bytes: int = 120_000,
+        wait_probe_interval_s: float = 2.0,
+        conversation: list[dict[str, Any]] | None = None,
+        save_conversation: Callable[[list[dict[str, Any]]], None] | None = None,
+        keep_recent_results: int = 8,
+        fetch_bundles: bool = True,
+        bundle_timeout_s: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.hosts = hosts
+        self._emit_cb = emit
+        self.operator = operator
+        self.lab = lab
+        self.session_id = (
+            session_id or time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + (uuid.uuid4().hex[:8])
+        )
+        self._api_key_arg = api_key
+        self._base_url = base_url
+        self.stream_read_timeout_s = stream_read_timeout_s
+        self.api_connect_timeout_s = api_connect_timeout_s
+        self.sdk_max_retries = sdk_max_retries
+        self.turn_retries = turn_retries
+        self.retry_delay_s = retry_delay_s
+        self.max_tokens = max_tokens
+        self.fetch_bundles = fetch_bundles
+        self.context_budget_bytes = context_budget_bytes
+        self.wait_probe_interval_s = wait_probe_interval_s
+        self.keep_recent_results = keep_recent_results
+        self.bundle_timeout_s = bundle_timeout_s
+
+        self.state_dir = Path(settings.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.scrubber = Scrubber([self._api_key()])
+        self.audit = audit_log(
+            self.state_dir, self.scrubber, session_id=self.session_id, operator=operator
+        )
+        self.transcript = transcript(
+            self.state_dir, self.scrubber, session_id=self.session_id, operator=operator
+        )
+        self.outputs = OutputStore(
+            self.state_dir / "transcripts" / self.session_id,
+            self.scrubber,
+            budget_bytes=output_budget_bytes,
+            budget_tokens=output_budget_tokens,
+        )
+        self.messages: list[dict[str, Any]] = [dict(m) for m in conversation or []]
+        self._save_conversation = save_conversation
+        self.manual = False
+        self.total_usage = Usage()
+        self.cost_known = True
+        self._client: Any = None
+        self._sdk_modules: tuple[Any, Any] | None = None
+        self._client_key: str | None = None
+        self._pending_manual: list[str] = []
+        self._manual_count = 0
+        self._bundle_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        # For /report: what happened, in order.
+        self.timeline: list[tuple[float, str]] = []
+        self.calls: list[dict[str, Any]] = []
+        self.verbs: list[VerbResult] = []
+        self.last_probe: ProbeResult | None = None
+        self.last_assistant_text = ""
+        self._keep_output_kw = _accepts_keyword(hosts.run, "keep_output")
+        self._live_record: OutputRecord | None = None
+
+        self._emit(
+            SessionStarted(
+                session_id=self.session_id, operator=operator, lab=lab, model=settings.model
+            )
+        )
+        self.audit.write("session_start", lab=lab, model=settings.model)
+        self._note(f"session started by {operator}{' (lab)' if lab else ''}")
+        if self.messages:
+            self._repair_conversation()
+        if not self._api_key():
+            self._set_mode(
+                True,
+                "no ANTHROPIC_API_KEY is set: manual mode. The slash commands work (/help);"
+                " set the key and send a message to bring Claude in.",
+            )
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def handle(self, text: str) -> None:
+        """Handle one operator message or slash command. Cancelling the task running this is the
+        operator's cancel: the stream and the running command stop at once, the conversation
+        stays valid, and CancelledError is re-raised."""
+        text = text.strip()
+        if not text:
+            return
+        self._emit(OperatorMessage(text=text))
+        slash = text.startswith("/")
+        self.audit.write("operator_message", text=text, slash=slash)
+        self._note(f"operator: {text}")
+        if slash:
+            await self._slash(text)
+        else:
+            await self._converse(text)
+
+    async def close(self) -> None:
+        """End the session: stop bundle downloads, close the API client and the records. The
+        HostSession belongs to the caller and is not closed here."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._bundle_tasks):
+            task.cancel()
+        for task in list(self._bundle_tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+        self._emit(SessionEnded(session_id=self.session_id))
+        self.audit.write("session_end", total_usage=_usage_dict(self.total_usage))
+        self.audit.close()
+        self.transcript.close()
+
+    # -- the conversation ---------------------------------------------------------------------
+
+    async def _converse(self, text: str) -> None:
+        # Kept in the conversation even when Claude cannot be asked now: it is context later.
+        blocks = self._manual_context()
+        blocks.append({"type": "text", "text": text})
+        self._append_user(blocks)
+        if not self._api_key():
+            self._set_mode(
+                True,
+                "no ANTHROPIC_API_KEY is set, so Claude cannot be asked: manual mode. Use the"
+                " slash commands (/help), or set the key.",
+            )
+            return
+        steps = 0
+        max_steps = self.settings.max_steps
+        while True:
+            reply = await self._turn(tools=True)
+            if reply is None:
+                return
+            self._append_assistant(reply)
+            tool_uses = reply.tool_uses
+            if not tool_uses:
+                if reply.stop_reason == "max_tokens":
+                    self._notice("warning", "Claude's reply was cut at the max_tokens limit.")
+                return
+            results: list[dict[str, Any]] = []
+            limit_hit = False
+            try:
+                for block in tool_uses:
+                    if steps >= max_steps:
+                        limit_hit = True
+                        results.append(
+                            _tool_result(
+                                block["id"],
+                                f"Not run: the step limit of {max_steps} tool calls for this"
+                                " operator message was reached.",
+                                is_error=True,
+                            )
+                        )
+                        continue
+                    steps += 1
+                    run = await self._run_tool(block["id"], block["name"], block["input"])
+                    results.append(_tool_result(block["id"], run.content, is_error=run.is_error))
+            except asyncio.CancelledError:
+                # Every tool_use still gets its tool_result, so the conversation stays valid.
+                answered = {r["tool_use_id"] for r in results}
+                for block in tool_uses:
+                    if block["id"] not in answered:
+                        results.append(
+                            _tool_result(block["id"], "Cancelled by the operator.", is_error=True)
+                        )
+                self._append_user(results)
+                self.audit.write("cancelled", during="tool", calls=[b["id"] for b in tool_uses])
+                self._note("cancelled by the operator during a tool call")
+                self._notice("warning", "Cancelled: the running command was stopped.")
+                raise
+            self._append_user(results)
+            if limit_hit or steps >= max_steps:
+                await self._step_limit_summary(max_steps)
+                return
+
+    async def _step_limit_summary(self, max_steps: int) -> None:
+        """One last request without tool use, so the operator gets where things stand."""
+        self._notice(
+            "warning",
+            f"Step limit reached ({max_steps} tool calls for this message): asking Claude for a"
+            " summary of where things stand. Send another message to continue.",
+        )
+        self.audit.write("step_limit", max_steps=max_steps)
+        self._append_user(
+            [
+                {
+                    "type": "text",
+                    "text": (
+                        f"The step limit of {max_steps} tool calls for this operator message is"
+                        " reached. Do not call tools. Summarise where things stand: what is"
+                        " wrong, what was done, the devvm's current state, and the next step."
+                    ),
+                }
+            ]
+        )
+        reply = await self._turn(tools=False)
+        if reply is not None and not reply.tool_uses:
+            self._append_assistant(reply)
+            return
+        if reply is not None:
+            # The model called a tool anyway: answer it (unrun) so the conversation stays valid.
+            self._append_assistant(reply)
+            self._append_user(
+                [
+                    _tool_result(b["id"], "Not run: the step limit was reached.", is_error=True)
+                    for b in reply.tool_uses
+                ]
+            )
+        self._notice("info", self._local_summary())
+
+    def _local_summary(self) -> str:
+        """Where things stand, from our own records (when Claude cannot say it)."""
+        lines = ["Where things stand (from the session record):"]
+        if self.last_probe is not None:
+            lines.append(
+                f"- last probe: {self.last_probe.reachability.value} ({self.last_probe.message})"
+            )
+        for v in self.verbs[-3:]:
+            lines.append(
+                f"- verb {v.verb}: {'ok' if v.ok else 'failed'} ({v.message})"
+                + (f", bundle {v.bundle_id}" if v.bundle_id else "")
+            )
+        for c in self.calls[-5:]:
+            lines.append(f"- {c['tool']} {c['label']}: {c['summary']}")
+        if len(lines) == 1:
+            lines.append("- nothing has been run yet")
+        return "\n".join(lines)
+
+    def _append_assistant(self, reply: _Reply) -> None:
+        """Add Claude's message; an empty one is not kept (the API refuses empty content)."""
+        message = reply.as_param()
+        if message["content"]:
+            self.messages.append(message)
+            self._saved()
+
+    def _saved(self) -> None:
+        if self._save_conversation is not None:
+            try:
+                self._save_conversation(self.messages)
+            except Exception as exc:  # saving is a convenience; the rescue goes on
+                self.audit.write("save_error", error=f"{exc.__class__.__name__}: {exc}")
+
+    def _repair_conversation(self) -> None:
+        """A restored conversation may end in tool calls whose process died mid-run: answer
+        them, so the next request is valid."""
+        last = self.messages[-1]
+        if last.get("role") != "assistant":
+            return
+        calls = [b for b in last.get("content", []) if b.get("type") == "tool_use"]
+        if calls:
+            self._append_user(
+                [
+                    _tool_result(
+                        b["id"], "Interrupted: the session ended while this ran.", is_error=True
+                    )
+                    for b in calls
+                ]
+            )
+
+    def _append_user(self, blocks: list[dict[str, Any]]) -> None:
+        """Add user content; merges into a trailing user message (tool results stay first)."""
+        if not blocks:
+            return
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages[-1]["content"].extend(blocks)
+        else:
+            self.messages.append({"role": "user", "content": list(blocks)})
+        self._compact()
+        self._saved()
+
+    def _compact(self) -> None:
+        """Keep a long incident's context bounded: when the tool results in the conversation pass
+        the context budget, the older ones (all but the most recent few) are cut to their header
+        line and a short tail; the whole stays readable by output_id. It happens in one batch, so
+        the cached prefix is invalidated rarely, not every turn."""
+        results = [
+            b
+            for m in self.messages
+            if m["role"] == "user"
+            for b in m["content"]
+            if b.get("type") == "tool_result" and isinstance(b.get("content"), str)
+        ]
+        total = sum(len(b["content"]) for b in results)
+        if total <= self.context_budget_bytes:
+            return
+        old = results[: max(0, len(results) - self.keep_recent_results)]
+        shortened = 0
+        for block in old:
+            content = block["content"]
+            if content.startswith(_SHORTENED) or len(content) <= 600:
+                continue
+            header, _, rest = content.partition("\n")
+            block["content"] = (
+                f"{_SHORTENED} {header}\n[... shortened to keep the context small; use"
+                f" read_output/grep_output with the output_id above ...]\n{rest[-400:]}"
+            )
+            shortened += 1
+        if shortened:
+            self.audit.write("context_compacted", results=shortened, bytes_before=total)
+
+    def _manual_context(self) -> list[dict[str, Any]]:
+        if not self._pending_manual:
+            return []
+        text = (
+            "While you were not involved, the operator ran these commands manually (outputs are"
+            " kept: use read_output/grep_output with the output_id):\n"
+            + "\n".join(self._pending_manual)
+        )
+        self._pending_manual.clear()
+        return [{"type": "text", "text": text}]
+
+    # -- one model turn, with retries -----------------------------------------------------------
+
+    async def _turn(self, *, tools: bool) -> _Reply | None:
+        """One assistant message, retried per the resilience rules; None when it could not be had
+        (the operator has been told, and manual mode entered when the API is the problem)."""
+        attempts = 1 + max(0, self.turn_retries)
+        max_tokens = self.max_tokens
+        failure: _TurnFailed | None = None
+        for attempt in range(attempts):
+            try:
+                reply = await self._attempt(tools=tools, max_tokens=max_tokens)
+            except _TurnFailed as exc:
+                failure = exc
+            else:
+                failure = self._check_reply(reply)
+                if failure is None:
+                    if self.manual:
+                        self._set_mode(False, "Claude answered again: back to normal mode.")
+                    return reply
+                if failure.kind == "max_tokens":
+                    max_tokens = min(max_tokens * 2, _MAX_TOKENS_CAP)
+            will_retry = failure.retryable and attempt < attempts - 1
+            self._emit(ApiError(kind=failure.kind, message=failure.message, will_retry=will_retry))
+            self.audit.write(
+                "api_error", error_kind=failure.kind, message=failure.message, will_retry=will_retry
+            )
+            self._note(f"API error ({failure.kind}): {failure.message}")
+            if not will_retry:
+                break
+            await asyncio.sleep(self.retry_delay_s)
+        assert failure is not None
+        if failure.kind == "refusal":
+            self._notice(
+                "error",
+                "Claude declined to continue (stop_reason refusal), also on retry. The"
+                " conversation is kept; rephrase the request, or act with the slash commands"
+                " (/help).",
+            )
+            return None
+        self._set_mode(
+            True,
+            f"Claude is unavailable ({failure.kind}: {failure.message}). Manual mode: the slash"
+            " commands work (/help); your next message tries Claude again.",
+        )
+        return None
+
+    def _check_reply(self, reply: _Reply) -> _TurnFailed | None:
+        if not reply.got_message_stop or reply.stop_reason is None:
+            return _TurnFailed(
+                "dropped",
+                "the API stream ended before message_stop (a partial message); it was discarded",
+            )
+        if reply.truncated_tool_use():
+            return _TurnFailed(
+                "max_tokens",
+                "the reply hit max_tokens in the middle of a tool call's input; the truncated"
+                " call was not executed",
+            )
+        if reply.stop_reason == "refusal":
+            return _TurnFailed("refusal", "Claude refused to answer (stop_reason refusal)")
+        return None
+
+    async def _attempt(self, *, tools: bool, max_tokens: int) -> _Reply:
+        """One streamed request under our own deadline; the SDK's small retry budget applies
+        before the stream starts."""
+        anthropic, httpx2 = await self._sdk()
+        client = self._get_client(anthropic, httpx2)
+        params: dict[str, Any] = {
+            "model": self.settings.model,
+            "max_tokens": max_tokens,
+            "system": prompt.system_prompt(self.settings.vmid),
+            "tools": prompt.tool_definitions(),
+            "messages": self._request_messages(),
+        }
+        if not tools:
+            # The tool list stays (the history holds tool_use blocks, and the cache prefix
+            # stays warm); tool_choice none keeps Claude from calling them.
+            params["tool_choice"] = {"type": "none"}
+        reply = _Reply(turn_id=uuid.uuid4().hex[:12])
+        self._emit(AssistantTurnStarted(turn_id=reply.turn_id))
+        outcome = "error"
+        try:
+            async with asyncio.timeout(self.settings.api_deadline_s):
+                async with client.messages.stream(**params) as stream:
+                    async for event in stream:
+                        self._on_stream_event(reply, event)
+            outcome = reply.stop_reason or "incomplete"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            self.audit.write("cancelled", during="stream", turn_id=reply.turn_id)
+            self._note("cancelled by the operator while Claude was answering")
+            raise
+        except TimeoutError:
+            raise _TurnFailed(
+                "deadline",
+                f"no complete answer within {self.settings.api_deadline_s:g} s"
+                " (BREAKGLASS_API_DEADLINE_S)",
+            ) from None
+        except anthropic.APIStatusError as exc:
+            raise _classify_status(exc) from None
+        except (anthropic.APITimeoutError, httpx2.TimeoutException):
+            raise _TurnFailed(
+                "stalled",
+                f"the API sent nothing for {self.stream_read_timeout_s:g} s (stream read timeout)",
+            ) from None
+        except (anthropic.APIConnectionError, httpx2.TransportError) as exc:
+            raise _TurnFailed(
+                "dropped" if reply.blocks or reply.usage.input_tokens else "connection",
+                f"the connection to the API failed: {exc.__class__.__name__}: {exc}",
+            ) from None
+        except anthropic.AnthropicError as exc:
+            raise _TurnFailed("api_error", f"{exc.__class__.__name__}: {exc}") from None
+        finally:
+            self._finish_turn(reply, outcome)
+        return reply
+
+    def _on_stream_event(self, reply: _Reply, event: Any) -> None:
+        kind = event.type
+        if kind == "message_start":
+            u = event.message.usage
+            reply.usage = Usage(
+                input_tokens=u.input_tokens or 0,
+                output_tokens=u.output_tokens or 0,
+                cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
+                cache_read_input_tokens=u.cache_read_input_tokens or 0,
+            )
+        elif kind == "content_block_start":
+            cb = event.content_block
+            if cb.type == "text":
+                block: dict[str, Any] = {"type": "text", "text": cb.text or ""}
+                if cb.text:
+                    self._emit(AssistantTextDelta(turn_id=reply.turn_id, text=cb.text))
+            elif cb.type == "tool_use":
+                block = {"type": "tool_use", "id": cb.id, "name": cb.name, "_json": ""}
+            else:
+                block = {"type": cb.type}  # thinking etc.: not enabled, not kept
+            _put(reply.blocks, event.index, block)
+        elif kind == "content_block_delta":
+            if event.index >= len(reply.blocks):
+                return
+            block = reply.blocks[event.index]
+            delta = event.delta
+            if delta.type == "text_delta" and block["type"] == "text":
+                block["text"] += delta.text
+                self._emit(AssistantTextDelta(turn_id=reply.turn_id, text=delta.text))
+            elif delta.type == "input_json_delta" and block["type"] == "tool_use":
+                block["_json"] += delta.partial_json
+        elif kind == "content_block_stop":
+            if event.index >= len(reply.blocks):
+                return
+            block = reply.blocks[event.index]
+            block["_stopped"] = True
+            if block["type"] == "tool_use":
+                raw = block.pop("_json", "")
+                try:
+                    value = json.loads(raw) if raw.strip() else {}
+                    if not isinstance(value, dict):
+                        raise ValueError("tool input is not an object")
+                    block["input"] = value
+                except ValueError:
+                    block["_bad_json"] = True
+                    block["input"] = {}
+        elif kind == "message_delta":
+            reply.stop_reason = event.delta.stop_reason
+            u = event.usage
+            reply.usage = Usage(
+                input_tokens=(u.input_tokens if u.input_tokens is not None else 0)
+                or reply.usage.input_tokens,
+                output_tokens=u.output_tokens or 0,
+                cache_creation_input_tokens=(u.cache_creation_input_tokens or 0)
+                or reply.usage.cache_creation_input_tokens,
+                cache_read_input_tokens=(u.cache_read_input_tokens or 0)
+                or reply.usage.cache_read_input_tokens,
+            )
+        elif kind == "message_stop":
+            reply.got_message_stop = True
+
+    def _finish_turn(self, reply: _Reply, outcome: str) -> None:
+        cost = cost_usd(self.settings.model, reply.usage)
+        if cost is None and self.cost_known:
+            self.cost_known = False
+            self._notice(
+                "info",
+                f"No price is known for model {self.settings.model}: usage is shown in tokens"
+                " only.",
+            )
+        usage = Usage(
+            input_tokens=reply.usage.input_tokens,
+            output_tokens=reply.usage.output_tokens,
+            cache_creation_input_tokens=reply.usage.cache_creation_input_tokens,
+            cache_read_input_tokens=reply.usage.cache_read_input_tokens,
+            cost_usd=cost or 0.0,
+        )
+        self.total_usage = add(self.total_usage, usage)
+        stop = reply.stop_reason if outcome == reply.stop_reason else outcome
+        self._emit(
+            AssistantTurnEnded(
+                turn_id=reply.turn_id, stop_reason=stop, usage=usage, total_usage=self.total_usage
+            )
+        )
+        text = reply.text
+        if text:
+            if outcome == reply.stop_reason:
+                self.last_assistant_text = text
+            self._note(f"Claude: {text}")
+        self.audit.write(
+            "model_turn",
+            turn_id=reply.turn_id,
+            stop_reason=stop,
+            text=text,
+            tool_calls=[{"id": b["id"], "name": b["name"]} for b in reply.tool_uses],
+            usage=_usage_dict(usage),
+            total_usage=_usage_dict(self.total_usage),
+        )
+
+    def _request_messages(self) -> list[dict[str, Any]]:
+        """The conversation for a request; the last block carries a cache breakpoint so the
+        growing history is cached too (copies: the stored conversation stays clean)."""
+        messages = list(self.messages)
+        if messages and messages[-1]["content"]:
+            last = dict(messages[-1])
+            content = [dict(b) for b in last["content"]]
+            content[-1]["cache_control"] = {"type": "ephemeral"}
+            last["content"] = content
+            messages[-1] = last
+        return messages
+
+    async def _sdk(self) -> tuple[Any, Any]:
+        # Lazy import (seconds), off the event loop so the UI keeps painting meanwhile.
+        if self._sdk_modules is None:
+            anthropic = await asyncio.to_thread(importlib.import_module, "anthropic")
+            self._sdk_modules = (anthropic, importlib.import_module("httpx2"))
+        return self._sdk_modules
+
+    def _get_client(self, anthropic: Any, httpx2: Any) -> Any:
+        key = self._api_key()
+        if self._client is None or key != self._client_key:
+            self.scrubber.add(key)
+            self._client = anthropic.AsyncAnthropic(
+                api_key=key,
+                base_url=self._base_url or os.environ.get("ANTHROPIC_BASE_URL") or None,
+                max_retries=self.sdk_max_retries,
+                timeout=httpx2.Timeout(
+                    connect=self.api_connect_timeout_s,
+                    read=self.stream_read_timeout_s,
+                    write=30.0,
+                    pool=10.0,
+                ),
+            )
+            self._client_key = key
+        return self._client
+
+    def _api_key(self) -> str | None:
+        return self._api_key_arg or os.environ.get("ANTHROPIC_API_KEY") or None
+
+    # -- tools ---------------------------------------------------------------------------------
+
+    async def _run_tool(
+        self, call_id: str, name: str, tool_input: dict[str, Any], *, manual: bool = False
+    ) -> _ToolRun:
+        """Run one tool call (Claude's or the operator's), with its events and audit records."""
+        mutating = name == "pve_verb" and tool_input.get("verb") in MUTATING_VERBS
+        self._emit(
+            ToolCallStarted(
+                call_id=call_id, tool=name, input=tool_input, mutating=mutating, manual=manual
+            )
+        )
+        self.audit.write(
+            "tool_call",
+            call_id=call_id,
+            tool=name,
+            input=tool_input,
+            manual=manual,
+            mutating=mutating,
+        )
+        label = _label(name, tool_input)
+        self._live_record = None
+        self._note(f"{'operator' if manual else 'Claude'} ran {name} {label}")
+        started = time.monotonic()
+        try:
+            if name == "devvm_shell":
+                run = await self._devvm_shell(call_id, tool_input)
+            elif name == "pve_verb":
+                run = await self._pve_verb(tool_input)
+            elif name == "probe_devvm":
+                run = await self._probe()
+            elif name == "wait_for_devvm":
+                run = await self._wait_for_devvm(tool_input)
+            elif name == "read_output":
+                run = self._read_output(tool_input)
+            elif name == "grep_output":
+                run = self._grep_output(tool_input)
+            else:
+                run = _ToolRun(f"Unknown tool {name!r}.", is_error=True, summary="unknown tool")
+        except asyncio.CancelledError:
+            elapsed = time.monotonic() - started
+            self._emit(
+                ToolCallEnded(
+                    call_id=call_id,
+                    tool=name,
+                    ok=False,
+                    summary="cancelled",
+                    duration_s=elapsed,
+                    cancelled=True,
+                )
+            )
+            self.audit.write(
+                "tool_result",
+                call_id=call_id,
+                tool=name,
+                cancelled=True,
+                ok=False,
+                duration_s=round(elapsed, 3),
+                **self._partial_output_facts(),
+            )
+            self.calls.append(
+                {
+                    "call_id": call_id,
+                    "tool": name,
+                    "label": label,
+                    "summary": "cancelled",
+                    "manual": manual,
+                    "exit_status": None,
+                    "output_id": None,
+                    "ok": False,
+                }
+            )
+            raise
+        except Exception as exc:  # a tool that fails must not end the incident
+            run = _ToolRun(
+                f"The tool failed: {exc.__class__.__name__}: {exc}",
+                is_error=True,
+                summary=f"failed: {exc.__class__.__name__}: {exc}",
+            )
+        elapsed = time.monotonic() - started
+        rec = run.record
+        exit_status = run.exit_status
+        ok = run.ok if run.ok is not None else not run.is_error
+        self._emit(
+            ToolCallEnded(
+                call_id=call_id,
+                tool=name,
+                ok=ok,
+                summary=run.summary,
+                duration_s=elapsed,
+                exit_status=exit_status,
+            )
+        )
+        facts: dict[str, Any] = {}
+        if rec is not None:
+            facts = {
+                "output_id": rec.output_id,
+                "bytes": rec.raw_bytes,
+                "stdout_bytes": rec.stdout_bytes,
+                "stderr_bytes": rec.stderr_bytes,
+                "sha256": rec.sha256,
+            }
+        self.audit.write(
+            "tool_result",
+            call_id=call_id,
+            tool=name,
+            ok=ok,
+            exit_status=exit_status,
+            summary=run.summary,
+            duration_s=round(elapsed, 3),
+            **facts,
+        )
+        self.calls.append(
+            {
+                "call_id": call_id,
+                "tool": name,
+                "label": label,
+                "summary": run.summary,
+                "manual": manual,
+                "exit_status": exit_status,
+                "output_id": rec.output_id if rec else None,
+                "sha256": rec.sha256 if rec else None,
+                "ok": ok,
+            }
+        )
+        self._note(f"{name} {label}: {run.summary}")
+        return run
+
+    def _partial_output_facts(self) -> dict[str, Any]:
+        rec = self._live_record
+        if rec is None:
+            return {}
+        return {"output_id": rec.output_id, "bytes": rec.raw_bytes, "sha256": rec.sha256}
+
+    async def _devvm_shell(self, call_id: str, tool_input: dict[str, Any]) -> _ToolRun:
+        command = tool_input.get("command")
+        if not isinstance(command, str) or not command.strip():
+            return _ToolRun("devvm_shell needs a non-empty 'command' string.", True, "bad input")
+        timeout = tool_input.get("timeout_s")
+        timeout_s = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
+        recorder = self.outputs.recorder()
+        streamed = False
+
+        def on_output(chunk: OutputChunk) -> None:
+            nonlocal streamed
+            streamed = True
+            shown = recorder.feed(chunk)
+            if shown is not None:
+                self._show_output(call_id, recorder.output_id, shown)
+
+        kwargs: dict[str, Any] = {"timeout_s": timeout_s, "on_output": on_output}
+        if self._keep_output_kw:
+            kwargs["keep_output"] = False  # the whole goes to the transcript, not to memory
+        try:
+            outcome: CommandOutcome = await self.hosts.run(command, **kwargs)
+        except BaseException:
+            record, rest = self.outputs.finish(recorder)
+            for chunk in rest:
+                self._show_output(call_id, record.output_id, chunk)
+            self._live_record = record
+            raise
+        if not streamed and not outcome.kept_tail_only:
+            # An implementation that returned the output instead of streaming it.
+            for stream, text in (("stdout", outcome.stdout), ("stderr", outcome.stderr)):
+                if text:
+                    shown = recorder.feed(OutputChunk(stream=stream, text=text))  # type: ignore[arg-type]
+                    if shown is not None:
+                        self._show_output(call_id, recorder.output_id, shown)
+        record, rest = self.outputs.finish(recorder)
+        for chunk in rest:
+            self._show_output(call_id, record.output_id, chunk)
+        ending = _describe_ending(outcome)
+        header = f"devvm_shell: {ending} in {outcome.duration_s:.1f} s"
+        content = self.outputs.view(record, header)
+        summary = f"{ending}, {_size(record.raw_bytes)}, {outcome.duration_s:.1f} s"
+        is_error = outcome.ending is not Ending.EXITED
+        return _ToolRun(
+            content, is_error, summary, record, exit_status=outcome.exit_status, ok=outcome.ok
+        )
+
+    def _show_output(self, call_id: str, output_id: str, chunk: OutputChunk) -> None:
+        self._emit(ToolOutput(call_id=call_id, chunk=chunk))
+        self.transcript.write(
+            "output", call_id=call_id, output_id=output_id, stream=chunk.stream, text=chunk.text
+        )
+
+    async def _pve_verb(self, tool_input: dict[str, Any]) -> _ToolRun:
+        verb = tool_input.get("verb")
+        if verb not in VERBS:
+            return _ToolRun(f"Unknown verb {verb!r}: one of {', '.join(VERBS)}.", True, "bad input")
+        result = await self.hosts.verb(verb)
+        self.verbs.append(result)
+        self._emit(VerbCompleted(result=result))
+        self.audit.write(
+            "verb_result",
+            verb=result.verb,
+            ok=result.ok,
+            exit_code=result.exit_code,
+            message=result.message,
+            state_before=result.state_before,
+            state_after=result.state_after,
+            bundle_id=result.bundle_id,
+            refused=result.refused,
+            cold_case=result.cold_case,
+        )
+        if result.bundle_id and self.fetch_bundles and _BUNDLE_ID.match(result.bundle_id):
+            task = asyncio.create_task(self._save_bundle(result.bundle_id))
+            self._bundle_tasks.add(task)
+            task.add_done_callback(self._bundle_tasks.discard)
+        recorder = self.outputs.recorder()
+        recorder.feed_text(json.dumps(result.document or _verb_dict(result), indent=1))
+        record, _ = self.outputs.finish(recorder)
+        state = f"{result.state_before or '?'} -> {result.state_after or '?'}"
+        header = (
+            f"pve_verb {verb}: {'ok' if result.ok else 'FAILED'} (exit {result.exit_code}),"
+            f" {state}: {result.message}"
+        )
+        if result.bundle_id:
+            header += f" | forensics bundle {result.bundle_id}"
+        if result.refused:
+            header += f" | refused by policy: {result.refused}"
+        if result.cold_case:
+            header += " | COLD CASE: host-level recovery is needed, out of scope. " + (
+                COLD_PATH_POINTER
+            )
+        content = self.outputs.view(record, header)
+        summary = f"{'ok' if result.ok else 'failed'}: {result.message}"
+        if result.bundle_id:
+            summary += f" (bundle {result.bundle_id})"
+        return _ToolRun(
+            content, not result.ok, summary, record, exit_status=result.exit_code, ok=result.ok
+        )
+
+    async def _save_bundle(self, bundle_id: str) -> None:
+        """Fetch a forensics bundle into ``<state_dir>/bundles/<id>/`` for the forensics pane."""
+        try:
+            async with asyncio.timeout(self.bundle_timeout_s):
+                doc = await self.hosts.bundle(bundle_id)
+            directory = self.state_dir / "bundles" / bundle_id
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            names: list[str] = []
+            for name, b64 in (doc.get("files") or {}).items():
+                safe = Path(str(name)).name  # never a path from the host
+                if not safe or safe.startswith("."):
+                    continue
+                (directory / safe).write_bytes(base64.b64decode(b64))
+                names.append(safe)
+            manifest = doc.get("manifest") or {}
+            (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            self._emit(
+                BundleSaved(
+                    bundle_id=bundle_id,
+                    directory=str(directory),
+                    files=tuple(sorted(names)),
+                    manifest=manifest if isinstance(manifest, dict) else {},
+                )
+            )
+            self.audit.write("bundle_saved", bundle_id=bundle_id, files=sorted(names))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._notice(
+                "warning",
+                f"Could not fetch forensics bundle {bundle_id} from the PVE host"
+                f" ({exc.__class__.__name__}: {exc}); it stays on the host.",
+            )
+
+    async def _probe(self) -> _ToolRun:
+        result = await self.hosts.probe()
+        self.last_probe = result
+        self._emit(ProbeUpdated(result=result))
+        self.audit.write(
+            "probe_result",
+            reachability=result.reachability.value,
+            elapsed_s=round(result.elapsed_s, 3),
+            message=result.message,
+        )
+        text = f"probe_devvm: {result.reachability.value} in {result.elapsed_s:.2f} s: "
+        text += result.message
+        if result.banner:
+            text += f"\nbanner: {result.banner[:200]}"
+        return _ToolRun(text, False, f"{result.reachability.value}: {result.message}"[:200])
+
+    async def _wait_for_devvm(self, tool_input: dict[str, Any]) -> _ToolRun:
+        """Probe until healthy or the timeout: a rebooting guest refuses for a while."""
+        timeout = tool_input.get("timeout_s")
+        timeout_s = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else 120.0
+        timeout_s = min(timeout_s, 600.0)
+        started = time.monotonic()
+        probes = 0
+        while True:
+            run = await self._probe()
+            probes += 1
+            elapsed = time.monotonic() - started
+            assert self.last_probe is not None
+            healthy = self.last_probe.reachability is Reachability.HEALTHY
+            if healthy or elapsed + self.wait_probe_interval_s > timeout_s:
+                break
+            await asyncio.sleep(self.wait_probe_interval_s)
+        verdict = "the devvm answers" if healthy else f"still not healthy after {elapsed:.0f} s"
+        return _ToolRun(
+            f"wait_for_devvm: {verdict} ({probes} probe(s), {elapsed:.1f} s)\n{run.content}",
+            False,
+            f"{verdict} ({probes} probes)",
+        )
+
+    def _read_output(self, tool_input: dict[str, Any]) -> _ToolRun:
+        try:
+            text = self.outputs.read(
+                tool_input.get("output_id", ""),
+                int(tool_input.get("offset", 0)),
+                int(tool_input.get("length", self.outputs.budget_bytes)),
+            )
+        except (ValueError, TypeError) as exc:
+            return _ToolRun(str(exc), True, "bad input")
+        return _ToolRun(text, False, f"{len(text.encode())} bytes")
+
+    def _grep_output(self, tool_input: dict[str, Any]) -> _ToolRun:
+        try:
+            text = self.outputs.grep(
+                tool_input.get("output_id", ""),
+                str(tool_input.get("pattern", "")),
+                int(tool_input.get("max_matches", 50)),
+            )
+        except (ValueError, TypeError) as exc:
+            return _ToolRun(str(exc), True, "bad input")
+        return _ToolRun(text, False, text.split("\n", 1)[0])
+
+    # -- manual mode ---------------------------------------------------------------------------
+
+    async def _slash(self, text: str) -> None:
+        command, _, rest = text.partition(" ")
+        command = command.lower()
+        rest = rest.strip()
+        if command == "/help":
+            self._notice("info", HELP)
+            return
+        if command == "/cancel":
+            # The UI cancels the running worker itself; by the time this runs it is done.
+            self._notice("info", "Nothing is running.")
+            return
+        if command == "/report":
+            self.write_report()
+            return
+        if command == "/probe":
+            name, tool_input = "probe_devvm", {}
+        elif command in _SLASH_VERBS:
+            name, tool_input = "pve_verb", {"verb": _SLASH_VERBS[command]}
+        elif command == "/sh":
+            if not rest:
+                self._notice("error", "/sh needs a command, e.g. /sh df -h")
+                return
+            name, tool_input = "devvm_shell", {"command": rest}
+        else:
+            self._notice("error", f"Unknown command {command}: /help lists the slash commands.")
+            return
+        self._manual_count += 1
+        call_id = f"manual-{self._manual_count}"
+        try:
+            run = await self._run_tool(call_id, name, tool_input, manual=True)
+        except asyncio.CancelledError:
+            self._pending_manual.append(f"- {text}: cancelled by the operator")
+            raise
+        # Claude learns of it on its next turn, briefly; the whole output stays readable by id.
+        entry = f"- {text}: {run.summary}"
+        if run.record is not None:
+            entry += f" (output_id {run.record.output_id})"
+            tail = run.record.tail or run.record.head
+            if tail:
+                entry += "\n  last output: " + tail[-600:].decode("utf-8", "ignore").strip()
+        self._pending_manual.append(entry)
+
+    # -- report --------------------------------------------------------------------------------
+
+    def write_report(self) -> Path:
+        """Write the Markdown incident report under ``<state_dir>/reports/`` and emit
+        ReportReady; returns its path."""
+        markdown = report.render(self)
+        directory = self.state_dir / "reports"
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        filename = f"incident-{self.session_id}.md"
+        path = directory / filename
+        path.write_text(self.scrubber.text(markdown))
+        self._emit(ReportReady(filename=filename, markdown=self.scrubber.text(markdown)))
+        self.audit.write("report", path=str(path))
+        return path
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        if not isinstance(event, AssistantTextDelta | ToolOutput):
+            self.transcript.write("event", event=type(event).__name__, data=_event_dict(event))
+        try:
+            self._emit_cb(event)
+        except Exception as exc:  # a UI bug must not break the rescue
+            self.audit.write("ui_error", error=f"{exc.__class__.__name__}: {exc}")
+
+    def _notice(self, level: str, text: str) -> None:
+        self._emit(Notice(level=level, text=text))
+        self.audit.write("notice", level=level, text=text)
+
+    def _set_mode(self, manual: bool, reason: str) -> None:
+        if manual == self.manual and manual is False:
+            return
+        changed = manual != self.manual
+        self.manual = manual
+        if changed or manual:
+            self._emit(ModeChanged(manual=manual, reason=reason))
+            self.audit.write("mode_change", manual=manual, reason=reason)
+            self._note(f"{'manual mode' if manual else 'normal mode'}: {reason}")
+
+    def _note(self, text: str) -> None:
+        self.timeline.append((time.time(), self.scrubber.text(text)))
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _accepts_keyword(func: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _put(blocks: list[dict[str, Any]], index: int, block: dict[str, Any]) -> None:
+    while len(blocks) < index:
+        blocks.append({"type": "missing"})
+    if index < len(blocks):
+        blocks[index] = block
+    else:
+        blocks.append(block)
+
+
+def _tool_result(tool_use_id: str, content: str, *, is_error: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id, "content": content}
+    if is_error:
+        result["is_error"] = True
+    return result
+
+
+def _classify_status(exc: Any) -> _TurnFailed:
+    status = getattr(exc, "status_code", None)
+    etype = getattr(exc, "type", None) or ""
+    detail = getattr(exc, "message", str(exc))
+    if status == 200:
+        # An `error` event in the middle of the stream: the SDK does not retry these.
+        return _TurnFailed(
+            "overloaded" if etype == "overloaded_error" else "stream_error",
+            f"the API sent an error event mid-stream ({etype or 'unknown'}): {detail}",
+        )
+    if status == 429:
+        return _TurnFailed("rate_limited", f"rate limited by the API (429): {detail}")
+    if status == 529 or etype == "overloaded_error":
+        return _TurnFailed("overloaded", f"the API is overloaded ({status}): {detail}")
+    if status in (401, 403):
+        return _TurnFailed(
+            "auth",
+            f"the API refused the key ({status}): check ANTHROPIC_API_KEY",
+            retryable=False,
+        )
+    if status is not None and 400 <= status < 500 and status not in (408, 409):
+        return _TurnFailed(
+            "bad_request", f"the API rejected the request ({status}): {detail}", retryable=False
+        )
+    return _TurnFailed("server_error", f"the API failed ({status}): {detail}")
+
+
+def _describe_ending(outcome: CommandOutcome) -> str:
+    if outcome.ending is Ending.EXITED:
+        if outcome.signal:
+            return f"killed by signal {outcome.signal}"
+        return f"exit {outcome.exit_status}"
+    if outcome.ending is Ending.TIMED_OUT:
+        return f"timed out (stopped): {outcome.message}" if outcome.message else "timed out"
+    if outcome.ending is Ending.CANCELLED:
+        return "cancelled"
+    return f"{outcome.ending.value}: {outcome.message}" if outcome.message else outcome.ending.value
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024 / 1024:.1f} MiB"
+
+
+def _label(name: str, tool_input: dict[str, Any]) -> str:
+    if name == "devvm_shell":
+        return repr(str(tool_input.get("command", ""))[:200])
+    if name == "pve_verb":
+        return str(tool_input.get("verb"))
+    if name in ("read_output", "grep_output"):
+        return str(tool_input.get("output_id"))
+    return ""
+
+
+def _usage_dict(u: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": u.input_tokens,
+        "output_tokens": u.output_tokens,
+        "cache_creation_input_tokens": u.cache_creation_input_tokens,
+        "cache_read_input_tokens": u.cache_read_input_tokens,
+        "cost_usd": round(u.cost_usd, 6),
+    }
+
+
+def _verb_dict(r: VerbResult) -> dict[str, Any]:
+    return {
+        "verb": r.verb,
+        "ok": r.ok,
+        "exit_code": r.exit_code,
+        "message": r.message,
+        "state_before": r.state_before,
+        "state_after": r.state_after,
+        "bundle_id": r.bundle_id,
+        "refused": r.refused,
+        "cold_case": r.cold_case,
+    }
+
+
+def _event_dict(event: Event) -> dict[str, Any]:
+    import dataclasses
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items() if k != "document"}
+        if isinstance(v, list | tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(event)

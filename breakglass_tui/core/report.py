@@ -1,0 +1,87 @@
+"""The Markdown incident report (/report): timeline, commands and exit codes, verbs and bundles,
+outcome, cost."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from breakglass_tui.core.agent import BreakglassAgent
+
+
+def _ts(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + "Z"
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")[:300]
+
+
+def render(agent: BreakglassAgent) -> str:
+    """The incident report of ``agent``'s session so far, as Markdown."""
+    started = agent.timeline[0][0] if agent.timeline else time.time()
+    lines = [
+        f"# Incident report — devvm (VM {agent.settings.vmid})",
+        "",
+        f"- Session: `{agent.session_id}`{' (lab)' if agent.lab else ''}",
+        f"- Operator: {agent.operator}",
+        f"- Started: {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(started))} UTC",
+        f"- Model: {agent.settings.model}",
+        "",
+        "## Outcome",
+        "",
+    ]
+    if agent.last_probe is not None:
+        lines.append(
+            f"- Last probe: **{agent.last_probe.reachability.value}** — {agent.last_probe.message}"
+        )
+    else:
+        lines.append("- The devvm was not probed in this session.")
+    if any(v.cold_case for v in agent.verbs):
+        lines.append("- The cold case was detected: host-level recovery, out of scope here.")
+    if agent.last_assistant_text:
+        lines += ["", "Claude's last word:", ""]
+        lines += ["> " + ln for ln in agent.last_assistant_text.strip().splitlines()]
+    lines += ["", "## Commands", ""]
+    commands = [c for c in agent.calls if c["tool"] == "devvm_shell"]
+    if commands:
+        lines += ["| by | command | result | exit | output |", "|---|---|---|---|---|"]
+        for c in commands:
+            exit_status = c["exit_status"] if c["exit_status"] is not None else "—"
+            lines.append(
+                f"| {'operator' if c['manual'] else 'Claude'} | `{_cell(c['label'])}` |"
+                f" {_cell(c['summary'])} | {exit_status} | {c['output_id'] or '—'} |"
+            )
+    else:
+        lines.append("No devvm command was run.")
+    lines += ["", "## Forced-command verbs and forensics bundles", ""]
+    if agent.verbs:
+        lines += ["| verb | ok | state | bundle | message |", "|---|---|---|---|---|"]
+        for v in agent.verbs:
+            lines.append(
+                f"| {v.verb} | {'yes' if v.ok else 'no'} (exit {v.exit_code}) |"
+                f" {v.state_before or '?'} → {v.state_after or '?'} | {v.bundle_id or '—'} |"
+                f" {_cell(v.message)} |"
+            )
+    else:
+        lines.append("No PVE verb was run.")
+    u = agent.total_usage
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"- Input tokens: {u.input_tokens} (cache writes {u.cache_creation_input_tokens},"
+        f" cache reads {u.cache_read_input_tokens})",
+        f"- Output tokens: {u.output_tokens}",
+        f"- Cost: ${u.cost_usd:.4f}"
+        if agent.cost_known
+        else f"- Cost: unknown (no price for {agent.settings.model})",
+        "",
+        "## Timeline",
+        "",
+    ]
+    for t, text in agent.timeline:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        lines.append(f"- {_ts(t)} {first[:300]}")
+    return "\n".join(lines) + "\n"
