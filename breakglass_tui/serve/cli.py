@@ -8,7 +8,6 @@ and its operator's name. Settings come from flags or the matching ``BREAKGLASS_*
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         cleanup=backend.close,
         title="breakglass (lab)" if args.lab else "breakglass",
     )
-    # The Vault token, if the environment carried one, is the server's alone: never a child's.
-    os.environ.pop("VAULT_TOKEN", None)
+    # A VAULT_TOKEN in the environment is read (and removed) by the key loading in prepare();
+    # the children's environment is an allowlist that never includes it either way.
     server.serve()
     return 0
 

@@ -22,9 +22,11 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 import uuid
+from asyncio.subprocess import Process
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +52,15 @@ UPSTREAM_STATIC = Path(__import__("textual_serve").__file__).parent / "static"
 CHILD_ENV_ALLOW = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
 CHILD_ENV_ALLOW_PREFIXES = ("BREAKGLASS_",)
 CHILD_ENV_DENY_PREFIXES = ("BREAKGLASS_VAULT_", "VAULT_")
+# A config file could name Vault itself: the children get their settings as variables only.
+CHILD_ENV_DENY = ("BREAKGLASS_CONFIG_FILE",)
 CHILD_ENV_PASS_SECRETS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")  # the app calls Claude itself
 
-MAX_STDERR_LINE = 2000  # characters of one stderr line kept in the server log
+MAX_STDERR_LINE = 2000  # bytes of one stderr line kept in the server log
+STDERR_CHUNK = 4096
+# How long an app gets to quit when its tab closes: it cancels what runs (a devvm command is
+# stopped on the devvm; a verb already started on the PVE host finishes there by design).
+QUIT_GRACE_S = 8.0
 OPERATOR_RE_MAX = 128
 
 CSP = (
@@ -91,7 +99,7 @@ def child_environment(
     """Build an app process's environment from an allowlist of the server's."""
     env: dict[str, str] = {}
     for name, value in parent.items():
-        if name.startswith(CHILD_ENV_DENY_PREFIXES):
+        if name.startswith(CHILD_ENV_DENY_PREFIXES) or name in CHILD_ENV_DENY:
             continue
         if (
             name in CHILD_ENV_ALLOW
@@ -118,10 +126,18 @@ class ServeState:
 class BreakglassAppService(AppService):
     """One app process per websocket, with an allowlisted environment and bounded stderr."""
 
-    def __init__(self, *args: Any, environment: dict[str, str], label: str, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        environment: dict[str, str],
+        label: str,
+        quit_grace_s: float = QUIT_GRACE_S,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self._environment = environment
         self.label = label
+        self.quit_grace_s = quit_grace_s
 
     def _build_environment(self, width: int = 80, height: int = 24) -> dict[str, str]:
         env = dict(self._environment)
@@ -135,6 +151,22 @@ class BreakglassAppService(AppService):
         )
         return env
 
+    async def _open_app_process(self, width: int = 80, height: int = 24) -> Process:
+        # Its own session: when it will not quit, the whole group goes (a shell that forked the
+        # app, anything the app started), not just the PID textual-serve holds; otherwise an
+        # orphan keeps the pipes open and the wait for the process never ends.
+        self._process = process = await asyncio.create_subprocess_shell(
+            self.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._build_environment(width=width, height=height),
+            start_new_session=True,
+        )
+        assert process.stdin is not None
+        self._stdin = process.stdin
+        return process
+
     async def run(self) -> None:
         """Relay the app's packets to the browser; its stderr goes to the log line by line."""
         process = self._process
@@ -142,15 +174,24 @@ class BreakglassAppService(AppService):
         stdout, stderr = process.stdout, process.stderr
 
         async def relay_stderr() -> None:
+            # Read in chunks, not readline(): one line over the stream limit would raise, stop
+            # the draining, and let the app block on a full stderr pipe.
+            pending = b""
             while True:
-                line = await stderr.readline()
-                if not line:
+                chunk = await stderr.read(STDERR_CHUNK)
+                if not chunk:
+                    lines, pending = [pending], b""
+                else:
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    if len(pending) > MAX_STDERR_LINE:
+                        lines.append(pending)
+                        pending = b""
+                for raw in lines:
+                    text = raw[:MAX_STDERR_LINE].decode("utf-8", "replace").rstrip()
+                    if text:
+                        log.warning("app stderr", extra={"session": self.label, "line": text})
+                if not chunk:
                     return
-                text = line.decode("utf-8", "replace").rstrip()
-                if text:
-                    log.warning(
-                        "app stderr", extra={"session": self.label, "line": text[:MAX_STDERR_LINE]}
-                    )
 
         stderr_task = asyncio.create_task(relay_stderr())
         try:
@@ -176,17 +217,29 @@ class BreakglassAppService(AppService):
             stderr_task.cancel()
 
     async def stop(self) -> None:
-        """Ask the app to quit, then make sure its process is gone (by its own PID)."""
-        await super().stop()
+        """Ask the app to quit, give it QUIT_GRACE_S, then kill it by its own PID; never raises,
+        so the caller always frees the session's slot."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._download_manager.cancel_app_downloads(app_service_id=self.app_service_id)
+        with contextlib.suppress(Exception):
+            await self.send_meta({"type": "quit"})
         process = self._process
         if process is not None and process.returncode is None:
             try:
-                await asyncio.wait_for(process.wait(), 5)
+                await asyncio.wait_for(process.wait(), self.quit_grace_s)
             except TimeoutError:
                 log.warning("app did not quit; killing it", extra={"session": self.label})
                 with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+                    os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), 5)
+        try:
+            await asyncio.wait_for(task, 5)
+        except (Exception, asyncio.CancelledError):
+            task.cancel()
 
 
 class BreakglassServer(Server):
@@ -206,6 +259,7 @@ class BreakglassServer(Server):
         prepare: Callable[[ServeState], Any] | None = None,
         cleanup: Callable[[], Any] | None = None,
         title: str = "breakglass",
+        quit_grace_s: float = QUIT_GRACE_S,
     ) -> None:
         super().__init__(command, host=host, port=port, title=title, public_url=public_url)
         self.public_origin = origin_of(public_url)
@@ -218,6 +272,7 @@ class BreakglassServer(Server):
         self.statics_path = UPSTREAM_STATIC
         self._prepare = prepare
         self._cleanup = cleanup
+        self.quit_grace_s = quit_grace_s
         self.forwarder = AuditForwarder(state_dir / "audit.jsonl", sys.stdout)
         ws_origin = "wss://" if public_url.startswith("https") else "ws://"
         self.csp = CSP.format(ws_origin=ws_origin + urlsplit(public_url).netloc)
@@ -233,6 +288,8 @@ class BreakglassServer(Server):
         root.handlers[:] = [handler]
         root.setLevel(logging.DEBUG if self.debug else logging.INFO)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        # asyncssh logs every channel at INFO (the lab's servers run in this process).
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
     # -- application --------------------------------------------------------------------------
     async def _make_app(self) -> web.Application:
@@ -354,7 +411,6 @@ class BreakglassServer(Server):
         height = _clamp(request.query.get("height"), 24, 5, 500)
         label = uuid.uuid4().hex[:12]
         websocket = web.WebSocketResponse(heartbeat=15, max_msg_size=1 << 20)
-        await websocket.prepare(request)
         environment = child_environment(os.environ, operator=operator, extra=self.state.child_env)
         service = BreakglassAppService(
             self.command,
@@ -364,20 +420,27 @@ class BreakglassServer(Server):
             download_manager=self.download_manager,
             environment=environment,
             label=label,
+            quit_grace_s=self.quit_grace_s,
         )
+        # Counted against the cap before the first await: two upgrades arriving together must
+        # not both pass the check above.
         self.sessions[label] = service
         started = time.monotonic()
-        log.info("session opened", extra={"session": label, "operator": operator})
         try:
+            await websocket.prepare(request)
+            log.info("session opened", extra={"session": label, "operator": operator})
             await service.start(width, height)
             await self._process_messages(websocket, service)
         except asyncio.CancelledError:
-            await websocket.close()
+            if websocket.prepared:
+                await websocket.close()
         except Exception:
             log.exception("session failed", extra={"session": label})
         finally:
-            await service.stop()
-            self.sessions.pop(label, None)
+            try:
+                await service.stop()
+            finally:
+                self.sessions.pop(label, None)
             log.info(
                 "session closed",
                 extra={"session": label, "seconds": round(time.monotonic() - started, 1)},
@@ -420,5 +483,9 @@ def _clamp(value: object, default: int, low: int, high: int) -> int:
 
 def app_command() -> str:
     """The shell command textual-serve runs for each tab: this Python, the breakglass-tui app,
-    against the targets and the ssh-agent the server prepared (in the child's environment)."""
-    return shlex.join([sys.executable, "-m", "breakglass_tui.cli"])
+    against the targets and the ssh-agent the server prepared (in the child's environment).
+
+    ``exec``: textual-serve starts the command through ``/bin/sh -c`` and Debian's dash forks
+    rather than exec'ing it, so without it the PID the server holds (and kills when the app will
+    not quit) is the shell's, and the app itself would be orphaned, still running."""
+    return "exec " + shlex.join([sys.executable, "-m", "breakglass_tui.cli"])

@@ -43,7 +43,12 @@ class Served:
 
 
 async def serve(
-    tmp_path: Path, *, max_sessions: int = 2, ready: bool = True, monkeypatch=None
+    tmp_path: Path,
+    *,
+    max_sessions: int = 2,
+    ready: bool = True,
+    command: str | None = None,
+    quit_grace_s: float = 8.0,
 ) -> Served:
     port = free_port()
     out = tmp_path / "env.json"
@@ -58,7 +63,7 @@ async def serve(
         state.keys_loaded = state.config_ok = True
 
     server = BreakglassServer(
-        shlex.join([sys.executable, str(ENVAPP)]),
+        command or shlex.join([sys.executable, str(ENVAPP)]),
         host="127.0.0.1",
         port=port,
         public_url=f"http://127.0.0.1:{port}",
@@ -67,6 +72,7 @@ async def serve(
         state_dir=tmp_path,
         default_operator="local-operator",
         prepare=prepare,
+        quit_grace_s=quit_grace_s,
     )
     runner = web.AppRunner(await server._make_app())
     await runner.setup()
@@ -238,6 +244,7 @@ def test_child_environment_is_an_allowlist() -> None:
         "ANTHROPIC_API_KEY": "k",
         "KUBERNETES_SERVICE_HOST": "10.0.0.1",
         "SSH_AUTH_SOCK": "/tmp/other-agent",
+        "BREAKGLASS_CONFIG_FILE": "/etc/breakglass/with-vault.env",
     }
     env = child_environment(parent, operator="viktor", extra={"SSH_AUTH_SOCK": "/run/agent.sock"})
     assert env == {
@@ -265,3 +272,60 @@ def test_audit_forwarder_forwards_only_new_complete_lines(tmp_path: Path) -> Non
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["record"]["event"] for line in lines] == ["tool_call", "partial"]
     assert all(line["log"] == "audit" for line in lines)
+
+
+async def test_an_app_that_ignores_quit_is_killed_and_its_slot_freed(tmp_path: Path) -> None:
+    # Blocked event loop, or an app that never speaks the protocol: the slot must come back.
+    pidfile = tmp_path / "stuck.pid"
+    s = await serve(
+        tmp_path,
+        max_sessions=1,
+        command=f"echo $$ > {pidfile}; exec sleep 60",
+        quit_grace_s=0.5,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+            await wait_for(pidfile.exists)
+            await asyncio.sleep(0.1)
+            pid = int(pidfile.read_text())
+            await ws.close()
+            await wait_for(lambda: s.server.sessions == {}, 10)
+            assert not Path(f"/proc/{pid}").exists() or (
+                Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+            )
+            second = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+            await second.close()
+    finally:
+        await s.runner.cleanup()
+
+
+async def test_a_huge_stderr_line_neither_blocks_the_app_nor_leaks_the_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = tmp_path / "noisy.py"
+    script.write_text(
+        "import sys, time\n"
+        "sys.stderr.write('x' * 200000 + '\\n'); sys.stderr.flush()\n"
+        "for i in range(200): sys.stderr.write('line %d\\n' % i)\n"
+        "sys.stderr.flush(); open(sys.argv[1], 'w').write('done'); time.sleep(60)\n"
+    )
+    done = tmp_path / "done"
+    s = await serve(
+        tmp_path,
+        max_sessions=1,
+        command=shlex.join([sys.executable, str(script), str(done)]),
+        quit_grace_s=0.5,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+            await wait_for(done.exists)  # it got past 200 kB of stderr: the pipe was drained
+            await asyncio.sleep(0.3)
+            await ws.close()
+            await wait_for(lambda: s.server.sessions == {}, 10)
+    finally:
+        await s.runner.cleanup()
+    relayed = [r for r in caplog.records if r.getMessage() == "app stderr"]
+    assert any(getattr(r, "line", "") == "line 199" for r in relayed)
+    assert all(len(getattr(r, "line", "")) <= 2000 for r in relayed)
