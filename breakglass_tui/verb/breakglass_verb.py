@@ -9,8 +9,9 @@ for the one VM named in its config, and answers with one JSON document on stdout
     bundle <bundle_id>                                      (read-only: fetch a forensics bundle)
 
 Exit codes: 0 OK, 2 BAD_INPUT (refused input: no qm call, no lock), 3 BUSY (another mutating verb
-holds the lock), 4 REFUSED (budget or cooldown), 5 ACTION_FAILED (includes "kvm would not die:
-host-level recovery, the cold path, is needed"), 6 CONFIG_INVALID (nothing done), 70 INTERNAL.
+holds the lock), 4 REFUSED (budget, cooldown, or a budget ledger that cannot be written or read),
+5 ACTION_FAILED (includes "kvm would not die: host-level recovery, the cold path, is needed"),
+6 CONFIG_INVALID (nothing done), 70 INTERNAL.
 
 Mutating verbs (reset stop start cycle): lock, budget, forensics bundle first (unconditionally),
 act, verify, record in the ledger, log. Once begun they finish even if the SSH client goes away.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -51,7 +53,8 @@ EXIT_INTERNAL = 70
 
 VERBS = ("status", "forensics", "reset", "stop", "start", "cycle")
 MUTATING_VERBS = frozenset({"reset", "stop", "start", "cycle"})
-COOLDOWN_VERBS = frozenset({"reset", "cycle"})
+# stop is here too: otherwise stop then start (exempt when stopped) is a cycle with no cooldown.
+COOLDOWN_VERBS = frozenset({"reset", "stop", "cycle"})
 BUDGET_WINDOW_S = 3600
 
 # The whole accepted language. fullmatch on the raw string: no strip, no case folding, no shlex.
@@ -281,8 +284,23 @@ def load_config(environ: dict[str, str] | None = None) -> Config:
 # ----------------------------------------------------------------------------- output and log
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to fd; raise OSError if it cannot be (ENOSPC, EIO, a short write)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
+
+
 def write_fd(fd: int, data: bytes) -> None:
-    """Write all of `data` to fd; a gone reader (EPIPE, closed pipe) is not an error here."""
+    """Write all of `data` to fd; a gone reader (EPIPE, closed pipe) is not an error here.
+
+    Only for stdout, stderr and the fallback log: never for the ledger (see write_all)."""
     view = memoryview(data)
     while view:
         try:
@@ -1040,11 +1058,17 @@ def take_lock(cfg: Config) -> int | None:
     return fd
 
 
+def ledger_path(cfg: Config) -> str:
+    return os.path.join(cfg.state_dir, "ledger.jsonl")
+
+
 def read_ledger(cfg: Config) -> list[dict[str, Any]]:
-    """Ledger entries (one JSON object a line); unreadable lines are skipped."""
+    """Ledger entries (one JSON object a line); unreadable lines are skipped.
+
+    A ledger that cannot be read (other than missing) raises OSError: the caller fails closed."""
     entries = []
     try:
-        with open(os.path.join(cfg.state_dir, "ledger.jsonl"), encoding="utf-8") as fh:
+        with open(ledger_path(cfg), encoding="utf-8") as fh:
             for line in fh:
                 with contextlib.suppress(ValueError):
                     obj = json.loads(line)
@@ -1056,14 +1080,26 @@ def read_ledger(cfg: Config) -> list[dict[str, Any]]:
 
 
 def append_ledger(cfg: Config, entry: dict[str, Any]) -> None:
-    fd = os.open(
-        os.path.join(cfg.state_dir, "ledger.jsonl"),
-        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-        0o600,
-    )
+    """Append one entry as one whole line; raise OSError if it cannot be recorded.
+
+    The budget and the cooldown are computed from this file, so a lost entry must be known (a
+    full disk must not silently turn them off). A line cut short by a full disk is taken back;
+    a torn tail left anyway is closed with a newline first so it cannot swallow this entry.
+    No fsync: it can block without a deadline on stalled storage while the lock is held, and
+    the ledger need not survive a host crash. Callers hold the lock: one writer at a time.
+    """
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    fd = os.open(ledger_path(cfg), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        write_fd(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        try:
+            write_all(fd, line)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # take back a partial line
+            raise
     finally:
         os.close(fd)
 
@@ -1373,13 +1409,30 @@ def execute(cfg: Config, cmd: Command, logger: Logger, raw: str, conn: str | Non
             time.monotonic() - t0,
             f"pid {kvm.pid} state {kvm.state}" if kvm else "no live kvm process",
         )
-        budget = budget_state(cfg)
         exempt = cmd.verb == "start" and kvm is None  # bringing a stopped VM back: never refused
+        ledger_failed = ""  # set when the ledger is unusable: only the exempt start goes on
+
+        def ledger_refusal(what: str) -> int:
+            return done(
+                EXIT_REFUSED,
+                f"{cmd.verb} refused: ledger, the budget ledger {ledger_path(cfg)} {what}; "
+                "without it the hourly budget and the cooldown cannot hold, so nothing was done."
+                f" Free space in the state directory {cfg.state_dir} (or fix whatever else "
+                "keeps the ledger from being read or written), then try again; start of a "
+                "stopped VM still works",
+                refused="ledger",
+                level=3,
+            )
+
         if not exempt:
+            try:
+                budget = budget_state(cfg)
+            except OSError as exc:
+                return ledger_refusal(f"cannot be read ({exc.strerror or exc})")
             if cmd.verb in COOLDOWN_VERBS and budget["cooldown_remaining_s"] > 0:
                 return done(
                     EXIT_REFUSED,
-                    f"{cmd.verb} refused: cooldown, the last reset or cycle"
+                    f"{cmd.verb} refused: cooldown, the last reset, stop or cycle"
                     f" was under {cfg.cooldown_s:g} s ago ({budget['cooldown_remaining_s']}"
                     " s left)",
                     refused="cooldown",
@@ -1393,17 +1446,25 @@ def execute(cfg: Config, cmd: Command, logger: Logger, raw: str, conn: str | Non
                     refused="budget",
                     level=4,
                 )
-        append_ledger(
-            cfg,
-            {
-                "ts": time.time(),
-                "phase": "begun",
-                "verb": cmd.verb,
-                "exempt": exempt,
-                "pid": os.getpid(),
-            },
-        )
-        logger.log(5, {**base, "outcome": "begun"})
+        t0 = time.monotonic()
+        try:
+            append_ledger(
+                cfg,
+                {
+                    "ts": time.time(),
+                    "phase": "begun",
+                    "verb": cmd.verb,
+                    "exempt": exempt,
+                    "pid": os.getpid(),
+                },
+            )
+        except OSError as exc:
+            # Unrecorded, this verb would not count: fail closed, except the exempt start.
+            if not exempt:
+                return ledger_refusal(f"cannot be written ({exc.strerror or exc})")
+            ledger_failed = f"cannot be written ({exc.strerror or exc})"
+            run.step("ledger begun", False, time.monotonic() - t0, ledger_failed)
+        logger.log(5, {**base, "outcome": "begun", "ledger": ledger_failed or "ok"})
 
         # Forensics first, unconditionally. A capture that cannot be stored (say the host's disk
         # is full) is reported, but does not stand between the VM and its recovery.
@@ -1431,19 +1492,31 @@ def execute(cfg: Config, cmd: Command, logger: Logger, raw: str, conn: str | Non
                 code, message = do_start(cfg, run)
         else:
             code, message = do_cycle(cfg, run, find_kvm(cfg) or kvm)
-        append_ledger(
-            cfg,
-            {
-                "ts": time.time(),
-                "phase": "done",
-                "verb": cmd.verb,
-                "exit_code": code,
-                "bundle_id": run.bundle_id,
-                "state_before": run.state_before,
-                "state_after": run.state_after,
-                "cold_case": run.cold_case,
-            },
-        )
+        # The action is done: a ledger that cannot take its outcome is reported, not fatal
+        # (budget and cooldown count the "begun" entries).
+        t0 = time.monotonic()
+        try:
+            append_ledger(
+                cfg,
+                {
+                    "ts": time.time(),
+                    "phase": "done",
+                    "verb": cmd.verb,
+                    "exit_code": code,
+                    "bundle_id": run.bundle_id,
+                    "state_before": run.state_before,
+                    "state_after": run.state_after,
+                    "cold_case": run.cold_case,
+                },
+            )
+        except OSError as exc:
+            ledger_failed = ledger_failed or f"cannot be written ({exc.strerror or exc})"
+            run.step("ledger done", False, time.monotonic() - t0, f"{exc.strerror or exc}")
+        if ledger_failed:
+            message += (
+                f"; the budget ledger {ledger_path(cfg)} {ledger_failed}: free space in the "
+                f"state directory {cfg.state_dir}, or further mutating verbs are refused"
+            )
         return done(code, message, level=5 if code == EXIT_OK else 3)
     finally:
         os.close(lock)

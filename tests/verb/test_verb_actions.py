@@ -332,8 +332,9 @@ def test_a_reset_loop_is_refused_but_start_of_a_stopped_vm_is_not(tmp_path: Path
         assert again.exit_code == 4 and again.doc["refused"] == "cooldown"
         assert again.doc["bundle_id"] is None  # a refusal captures nothing, does nothing
         assert run_verb(cfg, "cycle").doc["refused"] == "cooldown"
-        assert run_verb(cfg, "stop").exit_code == 0  # the budget's second and last verb
-        refused = run_verb(cfg, "stop")
+        assert run_verb(cfg, "stop").doc["refused"] == "cooldown"  # stop then start = a cycle
+        assert run_verb(cfg, "start").exit_code == 0  # running: the budget's second and last
+        refused = run_verb(cfg, "start")
         assert refused.exit_code == 4 and refused.doc["refused"] == "budget"
         assert refused.doc["budget"] == {
             "used": 2,
@@ -341,6 +342,7 @@ def test_a_reset_loop_is_refused_but_start_of_a_stopped_vm_is_not(tmp_path: Path
             "window_s": 3600,
             "cooldown_remaining_s": refused.doc["budget"]["cooldown_remaining_s"],
         }
+        sim.stop_vm()  # the VM dies on its own
         back = run_verb(cfg, "start")  # budget spent, VM stopped: never refused
         assert back.exit_code == 0, back.doc
         assert sim.kvm_pid() is not None
