@@ -35,8 +35,8 @@ EXIT_MEANINGS: dict[int, str] = {
     0: "done",
     2: "the PVE host refused the input as not a verb (bad input; nothing was done)",
     3: "busy: another mutating verb is running on the PVE host; wait for it, then run status",
-    4: "refused by policy (the hourly budget or the cooldown between resets); nothing was done"
-    " — wait, or recover by hand",
+    4: "refused by policy (the hourly budget, the cooldown after a reset, stop or cycle, or a"
+    " ledger the PVE host cannot write); nothing was done — wait, or recover by hand",
     5: "the action failed on the PVE host",
     6: "breakglass-verb's config on the PVE host is invalid, so nothing was done; fix"
     " /etc/breakglass/verb.toml",

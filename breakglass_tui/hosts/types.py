@@ -115,6 +115,7 @@ class VerbResult:
     state_before: str | None = None
     state_after: str | None = None
     bundle_id: str | None = None
-    refused: str | None = None  # "busy" | "budget" | "cooldown" when refused by policy
+    # "bad_input" | "busy" | "budget" | "cooldown" | "ledger" when the verb refused to act
+    refused: str | None = None
     cold_case: bool = False  # the PVE host could not be reached, or host-level recovery needed
     document: dict[str, Any] = field(default_factory=dict)  # the verb's whole JSON document
