@@ -3,6 +3,7 @@
 # those missing), a virtual environment in .venv, and the project with the extras asked for.
 #   scripts/setup.sh            the app
 #   scripts/setup.sh test       the app, the test tools and the real parts the tests start
+#   scripts/setup.sh guest      the app, QEMU and the real-guest lab's devvm image
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-app}
@@ -11,6 +12,8 @@ debs=(openssh-client)
 if [ "$mode" = test ]; then
     # Real parts for the tests: sshd for the forced command, QEMU for QMP, Chromium for the page.
     debs+=(openssh-server qemu-system-x86 chromium)
+elif [ "$mode" = guest ]; then
+    debs+=(qemu-system-x86)
 fi
 missing=()
 for p in "${debs[@]}"; do
@@ -31,3 +34,10 @@ extras=""
 # Quiet unless it fails; pip's cache makes a second run take seconds.
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" >/tmp/breakglass-pip.log 2>&1 \
     || { cat /tmp/breakglass-pip.log >&2; echo "setup: pip install failed (log above)" >&2; exit 1; }
+
+if [ "$mode" = test ] || [ "$mode" = guest ]; then
+    # The real-guest lab's devvm image, built from Debian packages (cached; a rebuild with the
+    # same inputs is a no-op). apt-get download needs package lists: fetch them if it fails.
+    .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null 2>&1 \
+        || { apt-get update -qq && .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null; }
+fi

@@ -32,6 +32,7 @@ BUILDER_VERSION = "1"
 KERNEL_META = "linux-image-cloud-amd64"
 USERLAND = (
     "busybox-static",
+    "dash",
     "dropbear-bin",
     "libc6",
     "libcrypt1",
@@ -241,11 +242,30 @@ def module_load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
 def assemble(root: Path, kernel_release: str) -> Cpio:
     """The initramfs tree from the unpacked packages and ``files/``."""
     cpio = Cpio()
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "usr/local/bin", "usr/local/sbin", "etc",
-              "proc", "sys", "dev", "run", "tmp", "var/log", "root", "data"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "usr/local/bin",
+        "usr/local/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "var/log",
+        "root",
+        "data",
+    ):
         cpio.add_dir(d)
     cpio.add_file("bin/busybox", (root / "bin/busybox").read_bytes(), 0o755)
     cpio.add_symlink("bin/sh", "busybox")
+    # root's login shell. Debian's busybox sh prefers its own applets to $PATH, so its setsid
+    # (no -w) would shadow ours; dropbear runs commands with the login shell, which must look
+    # commands up in $PATH like the bash or dash of a real devvm.
+    cpio.add_file("bin/dash", (root / "bin/dash").read_bytes(), 0o755)
     cpio.add_file("usr/sbin/dropbear", (root / "usr/sbin/dropbear").read_bytes(), 0o755)
     for lib in LIBS:
         src = root / lib
@@ -260,15 +280,18 @@ def assemble(root: Path, kernel_release: str) -> Cpio:
     cpio.add_file("etc/modules-order", ("\n".join(order) + "\n").encode())
     cpio.add_file("init", (FILES / "init").read_bytes(), 0o755)
     cpio.add_file("usr/local/sbin/services", (FILES / "services").read_bytes(), 0o755)
-    for tool in ("systemctl", "journalctl"):
-        cpio.add_file(f"usr/local/bin/{tool}", (FILES / tool).read_bytes(), 0o755)
+    # /usr/bin, not /usr/local/bin: dropbear gives root's sessions
+    # PATH=/usr/sbin:/usr/bin:/sbin:/bin, and /usr/bin/setsid must shadow busybox's /bin/setsid
+    # (which lacks -w).
+    for tool in ("systemctl", "journalctl", "setsid"):
+        cpio.add_file(f"usr/bin/{tool}", (FILES / tool).read_bytes(), 0o755)
     for path in sorted((FILES / "services.d").iterdir()):
         mode = 0o755 if "." not in path.name else 0o644
         cpio.add_file(f"etc/services.d/{path.name}", path.read_bytes(), mode)
-    cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/dash\n")
     cpio.add_file("etc/group", b"root:x:0:\n")
     cpio.add_file("etc/shadow", b"root:*:19000:0:99999:7:::\n", 0o600)
-    cpio.add_file("etc/shells", b"/bin/sh\n")
+    cpio.add_file("etc/shells", b"/bin/sh\n/bin/dash\n")
     cpio.add_file("etc/hostname", b"devvm\n")
     cpio.add_file("etc/os-release", b'PRETTY_NAME="breakglass lab devvm (busybox)"\nID=busybox\n')
     dropbear_key, _ = _host_key()
@@ -298,9 +321,10 @@ def build(cache: Path | None = None, *, quiet: bool = False) -> GuestImage:
         staging.mkdir()
         shutil.copyfile(kernels[-1], staging / "vmlinuz")
         raw = cpio.bytes()
-        with (staging / "initrd.gz").open("wb") as f, gzip.GzipFile(
-            fileobj=f, mode="wb", mtime=0, compresslevel=6, filename=""
-        ) as gz:
+        with (
+            (staging / "initrd.gz").open("wb") as f,
+            gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=6, filename="") as gz,
+        ):
             gz.write(raw)
         (staging / "host_key.pub").write_text(_host_key()[1] + "\n")
         manifest = {

@@ -1,0 +1,138 @@
+"""The real-guest lab's `qm` stand-in, called as the verb calls it (the #!/bin/sh wrapper), on a
+real QEMU process; and the lab's refusal, with the next step, when QEMU or the image is missing."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from breakglass_tui.lab.guest import qm as guest_qm
+from breakglass_tui.lab.guest.build import GuestImage
+from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available, start_real_lab
+from tests.support.realparts import free_port
+
+
+@pytest.fixture
+def pve_root(tmp_path: Path, guest_image: GuestImage) -> Iterator[Path]:
+    """A lab PVE directory with vm.json for the guest image (QEMU not started)."""
+    root = tmp_path / "pve"
+    (root / "run").mkdir(parents=True)
+    (root / "disk.raw").write_bytes(b"\0" * 1024 * 1024)
+    guest_qm.write_json_atomic(
+        root / "vm.json",
+        {
+            "vmid": 102,
+            "qemu": shutil.which("qemu-system-x86_64"),
+            "memory_mb": 128,
+            "kernel": str(guest_image.kernel),
+            "initrd": str(guest_image.initrd),
+            "append": "console=ttyS0 quiet bg_scenario=healthy bg_authkey="
+            + base64.b64encode(b"none").decode(),
+            "ssh_port": free_port(),
+            "data_disk": str(root / "disk.raw"),
+            "qemu_run_dir": str(root / "run"),
+        },
+    )
+    guest_qm.write_qm_wrapper(root)
+    try:
+        yield root
+    finally:
+        paths = guest_qm.GuestPaths(root)
+        for pid in paths.started_pids():
+            if guest_qm.is_lab_qemu(pid, root) and guest_qm.pid_alive(pid):
+                os.kill(pid, 9)
+
+
+def qm(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(root / "bin" / "qm"), *args], capture_output=True, text=True, timeout=60, env={}
+    )
+
+
+def verbose(root: Path) -> dict[str, str]:
+    done = qm(root, "status", "102", "--verbose")
+    assert done.returncode == 0, done.stderr
+    return dict(line.split(": ", 1) for line in done.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_qm_drives_a_real_qemu_like_proxmox(pve_root: Path) -> None:
+    root = pve_root
+    assert qm(root, "status", "102").stdout == "status: stopped\n"
+    not_running = qm(root, "reset", "102")
+    assert not_running.returncode == 255 and "VM 102 not running" in not_running.stderr
+
+    assert qm(root, "start", "102").returncode == 0
+    pid = int((root / "run" / "102.pid").read_text())
+    assert b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    info = verbose(root)
+    assert info["status"] == "running" and info["pid"] == str(pid)
+    assert info["qmpstatus"] == "running" and 0 <= int(info["uptime"]) < 120
+    again = qm(root, "start", "102")
+    assert again.returncode == 255 and "already running" in again.stderr
+
+    # Paused (QMP stop): a reset does not run it, as on Proxmox (QEMU 7.2 even reports a reset
+    # paused VM as "prelaunch", not "paused"); resume does.
+    assert qm(root, "suspend", "102").returncode == 0
+    assert verbose(root)["qmpstatus"] == "paused"
+    assert qm(root, "reset", "102").returncode == 0
+    assert verbose(root)["qmpstatus"] == "prelaunch"
+    assert qm(root, "resume", "102").returncode == 0
+    assert verbose(root)["qmpstatus"] == "running"
+
+    config = qm(root, "config", "102")
+    assert "name: devvm" in config.stdout and "memory: 128" in config.stdout
+    unknown = qm(root, "status", "999")
+    assert unknown.returncode == 2 and "does not exist" in unknown.stderr
+
+    stop = qm(root, "stop", "102", "--timeout", "5")
+    assert stop.returncode == 0, stop.stderr
+    assert not guest_qm.pid_alive(pid)  # verified gone, not just asked to go
+    assert qm(root, "status", "102").stdout == "status: stopped\n"
+    calls = [text for _, text in guest_qm.GuestPaths(root).read_calls()]
+    assert calls[0] == "qm status 102" and calls[-1] == "qm status 102"
+
+
+@pytest.mark.slow
+def test_qm_status_falls_back_to_running_when_qmp_does_not_answer(pve_root: Path) -> None:
+    """Like Proxmox: QMP busy (one client at a time) -> status running, no qmpstatus."""
+    root = pve_root
+    assert qm(root, "start", "102").returncode == 0
+    paths = guest_qm.GuestPaths(root)
+    with guest_qm.QmpClient(paths.qmp_socket):  # hold QEMU's only QMP client slot
+        t0 = time.monotonic()
+        info = verbose(root)
+        assert time.monotonic() - t0 < 15
+    assert info["status"] == "running" and "qmpstatus" not in info
+    assert qm(root, "stop", "102").returncode == 0
+
+
+def test_missing_qemu_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no qemu-system-x86_64
+    with pytest.raises(GuestUnavailable, match=r"apt-get install qemu-system-x86"):
+        check_available()
+
+
+async def test_unbuildable_image_says_what_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU is there but apt-get is not (an empty cache must be filled): a clear refusal from
+    start_real_lab, not a traceback, and nothing left running."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "qemu-system-x86_64").symlink_to(shutil.which("qemu-system-x86_64"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("BREAKGLASS_GUEST_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(GuestUnavailable) as caught:
+        await start_real_lab("healthy", workdir=tmp_path / "lab")
+    message = str(caught.value)
+    assert "apt-get" in message and "python -m breakglass_tui.lab.guest.build" in message
+    assert not (tmp_path / "lab" / "run" / "102.pid").exists()
+    assert "Traceback" not in message
