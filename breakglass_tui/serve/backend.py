@@ -29,9 +29,18 @@ def target_env(prefix: str, host: str, port: int, user: str, known_hosts: str | 
 
 
 class ServeBackend:
-    def __init__(self, settings: Settings, *, lab: bool, scenario: str, state_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        lab: bool,
+        scenario: str,
+        state_dir: Path,
+        real_guest: bool = False,
+    ) -> None:
         self.settings = settings
         self.lab_mode = lab
+        self.real_guest = real_guest
         self.scenario = scenario
         self.state_dir = state_dir
         self._lab: Any = None
@@ -43,9 +52,15 @@ class ServeBackend:
 
         env = {"BREAKGLASS_STATE_DIR": str(self.state_dir)}
         if self.lab_mode:
-            from breakglass_tui.lab.lab import start_lab
+            if self.real_guest:
+                # GuestUnavailable says what to install; /readyz shows it.
+                from breakglass_tui.lab.guest.lab import start_real_lab
 
-            self._lab = lab = await start_lab(self.scenario)
+                self._lab = lab = await start_real_lab(self.scenario)
+            else:
+                from breakglass_tui.lab.lab import start_lab
+
+                self._lab = lab = await start_lab(self.scenario)
             self._agent = await KeyAgent.start_private()
             await self._agent.add_keys(lab.client_keys)
             env.update(

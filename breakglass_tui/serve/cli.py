@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lab", action="store_true", help="serve the embedded lab instead of real targets"
     )
     parser.add_argument("--scenario", choices=SCENARIOS, default="healthy", help="lab scenario")
+    parser.add_argument(
+        "--real-guest",
+        action="store_true",
+        help="with --lab: a real Linux devvm under QEMU instead of the simulated one",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,6 +79,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.real_guest and not args.lab:
+        print("breakglass-serve: --real-guest needs --lab", file=sys.stderr)
+        return 2
     try:
         settings = settings_from(args)
     except ConfigError as exc:
@@ -85,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
 
     state_dir = Path(settings.state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    backend = ServeBackend(settings, lab=args.lab, scenario=args.scenario, state_dir=state_dir)
+    backend = ServeBackend(
+        settings,
+        lab=args.lab,
+        scenario=args.scenario,
+        state_dir=state_dir,
+        real_guest=args.real_guest,
+    )
     server = BreakglassServer(
         app_command(),
         host=settings.serve_host,
