@@ -1,0 +1,85 @@
+"""``breakglass-tui``: the rescue console in a terminal.
+
+Imports stay light until the arguments are parsed (``--help`` must be instant), and the app's own
+import chain leaves anthropic, asyncssh and hvac to a worker after the first paint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="breakglass-tui",
+        description=(
+            "Claude-driven rescue console for a wedged devvm (the warm case: the devvm is down"
+            " while the cluster is healthy). Without --lab it uses the real targets from the"
+            " BREAKGLASS_* settings; set ANTHROPIC_API_KEY to let Claude drive, else it runs in"
+            " manual mode (slash commands only)."
+        ),
+        epilog="Try it first on the lab: breakglass-tui --lab --scenario disk-full",
+    )
+    parser.add_argument(
+        "--lab",
+        action="store_true",
+        help="start a simulated devvm and PVE host on loopback and point the console at them",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="healthy",
+        help="what is wrong with the lab's devvm (with --lab; default: healthy)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, validate real-target settings, run the app; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.scenario != "healthy" and not args.lab:
+        print("breakglass-tui: --scenario needs --lab", file=sys.stderr)
+        return 2
+    settings = None
+    if not args.lab:
+        # Real targets: a missing or invalid setting stops us here, before the screen opens.
+        from breakglass_tui.config import ConfigError, load_settings
+
+        try:
+            settings = load_settings()
+            check_real_settings(settings)
+        except ConfigError as exc:
+            print(f"breakglass-tui: {exc}", file=sys.stderr)
+            return 2
+    from breakglass_tui.ui.app import BreakglassApp
+    from breakglass_tui.ui.backend import AppOptions
+
+    app = BreakglassApp(
+        AppOptions(lab=args.lab, scenario=args.scenario, settings=settings), handle_signals=True
+    )
+    app.run()
+    return app.return_code or 0
+
+
+def check_real_settings(settings) -> None:
+    """Raise ``ConfigError`` naming the first setting real targets cannot do without."""
+    from breakglass_tui.config import ConfigError
+
+    for name in ("devvm", "pve"):
+        if not getattr(settings, f"{name}_host"):
+            raise ConfigError(
+                f"BREAKGLASS_{name.upper()}_HOST is not set: give the {name}'s IP address"
+                " (or run with --lab to try the simulated hosts)"
+            )
+        if not settings.vault_addr and not getattr(settings, f"{name}_host_key"):
+            raise ConfigError(
+                f"BREAKGLASS_{name.upper()}_HOST_KEY is not set and no Vault is configured"
+                " (BREAKGLASS_VAULT_ADDR): the host key must be pinned; give its known_hosts line"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

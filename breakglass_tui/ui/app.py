@@ -1,0 +1,393 @@
+"""The breakglass Textual app: status header, chat, live output and forensics panes.
+
+Thin: it renders the breakglass agent's events and sends the operator's intents. Its import chain
+stays free of anthropic, asyncssh and hvac so the first frame is not held up by them; a worker
+builds the backend (``ui.backend``) after the first paint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Input
+from textual.worker import Worker, WorkerState
+
+from breakglass_tui.core import events as ev
+from breakglass_tui.ui.backend import AppOptions, Backend, Emit, build_backend
+from breakglass_tui.ui.messages import AgentEvent, BackendReady
+from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
+from breakglass_tui.ui.screens.help import HelpScreen
+from breakglass_tui.ui.widgets.chat import ChatInput, ChatPane, describe_call
+from breakglass_tui.ui.widgets.forensics import ForensicsPane
+from breakglass_tui.ui.widgets.output_pane import OutputLog, OutputPane
+from breakglass_tui.ui.widgets.status_header import StatusHeader
+
+if TYPE_CHECKING:
+    from textual.command import Provider
+
+BackendFactory = Callable[[AppOptions, Emit], Awaitable[Backend]]
+
+_HERE = Path(__file__).resolve().parent
+AGENT_GROUP = "agent"
+BUSY_TEXT = "Still working on the previous request: wait for it, or press Esc to cancel it."
+
+
+def _commands() -> type[Provider]:
+    """The palette's provider, imported when the palette first opens (first paint is sooner)."""
+    from breakglass_tui.ui.commands import BreakglassCommands
+
+    return BreakglassCommands
+
+
+class BreakglassApp(App[None]):
+    """The rescue console for a wedged devvm (warm case)."""
+
+    TITLE = "breakglass"
+    # Absolute, so a subclass defined elsewhere (the server, the benchmark) finds them too.
+    CSS_PATH = [  # noqa: RUF012 - Textual's convention
+        _HERE / "app.tcss",
+        _HERE / "widgets" / "status_header.tcss",
+        _HERE / "widgets" / "chat.tcss",
+        _HERE / "widgets" / "output_pane.tcss",
+        _HERE / "widgets" / "forensics.tcss",
+        _HERE / "screens" / "screens.tcss",
+    ]
+    COMMANDS = App.COMMANDS | {_commands}
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]  # noqa: RUF012
+    # No Ctrl+W/T/N or Tab: browsers keep them.
+    BINDINGS = [  # noqa: RUF012 - Textual's convention
+        Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit"),
+        Binding("escape", "cancel", "Cancel", id="app.cancel"),
+        Binding("f1", "help", "Help", id="app.help"),
+        Binding("question_mark", "help", "Help", show=False, id="app.help_question"),
+        Binding("f2", "focus_pane('chat-input')", "Chat", id="app.focus_chat"),
+        Binding("f3", "focus_pane('output-log')", "Output", id="app.focus_output"),
+        Binding("f4", "focus_pane('verbs')", "Forensics", id="app.focus_forensics"),
+    ]
+
+    def __init__(
+        self,
+        options: AppOptions | None = None,
+        *,
+        backend_factory: BackendFactory = build_backend,
+        initial_check: bool = True,
+        download_dir: Path | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        super().__init__()
+        self._handle_signals = handle_signals
+        self.options = options or AppOptions()
+        self.backend: Backend | None = None
+        self._backend_factory = backend_factory
+        self._initial_check = initial_check
+        self._download_dir = download_dir
+        self._queued: list[str] = []
+        self._report: ev.ReportReady | None = None
+        self._model = ""
+        self._shutting_down = False
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader(id="status")
+        with Horizontal(id="main"):
+            yield ChatPane(id="chat")
+            with Vertical(id="side"):
+                yield OutputPane(id="output")
+                yield ForensicsPane(id="forensics")
+        yield Footer()
+
+    @property
+    def header(self) -> StatusHeader:
+        return self.query_one(StatusHeader)
+
+    @property
+    def chat(self) -> ChatPane:
+        return self.query_one(ChatPane)
+
+    @property
+    def output(self) -> OutputPane:
+        return self.query_one(OutputPane)
+
+    @property
+    def forensics(self) -> ForensicsPane:
+        return self.query_one(ForensicsPane)
+
+    def on_mount(self) -> None:
+        if self._handle_signals:
+            # A closed terminal (SIGHUP) or a stopped pod (SIGTERM) must still end the session:
+            # the audit's session_end, the private ssh-agent and the lab's processes.
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(signum, self.exit)
+        self.query_one(ChatInput).focus()
+        header = self.header
+        header.targets = f"lab · scenario {self.options.scenario}" if self.options.lab else ""
+        header.keys = "starting the lab…" if self.options.lab else "loading keys…"
+        # After the first paint: the backend's imports and the lab's start take seconds.
+        self.call_after_refresh(self._build_backend)
+
+    # -- backend ----------------------------------------------------------------------------
+
+    @work(group="backend", exclusive=True, exit_on_error=False, description="build backend")
+    async def _build_backend(self) -> None:
+        backend = await self._backend_factory(self.options, self._emit)
+        if self._shutting_down:
+            await backend.close()
+            return
+        self.post_message(BackendReady(backend))
+
+    def _emit(self, event: ev.Event) -> None:
+        """The agent's emit callback (same loop). Live output goes straight into the output
+        pane's buffer, which flushes on its timer; everything else is posted as a message."""
+        if self._shutting_down:
+            return
+        try:
+            output = self.output
+        except Exception:  # not mounted (any more): nothing to show it in
+            return
+        if isinstance(event, ev.ToolOutput):
+            output.feed(event.call_id, event.chunk.text)
+            return
+        if isinstance(event, ev.ToolCallStarted):
+            output.begin(event.call_id, describe_call(event.tool, event.input))
+        elif isinstance(event, ev.ToolCallEnded):
+            output.end(event.call_id, event.summary)
+        self.post_message(AgentEvent(event))
+
+    async def on_backend_ready(self, message: BackendReady) -> None:
+        backend = self.backend = message.backend
+        self._model = self._model or backend.model
+        header = self.header
+        header.keys = backend.keys
+        header.operator = backend.operator
+        header.targets = backend.targets
+        manual = getattr(backend.agent, "manual", False)
+        if not (manual and header.claude_ok is False):  # keep a reason the agent already gave
+            header.show_claude(manual=manual, model=self._model, reason=backend.manual_reason)
+        texts = ["/probe", "/status"] if self._initial_check else []
+        texts += self._queued
+        self._queued = []
+        if texts:
+            self._run_agent(texts)
+
+    # -- the operator's intents -------------------------------------------------------------
+
+    async def on_input_submitted(self, message: Input.Submitted) -> None:
+        if not isinstance(message.input, ChatInput):
+            return
+        message.input.value = ""
+        await self.submit(message.value)
+
+    async def submit(self, text: str) -> None:
+        """Send an operator message or slash command to the breakglass agent."""
+        text = text.strip()
+        if not text:
+            return
+        self.query_one(ChatInput).remember(text)
+        command = text.split()[0].lower()
+        if command == "/help":
+            self.action_help()
+            return
+        if command == "/cancel":
+            self.action_cancel()
+            return
+        if self._agent_running():
+            await self.chat.add_notice(BUSY_TEXT, "warning")
+            return
+        await self.chat.add_operator(text)
+        if self.backend is None:
+            self._queued.append(text)
+            await self.chat.add_notice("Still starting; it runs as soon as the hosts are ready.")
+            return
+        self._run_agent([text])
+
+    @work(group=AGENT_GROUP, exclusive=True, exit_on_error=False, description="agent turn")
+    async def _run_agent(self, texts: list[str]) -> None:
+        assert self.backend is not None
+        for text in texts:
+            await self.backend.agent.handle(text)
+
+    def _agent_running(self) -> bool:
+        return any(
+            w.group == AGENT_GROUP and w.state in (WorkerState.PENDING, WorkerState.RUNNING)
+            for w in self.workers
+        )
+
+    def action_cancel(self) -> None:
+        """Esc: cancel the running turn or command (the agent stops the stream and the
+        remote command)."""
+        if self._agent_running():
+            self.workers.cancel_group(self, AGENT_GROUP)
+            self.notify("Cancelled.", timeout=3)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_focus_pane(self, widget_id: str) -> None:
+        self.screen.set_class(widget_id == "verbs", "-show-forensics")
+        self.query_one(f"#{widget_id}").focus()
+
+    async def action_quit(self) -> None:
+        """Ctrl+Q: quit at once when idle; ask first while an action runs."""
+        if self._agent_running():
+            if not isinstance(self.screen, ConfirmQuitScreen):
+                self.push_screen(ConfirmQuitScreen("A turn or command"), self._quit_answer)
+            return
+        await self.shutdown()
+
+    def _quit_answer(self, quit_: bool | None) -> None:
+        if quit_:
+            # Not awaited here: the modal's dismissal must complete before the app exits.
+            self.run_worker(self.shutdown(), group="shutdown", description="shutdown")
+
+    async def shutdown(self) -> None:
+        """Cancel what runs, close the backend (the lab's processes with it), exit."""
+        await self._close_backend()
+        self.exit()
+
+    async def _close_backend(self) -> None:
+        self._shutting_down = True
+        self.workers.cancel_group(self, AGENT_GROUP)
+        for worker in list(self.workers):
+            if worker.group == "backend" and worker.state is WorkerState.RUNNING:
+                # Let a half-built backend finish: it closes itself on seeing _shutting_down.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(worker.wait(), timeout=20)
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            # Bounded: a hung close must not keep the operator from quitting.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(backend.close(), timeout=15)
+
+    async def on_unmount(self) -> None:
+        """Any other way out (the browser tab closed, SIGTERM, an error): the session is still
+        ended properly, the private ssh-agent and the lab's processes stopped."""
+        await self._close_backend()
+
+    # -- downloads --------------------------------------------------------------------------
+
+    def action_download_bundle(self) -> None:
+        bundle_id = self.forensics.latest_bundle()
+        if bundle_id is None:
+            self.notify("No forensics bundle in this incident yet.", severity="warning")
+            return
+        self._download_bundle(bundle_id)
+
+    def on_forensics_pane_download_requested(self, message: ForensicsPane.DownloadRequested):
+        self._download_bundle(message.bundle_id)
+
+    @work(group="download", exit_on_error=False, description="download forensics bundle")
+    async def _download_bundle(self, bundle_id: str) -> None:
+        if self.backend is None:
+            self.notify("The hosts are not connected yet.", severity="warning")
+            return
+        self.notify(f"Fetching bundle {bundle_id}…", timeout=3)
+        bundle = await self.backend.hosts.bundle(bundle_id)
+        self.deliver_text(
+            io.StringIO(json.dumps(bundle, indent=2, sort_keys=True)),
+            save_directory=self._download_dir,
+            save_filename=f"{bundle_id}.json",
+            mime_type="application/json",
+        )
+
+    def _deliver_report(self, report: ev.ReportReady) -> None:
+        self.deliver_text(
+            io.StringIO(report.markdown),
+            save_directory=self._download_dir,
+            save_filename=report.filename,
+            mime_type="text/markdown",
+        )
+
+    def on_app_delivery_complete(self, message: App.DeliveryComplete) -> None:
+        self.notify(f"Saved {message.path}" if message.path else "Download sent.", timeout=5)
+
+    def on_app_delivery_failed(self, message: App.DeliveryFailed) -> None:
+        self.notify(f"Download failed: {message.exception}", severity="error")
+
+    # -- events from the breakglass agent ---------------------------------------------------
+
+    async def on_agent_event(self, message: AgentEvent) -> None:
+        event = message.event
+        chat = self.chat
+        match event:
+            case ev.SessionStarted():
+                self.header.operator = event.operator
+                self._model = event.model
+            case ev.AssistantTurnStarted():
+                await chat.start_turn(event.turn_id)
+            case ev.AssistantTextDelta():
+                await chat.turn_delta(event.turn_id, event.text)
+            case ev.AssistantTurnEnded():
+                await chat.end_turn(event.turn_id)
+                self.header.show_usage(event.total_usage)
+            case ev.ToolCallStarted():
+                await chat.start_tool(event)
+            case ev.ToolCallEnded():
+                chat.end_tool(event)
+            case ev.ProbeUpdated():
+                self.header.show_probe(event.result)
+                self.forensics.add_probe(event.result, event.at)
+            case ev.VerbCompleted():
+                self.header.show_verb(event.result)
+                self.forensics.add_verb(event.result, event.at)
+            case ev.ModeChanged():
+                self.header.show_claude(manual=event.manual, model=self._model, reason=event.reason)
+                await chat.add_notice(event.reason, "warning" if event.manual else "info")
+            case ev.ApiError():
+                level = "warning" if event.will_retry else "error"
+                await chat.add_notice(f"Claude API: {event.message}", level)
+            case ev.Notice():
+                await chat.add_notice(event.text, event.level)
+            case ev.ReportReady():
+                self._report = event
+                self._deliver_report(event)
+            case _:
+                pass  # OperatorMessage is echoed at submit; SessionEnded needs nothing
+
+    # -- worker outcomes, in one place ------------------------------------------------------
+
+    async def on_worker_state_changed(self, message: Worker.StateChanged) -> None:
+        worker, state = message.worker, message.state
+        if self._shutting_down:
+            return  # the widgets are going away: nothing to update
+        if worker.group == AGENT_GROUP and state in (
+            WorkerState.SUCCESS,
+            WorkerState.ERROR,
+            WorkerState.CANCELLED,
+        ):
+            await self.chat.end_all_turns()
+            if state is WorkerState.CANCELLED and not self._shutting_down:
+                await self.chat.add_notice("Cancelled by the operator.", "warning")
+        if state is not WorkerState.ERROR:
+            return
+        error = worker.error
+        reason = str(error) or type(error).__name__
+        if worker.group == "backend":
+            self.header.keys = "not connected"
+            self.header.show_claude(manual=True, model="", reason="no backend")
+            await self.chat.add_notice(f"Could not start: {reason}", "error")
+        elif worker.group == AGENT_GROUP:
+            await self.chat.add_notice(
+                f"The breakglass agent failed: {reason}. The session is still usable: try"
+                " again, or use slash commands.",
+                "error",
+            )
+        else:
+            self.notify(f"{worker.description} failed: {reason}", severity="error")
+
+    def output_log(self) -> OutputLog:
+        """The live output widget (tests and the benchmark read it)."""
+        return self.output.log_widget

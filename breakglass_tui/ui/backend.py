@@ -1,0 +1,178 @@
+"""Wiring: builds the hosts session and the breakglass agent behind the app.
+
+Nothing heavy is imported at module level: anthropic, asyncssh and hvac cost seconds and tens of
+megabytes, and each browser tab is a new process, so the first frame is painted before a worker
+calls :func:`build_backend`, which imports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from breakglass_tui.core.events import Event
+
+if TYPE_CHECKING:
+    from breakglass_tui.config import Settings
+
+Emit = Callable[[Event], None]
+
+
+class AgentLike(Protocol):
+    """What the UI needs of ``core.agent.BreakglassAgent``."""
+
+    manual: bool
+
+    async def handle(self, text: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class HostsLike(Protocol):
+    """What the UI needs of ``hosts.session.HostSession``."""
+
+    async def bundle(self, bundle_id: str) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """How ``breakglass-tui`` was started."""
+
+    lab: bool = True
+    scenario: str = "healthy"
+    settings: Settings | None = None  # real targets: validated by the CLI before the app starts
+
+
+@dataclass
+class Backend:
+    """The objects behind the screen, and how to put them away."""
+
+    agent: AgentLike
+    hosts: HostsLike
+    keys: str  # where the SSH keys came from, for the header: "lab (in memory)", "vault", ...
+    targets: str  # "lab" or "devvm 10.0.0.5 · pve 10.0.0.2"
+    operator: str
+    model: str
+    manual_reason: str | None = None
+    lab: Any = None  # the lab.Lab behind --lab (tests look at its processes)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Close agent, sessions, lab and key agent, in that order; never raises."""
+        closers, self.closers = self.closers, []
+        await _close_all(closers)
+
+
+async def _close_all(closers: list[Callable[[], Awaitable[None]]]) -> None:
+    for close in closers:
+        # Best effort: one failing close must not leave the lab's processes behind.
+        with contextlib.suppress(Exception):
+            await close()
+
+
+def manual_reason() -> str | None:
+    """Why the breakglass agent will be in manual mode, or None when Claude is available."""
+    if not os.environ.get("ANTHROPIC_API_KEY"):
+        return "no ANTHROPIC_API_KEY set, slash commands only"
+    return None
+
+
+async def build_backend(options: AppOptions, emit: Emit) -> Backend:
+    """Start the lab (``--lab``) or load the keys for the real targets, then build the
+    ``HostSession`` and the ``BreakglassAgent`` whose events go to ``emit``."""
+    # Imported in a thread: asyncssh and the agent take a second or more, and the screen must
+    # keep answering keys meanwhile (anthropic itself is imported by the agent, lazily).
+    await asyncio.to_thread(_import_heavy, options.lab)
+    from breakglass_tui.config import load_settings
+    from breakglass_tui.core.agent import BreakglassAgent
+    from breakglass_tui.hosts.session import HostSession
+
+    settings = options.settings or load_settings()
+    closers: list[Callable[[], Awaitable[None]]] = []
+    lab = None
+    try:
+        if options.lab:
+            from breakglass_tui.lab.lab import start_lab
+
+            lab = await start_lab(options.scenario)
+            closers.append(lab.close)
+            hosts = HostSession(lab.devvm, lab.pve, client_keys=lab.client_keys, settings=settings)
+            keys = "lab keys (in memory)"
+            targets = f"lab · scenario {options.scenario}"
+        else:
+            from breakglass_tui.hosts.keyagent import load_keys
+            from breakglass_tui.hosts.types import SshTarget
+
+            loaded = await load_keys(settings)
+            closers.append(loaded.agent.close)
+            devvm, pve = real_targets(
+                settings, loaded.devvm_known_hosts, loaded.pve_known_hosts, SshTarget
+            )
+            hosts = HostSession(devvm, pve, agent_path=loaded.agent.socket_path, settings=settings)
+            keys = f"keys loaded ({loaded.source})"
+            targets = f"devvm {devvm.host} · pve {pve.host}"
+        closers.insert(0, hosts.close)
+        agent = BreakglassAgent(
+            settings, hosts, emit=emit, operator=settings.operator, lab=options.lab
+        )
+        closers.insert(0, agent.close)
+    except BaseException:
+        await _close_all(closers)
+        raise
+    return Backend(
+        agent=agent,
+        hosts=hosts,
+        keys=keys,
+        targets=targets,
+        operator=settings.operator,
+        model=settings.model,
+        manual_reason=manual_reason() if getattr(agent, "manual", False) else None,
+        lab=lab,
+        closers=closers,
+    )
+
+
+def _import_heavy(lab: bool) -> None:
+    modules = ["breakglass_tui.config", "breakglass_tui.hosts.session", "breakglass_tui.core.agent"]
+    modules.append("breakglass_tui.lab.lab" if lab else "breakglass_tui.hosts.keyagent")
+    for name in modules:
+        importlib.import_module(name)
+
+
+def real_targets(settings: Settings, devvm_known: str | None, pve_known: str | None, target_cls):
+    """The two real SSH targets; host keys from Vault win over the BREAKGLASS_*_HOST_KEY ones."""
+    from breakglass_tui.config import ConfigError
+
+    out = []
+    for name, host, port, user, known in (
+        (
+            "devvm",
+            settings.devvm_host,
+            settings.devvm_port,
+            settings.devvm_user,
+            devvm_known or settings.devvm_host_key,
+        ),
+        (
+            "pve",
+            settings.pve_host,
+            settings.pve_port,
+            settings.pve_user,
+            pve_known or settings.pve_host_key,
+        ),
+    ):
+        if not host:
+            raise ConfigError(f"BREAKGLASS_{name.upper()}_HOST is not set: give the IP address")
+        if not known:
+            raise ConfigError(
+                f"no pinned host key for {name}: put it in the Vault secret"
+                f" ({name}_known_hosts) or set BREAKGLASS_{name.upper()}_HOST_KEY"
+            )
+        out.append(target_cls(host=host, port=port, user=user, known_hosts=known, name=name))
+    return out[0], out[1]

@@ -1,0 +1,188 @@
+"""The chat pane: operator input, one Markdown per assistant turn, a compact block per tool call."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.suggester import SuggestFromList
+from textual.widgets import Collapsible, Input, Static
+
+from breakglass_tui.core.events import ToolCallEnded, ToolCallStarted
+from breakglass_tui.ui.sanitize import sanitize_text
+
+if TYPE_CHECKING:
+    from textual.widgets import Markdown
+    from textual.widgets.markdown import MarkdownStream
+
+# The breakglass agent's slash commands (the agent parses them; the UI completes and lists them).
+SLASH_COMMANDS: tuple[tuple[str, str], ...] = (
+    ("/probe", "probe the devvm's SSH: reachable, refused, no banner, …"),
+    ("/status", "PVE verb status: the VM's state"),
+    ("/forensics", "PVE verb forensics: capture a bundle, change nothing"),
+    ("/reset", "PVE verb reset (mutating): hard reset of the guest, forensics first"),
+    ("/stop", "PVE verb stop (mutating)"),
+    ("/start", "PVE verb start (mutating, never refused by the budget)"),
+    ("/cycle", "PVE verb cycle (mutating): stop then start, forensics first"),
+    ("/sh <command>", "run a command on the devvm (sudo shell)"),
+    ("/cancel", "cancel the running turn or command (same as Esc)"),
+    ("/report", "write the incident report and download it"),
+    ("/help", "list the commands"),
+)
+
+
+def describe_call(tool: str, params: dict[str, Any]) -> str:
+    """One line naming what a tool call does: the command, the verb, or the tool."""
+    if "command" in params:
+        return f"$ {params['command']}"
+    if "verb" in params:
+        return f"pve {params['verb']}"
+    if "name" in params and tool.startswith("pve"):
+        return f"pve {params['name']}"
+    if not params:
+        return tool.replace("_", " ")
+    return f"{tool} {json.dumps(params, ensure_ascii=False)[:200]}"
+
+
+class ChatInput(Input):
+    """The operator's input: slash-command completion (→ accepts) and history (↑/↓)."""
+
+    BINDINGS = [  # noqa: RUF012 - Textual's convention
+        Binding("up", "history(-1)", "Previous", show=False, id="chat.history_previous"),
+        Binding("down", "history(1)", "Next", show=False, id="chat.history_next"),
+    ]
+
+    def __init__(self, **kwargs: Any) -> None:
+        words = [cmd.split(" ")[0] + (" " if "<" in cmd else "") for cmd, _ in SLASH_COMMANDS]
+        super().__init__(
+            placeholder="Tell Claude what is wrong, or /help · → completes · ↑ history",
+            suggester=SuggestFromList(words, case_sensitive=False),
+            **kwargs,
+        )
+        self.history: list[str] = []
+        self._history_index = 0
+
+    def remember(self, text: str) -> None:
+        if text and (not self.history or self.history[-1] != text):
+            self.history.append(text)
+        self._history_index = len(self.history)
+
+    def action_history(self, step: int) -> None:
+        if not self.history:
+            return
+        self._history_index = max(0, min(len(self.history), self._history_index + step))
+        self.value = (
+            self.history[self._history_index] if self._history_index < len(self.history) else ""
+        )
+        self.cursor_position = len(self.value)
+
+
+class ToolBlock(Collapsible):
+    """A tool call: what ran, exit status, duration; expands to the details."""
+
+    def __init__(self, event: ToolCallStarted) -> None:
+        self.call = event
+        self.label = sanitize_text(describe_call(event.tool, event.input)).replace("\n", " ⏎ ")
+        classes = "tool"
+        if event.mutating:
+            classes += " -mutating"
+        if event.manual:
+            classes += " -manual"
+        self._details = Static(self._detail_text(), markup=False, classes="tool-details")
+        super().__init__(
+            self._details, title=self._heading("running…"), collapsed=True, classes=classes
+        )
+
+    def _heading(self, status: str) -> str:
+        who = "you" if self.call.manual else "Claude"
+        badge = "⚠ " if self.call.mutating else ""
+        return f"{badge}{self.label}  · {status} · {who}"
+
+    def _detail_text(self) -> str:
+        params = json.dumps(self.call.input, indent=2, ensure_ascii=False)
+        return sanitize_text(f"tool {self.call.tool}\ninput {params}")
+
+    def finish(self, event: ToolCallEnded) -> None:
+        if event.cancelled:
+            status = "cancelled"
+            self.add_class("-cancelled")
+        elif event.ok:
+            status = f"✓ {sanitize_text(event.summary)}"
+            self.add_class("-ok")
+        else:
+            status = f"✗ {sanitize_text(event.summary)}"
+            self.add_class("-failed")
+        self.title = self._heading(status)
+        self._details.update(
+            self._detail_text()
+            + f"\nresult {sanitize_text(event.summary)} ({event.duration_s:.1f} s)"
+        )
+
+
+class ChatPane(Vertical):
+    """Conversation (anchored to the bottom until the operator scrolls) above the input."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._turns: dict[str, tuple[Markdown, MarkdownStream]] = {}
+        self._tools: dict[str, ToolBlock] = {}
+
+    def compose(self) -> ComposeResult:
+        yield VerticalScroll(id="conversation")
+        yield ChatInput(id="chat-input")
+
+    @property
+    def conversation(self) -> VerticalScroll:
+        return self.query_one("#conversation", VerticalScroll)
+
+    def on_mount(self) -> None:
+        self.conversation.anchor()
+
+    async def _add(self, widget: Any) -> None:
+        await self.conversation.mount(widget)
+
+    async def add_operator(self, text: str) -> None:
+        await self._add(Static(sanitize_text(text), markup=False, classes="operator"))
+
+    async def add_notice(self, text: str, level: str = "info") -> None:
+        await self._add(Static(sanitize_text(text), markup=False, classes=f"notice -{level}"))
+
+    async def start_turn(self, turn_id: str) -> None:
+        # Imported on the first turn, not at start: markdown-it is a noticeable part of the
+        # time to the first frame.
+        from textual.widgets import Markdown
+
+        markdown = Markdown(classes="assistant")
+        await self._add(markdown)
+        stream = Markdown.get_stream(markdown)
+        self._turns[turn_id] = (markdown, stream)
+
+    async def turn_delta(self, turn_id: str, text: str) -> None:
+        if turn_id not in self._turns:
+            await self.start_turn(turn_id)
+        await self._turns[turn_id][1].write(sanitize_text(text))
+
+    async def end_turn(self, turn_id: str) -> None:
+        turn = self._turns.pop(turn_id, None)
+        if turn is not None:
+            markdown, stream = turn
+            await stream.stop()
+            if not markdown.source.strip():
+                await markdown.remove()
+
+    async def end_all_turns(self) -> None:
+        for turn_id in list(self._turns):
+            await self.end_turn(turn_id)
+
+    async def start_tool(self, event: ToolCallStarted) -> None:
+        block = ToolBlock(event)
+        self._tools[event.call_id] = block
+        await self._add(block)
+
+    def end_tool(self, event: ToolCallEnded) -> None:
+        block = self._tools.pop(event.call_id, None)
+        if block is not None:
+            block.finish(event)

@@ -1,0 +1,87 @@
+"""The status header: what the owner needs to see at a glance on the worst day."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from breakglass_tui.core.events import Usage
+from breakglass_tui.hosts.types import ProbeResult, Reachability, VerbResult
+
+
+class StatusHeader(Widget):
+    """Two lines: devvm reachability, VM state, Claude; keys, operator, targets."""
+
+    devvm: reactive[str] = reactive("devvm: not probed yet")
+    devvm_ok: reactive[bool | None] = reactive(None)
+    vm_state: reactive[str] = reactive("VM: state unknown")
+    vm_ok: reactive[bool | None] = reactive(None)
+    claude: reactive[str] = reactive("Claude: starting…")
+    claude_ok: reactive[bool | None] = reactive(None)
+    keys: reactive[str] = reactive("keys: loading…")
+    operator: reactive[str] = reactive("")
+    targets: reactive[str] = reactive("")
+    usage: reactive[str] = reactive("")
+
+    def render(self) -> Text:
+        def mark(ok: bool | None) -> str:
+            return {True: "green", False: "bold red", None: "yellow"}[ok]
+
+        first = Text(no_wrap=True, overflow="ellipsis")
+        first.append("● ", style=mark(self.devvm_ok))
+        first.append(self.devvm)
+        first.append("   ● ", style=mark(self.vm_ok))
+        first.append(self.vm_state)
+        first.append("   ● ", style=mark(self.claude_ok))
+        first.append(self.claude)
+        if self.usage:
+            first.append(f" · {self.usage}", style="dim")
+        second = Text(no_wrap=True, overflow="ellipsis", style="dim")
+        second.append(self.keys)
+        if self.operator:
+            second.append(f" · operator {self.operator}")
+        if self.targets:
+            second.append(" · ")
+            second.append(self.targets, style="bold" if "lab" not in self.targets else "")
+        joined = Text("\n").join([first, second])
+        joined.no_wrap, joined.overflow = True, "ellipsis"  # join() drops both
+        return joined
+
+    def show_probe(self, result: ProbeResult) -> None:
+        ok = result.reachability is Reachability.HEALTHY
+        self.devvm_ok = ok
+        text = "devvm: reachable" if ok else f"devvm: {result.reachability.value.replace('_', ' ')}"
+        self.devvm = text
+
+    def show_verb(self, result: VerbResult) -> None:
+        state = result.state_after or result.state_before
+        if result.cold_case:
+            self.vm_state = "VM: PVE unreachable (cold case)"
+            self.vm_ok = False
+        elif state:
+            self.vm_state = f"VM {result.vmid or 102}: {state}"
+            self.vm_ok = state == "running"
+
+    def show_claude(self, *, manual: bool, model: str, reason: str | None = None) -> None:
+        reason = short_reason(reason) if reason else None
+        if manual:
+            self.claude = f"Claude: manual mode — {reason}" if reason else "Claude: manual mode"
+            self.claude_ok = False
+        else:
+            self.claude = f"Claude: ready ({model})"
+            self.claude_ok = True
+
+    def show_usage(self, usage: Usage) -> None:
+        tokens = usage.input_tokens + usage.output_tokens
+        tokens += usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+        self.usage = f"{tokens:,} tokens · ${usage.cost_usd:.2f}"
+
+
+def short_reason(reason: str) -> str:
+    """The first sentence of a mode change's reason, without the words "manual mode" that the
+    header already shows."""
+    first = reason.split(". ")[0].rstrip(".").split(" (")[0]  # the details are in the chat
+    for phrase in (": manual mode", " manual mode", "manual mode"):
+        first = first.replace(phrase, "")
+    return first.strip(" :;—-") or reason

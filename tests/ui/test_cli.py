@@ -1,0 +1,186 @@
+"""`breakglass-tui` from the outside: arguments, early config errors, import cost, and the lab
+started in tmux as a newcomer would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from breakglass_tui.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_names_the_lab_and_the_scenarios(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--lab" in out and "disk-full" in out and "io-stall" in out
+
+
+def test_real_targets_without_a_host_stop_before_the_app_naming_the_setting(capsys):
+    assert main([]) == 2
+    assert "BREAKGLASS_DEVVM_HOST" in capsys.readouterr().err
+
+
+def test_a_hostname_is_refused_naming_the_variable(capsys, monkeypatch):
+    monkeypatch.setenv("BREAKGLASS_DEVVM_HOST", "devvm.lan")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "BREAKGLASS_DEVVM_HOST" in err and "IP literal" in err
+
+
+def test_an_unpinned_host_key_is_refused(capsys, monkeypatch):
+    monkeypatch.setenv("BREAKGLASS_DEVVM_HOST", "10.0.0.5")
+    monkeypatch.setenv("BREAKGLASS_PVE_HOST", "10.0.0.2")
+    assert main([]) == 2
+    assert "BREAKGLASS_DEVVM_HOST_KEY" in capsys.readouterr().err
+
+
+def test_scenario_needs_lab(capsys):
+    assert main(["--scenario", "oom"]) == 2
+    assert "--lab" in capsys.readouterr().err
+
+
+def test_the_app_import_chain_leaves_the_heavy_sdks_for_later():
+    code = (
+        "import sys, breakglass_tui.cli, breakglass_tui.ui.app;"
+        "print(','.join(m for m in ('anthropic', 'asyncssh', 'hvac', 'httpx2')"
+        " if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert result.stdout.strip() == ""
+
+
+def _tmux(sock: Path, *args: str) -> str:
+    return subprocess.run(
+        ["tmux", "-S", str(sock), *args], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+class TmuxSession:
+    """`breakglass-tui --lab` in a real terminal (tmux, private socket), its lab under a private
+    TMPDIR so the processes it leaves, if any, can be found."""
+
+    def __init__(self, tmp_path: Path, scenario: str = "disk-full") -> None:
+        self.sock = tmp_path / "tmux.sock"
+        self.private_tmp = tmp_path / "tmp"
+        self.private_tmp.mkdir()
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "TERM": "xterm-256color",
+            "TMPDIR": str(self.private_tmp),
+            "BREAKGLASS_STATE_DIR": str(tmp_path / "state"),
+            "PYTHONPATH": str(ROOT),
+        }
+        command = f"{sys.executable} -m breakglass_tui.cli --lab --scenario {scenario}"
+        subprocess.run(
+            [
+                "tmux",
+                "-S",
+                str(self.sock),
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-x",
+                "160",
+                "-y",
+                "48",
+                command,
+            ],
+            env=env,
+            check=True,
+            timeout=10,
+        )
+
+    def screen(self) -> str:
+        return _tmux(self.sock, "capture-pane", "-p")
+
+    def type(self, text: str) -> None:
+        _tmux(self.sock, "send-keys", "-l", text)
+        _tmux(self.sock, "send-keys", "Enter")
+
+    def wait_for(self, text: str, timeout_s: float = 30) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            shown = self.screen()
+            if text in shown:
+                return shown
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} never appeared; the screen was:\n{self.screen()}")
+
+    def lab_processes(self) -> list[int]:
+        return _pids_mentioning(str(self.private_tmp))
+
+    def wait_no_lab_processes(self, timeout_s: float = 20) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while self.lab_processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.lab_processes()
+
+    def kill_server(self) -> None:
+        subprocess.run(
+            ["tmux", "-S", str(self.sock), "kill-server"], capture_output=True, timeout=10
+        )
+
+
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@needs_tmux
+def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
+    """The lab shows, /probe and /sh df -h work, and Ctrl+Q leaves no process behind."""
+    tmux = TmuxSession(tmp_path)
+    try:
+        tmux.wait_for("devvm: reachable")
+        first = tmux.wait_for("VM 102: running")
+        assert "manual mode" in first and "scenario disk-full" in first
+        assert tmux.lab_processes(), "the lab should run under our TMPDIR"
+        tmux.type("/probe")
+        time.sleep(1.0)
+        tmux.type("/sh df -h")
+        shown = tmux.wait_for("100% /")
+        assert "Filesystem" in shown
+        _tmux(tmux.sock, "send-keys", "C-q")
+        assert tmux.wait_no_lab_processes() == []
+    finally:
+        tmux.kill_server()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@needs_tmux
+def test_closing_the_terminal_still_stops_the_lab(tmp_path):
+    """SIGHUP (the terminal closed) ends the session properly too."""
+    tmux = TmuxSession(tmp_path, "healthy")
+    try:
+        tmux.wait_for("VM 102: running")
+        assert tmux.lab_processes()
+    finally:
+        tmux.kill_server()
+    assert tmux.wait_no_lab_processes() == []

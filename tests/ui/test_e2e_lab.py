@@ -1,0 +1,174 @@
+"""End to end: the real app, the real breakglass agent, the lab's hosts over SSH, and the real
+anthropic SDK against the local fake Messages API. Not pinned as snapshots: ports, durations and
+the lab's clock vary; these assert on what is on screen instead."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from breakglass_tui.config import Settings
+from breakglass_tui.ui.app import BreakglassApp
+from breakglass_tui.ui.backend import AppOptions
+from breakglass_tui.ui.widgets.chat import ToolBlock
+from tests.support import fake_messages_api as api
+from tests.support.fake_messages_api import FakeMessagesApi
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+def lab_app(tmp_path: Path, scenario: str = "healthy") -> BreakglassApp:
+    settings = Settings(state_dir=tmp_path / "state")
+    return BreakglassApp(
+        AppOptions(lab=True, scenario=scenario, settings=settings), download_dir=tmp_path
+    )
+
+
+async def until(pilot, condition, timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.1)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions ``text`` (the lab's private workdir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def ready(app: BreakglassApp, pilot) -> None:
+    await until(pilot, lambda: app.backend is not None, what="the lab to start")
+    await app.workers.wait_for_complete()
+    await pilot.pause(0.2)
+    app.output.flush()
+
+
+async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    app = lab_app(tmp_path, "disk-full")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(app, pilot)
+        header = app.header
+        assert header.devvm == "devvm: reachable"
+        assert header.vm_state == "VM 102: running"
+        assert "manual mode" in header.claude and "ANTHROPIC_API_KEY" in header.claude
+        lab_root = str(app.backend.lab.sim.root)
+        assert processes_mentioning(lab_root), "the lab's simulated kvm should be running"
+        await pilot.press(*"/sh df -h", "enter")
+        await until(pilot, lambda: not app._agent_running(), what="df to finish")
+        await pilot.pause(0.2)
+        app.output.flush()
+        lines = app.output_log().lines
+        assert any(line.startswith("Filesystem") for line in lines)
+        assert any("100% /" in line for line in lines), "disk-full shows a full root"
+        block = app.query(ToolBlock).last()
+        assert "$ df -h" in block.title and block.has_class("-ok")
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.5)
+    deadline = time.monotonic() + 10
+    while processes_mentioning(lab_root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(lab_root) == []
+    assert (tmp_path / "state" / "audit.jsonl").exists()
+
+
+async def test_escape_cancels_a_running_lab_command_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    app = lab_app(tmp_path)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(app, pilot)
+        await pilot.press(*"/sh sleep 60", "enter")
+        await until(pilot, lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start")
+        await pilot.pause(0.3)
+        started = time.monotonic()
+        await pilot.press("escape")
+        await until(pilot, lambda: not app._agent_running(), 10, "the cancel")
+        await pilot.pause(0.2)
+        assert time.monotonic() - started < 5
+        assert "cancelled" in app.query(ToolBlock).last().title
+        await pilot.press(*"/sh uptime", "enter")
+        await until(pilot, lambda: not app._agent_running(), what="uptime after a cancel")
+        assert "-ok" in app.query(ToolBlock).last().classes
+        await app.shutdown()
+
+
+async def test_osc52_from_the_devvm_never_reaches_the_screen(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    app = lab_app(tmp_path)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(app, pilot)
+        # The lab's printf does not decode \033, so the command carries the raw bytes, as a
+        # hostile file's content would.
+        await app.submit("/sh printf 'a\x1b]52;c;SGVsbG8=\x07b\\n'")
+        await until(pilot, lambda: not app._agent_running(), what="printf")
+        await pilot.pause(0.2)
+        app.output.flush()
+        await pilot.pause(0.1)
+        lines = app.output_log().lines
+        assert "ab" in lines, lines
+        assert "SGVsbG8=" not in app.export_screenshot()
+        await app.shutdown()
+
+
+async def test_claude_streams_an_answer_with_tool_blocks_over_the_lab(tmp_path, monkeypatch):
+    fake = await FakeMessagesApi().start()
+    try:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-secret")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        fake.push(
+            api.tool("toolu_1", "devvm_shell", {"command": "df -h"}, text="Checking the disk."),
+            api.text("The root filesystem is **100% full**; clear the journal."),
+        )
+        app = lab_app(tmp_path, "disk-full")
+        async with app.run_test(size=(160, 48)) as pilot:
+            await ready(app, pilot)
+            assert app.header.claude.startswith("Claude: ready")
+            await pilot.press(*"ssh is slow, what is wrong?", "enter")
+            await until(pilot, lambda: not app._agent_running(), 30, "the turn")
+            await pilot.pause(0.3)
+            markdown = " ".join(m.source for m in app.query("Markdown.assistant"))
+            assert "Checking the disk." in markdown and "100% full" in markdown
+            block = app.query(ToolBlock).last()
+            assert "$ df -h" in block.title and "Claude" in block.title
+            assert block.has_class("-ok")
+            assert "tokens" in app.header.usage
+            assert len(fake.requests) == 2
+            await app.shutdown()
+    finally:
+        await fake.close()
+    assert os.environ.get("ANTHROPIC_API_KEY") == "sk-ant-test-not-a-secret"  # only monkeypatched
+
+
+async def test_the_api_failing_mid_turn_is_said_and_the_session_goes_on(tmp_path, monkeypatch):
+    fake = await FakeMessagesApi().start()
+    try:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-secret")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        fake.push(*[api.error_midstream() for _ in range(4)])
+        app = lab_app(tmp_path)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await ready(app, pilot)
+            await pilot.press(*"why is the devvm slow?", "enter")
+            await until(pilot, lambda: not app._agent_running(), 30, "the failed turn")
+            await pilot.pause(0.3)
+            notices = " ".join(str(n.render()) for n in app.query(".notice"))
+            assert "Claude API" in notices
+            await pilot.press(*"/sh uptime", "enter")
+            await until(pilot, lambda: not app._agent_running(), 20, "a manual command")
+            assert app.query(ToolBlock).last().has_class("-ok")
+            await app.shutdown()
+    finally:
+        await fake.close()
