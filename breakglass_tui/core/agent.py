@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import time
@@ -26,7 +27,7 @@ from typing import Any
 
 from breakglass_tui.config import COLD_PATH_POINTER, Settings
 from breakglass_tui.core import prompt, report
-from breakglass_tui.core.audit import audit_log, transcript
+from breakglass_tui.core.audit import JsonLines, audit_log, transcript
 from breakglass_tui.core.events import (
     ApiError,
     AssistantTextDelta,
@@ -80,7 +81,47 @@ Anything else is a message to Claude."""
 _BUNDLE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}$")
 _SLASH_VERBS = {f"/{v}": v for v in VERBS}
 _MAX_TOKENS_CAP = 32000
+# devvm_shell's timeout_s, as the tool schema says (prompt.tool_definitions).
+TIMEOUT_MIN_S = 1
+TIMEOUT_MAX_S = 3600
 _SHORTENED = "[older result, shortened]"
+
+
+class _SafeRecord:
+    """The audit log or the transcript, whose write failures (disk full) never stop the rescue.
+
+    The first failure is reported once (``on_failure``); later records are dropped while the
+    disk stays full, and the next record that can be written is preceded by a count of the lost
+    ones."""
+
+    def __init__(
+        self, log: JsonLines, name: str, on_failure: Callable[[str, OSError], None]
+    ) -> None:
+        self._log = log
+        self.name = name
+        self._on_failure = on_failure
+        self.lost = 0
+        self.failures = 0
+
+    @property
+    def path(self) -> Path:
+        return self._log.path
+
+    def write(self, kind: str, **fields: Any) -> None:
+        try:
+            if self.lost:
+                self._log.write("records_lost", count=self.lost)
+                self.lost = 0
+            self._log.write(kind, **fields)
+        except OSError as exc:
+            self.lost += 1
+            self.failures += 1
+            if self.failures == 1:
+                self._on_failure(self.name, exc)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._log.close()
 
 
 class _TurnFailed(Exception):
@@ -204,11 +245,12 @@ class BreakglassAgent:
         self.state_dir = Path(settings.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.scrubber = Scrubber([self._api_key()])
-        self.audit = audit_log(
-            self.state_dir, self.scrubber, session_id=self.session_id, operator=operator
+        who = {"session_id": self.session_id, "operator": operator}
+        self.audit = _SafeRecord(
+            audit_log(self.state_dir, self.scrubber, **who), "audit log", self._record_failed
         )
-        self.transcript = transcript(
-            self.state_dir, self.scrubber, session_id=self.session_id, operator=operator
+        self.transcript = _SafeRecord(
+            transcript(self.state_dir, self.scrubber, **who), "transcript", self._record_failed
         )
         self.outputs = OutputStore(
             self.state_dir / "transcripts" / self.session_id,
@@ -334,18 +376,35 @@ class BreakglassAgent:
                     steps += 1
                     run = await self._run_tool(block["id"], block["name"], block["input"])
                     results.append(_tool_result(block["id"], run.content, is_error=run.is_error))
-            except asyncio.CancelledError:
-                # Every tool_use still gets its tool_result, so the conversation stays valid.
+            except BaseException as exc:
+                # Cancel, or anything else that escaped a tool: every tool_use still gets its
+                # tool_result, so the conversation stays valid and the next request does not 400.
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                reason = (
+                    "Cancelled by the operator."
+                    if cancelled
+                    else f"Not completed: the breakglass agent failed ({exc.__class__.__name__}:"
+                    f" {exc})."
+                )
                 answered = {r["tool_use_id"] for r in results}
                 for block in tool_uses:
                     if block["id"] not in answered:
-                        results.append(
-                            _tool_result(block["id"], "Cancelled by the operator.", is_error=True)
-                        )
+                        results.append(_tool_result(block["id"], reason, is_error=True))
                 self._append_user(results)
-                self.audit.write("cancelled", during="tool", calls=[b["id"] for b in tool_uses])
-                self._note("cancelled by the operator during a tool call")
-                self._notice("warning", "Cancelled: the running command was stopped.")
+                with contextlib.suppress(Exception):
+                    if cancelled:
+                        self.audit.write(
+                            "cancelled", during="tool", calls=[b["id"] for b in tool_uses]
+                        )
+                        self._note("cancelled by the operator during a tool call")
+                        self._notice("warning", "Cancelled: the running command was stopped.")
+                    else:
+                        self.audit.write(
+                            "tool_loop_error",
+                            error=f"{exc.__class__.__name__}: {exc}",
+                            calls=[b["id"] for b in tool_uses],
+                        )
+                        self._note(f"the tool loop failed: {exc.__class__.__name__}: {exc}")
                 raise
             self._append_user(results)
             if limit_hit or steps >= max_steps:
@@ -779,7 +838,7 @@ class BreakglassAgent:
             elif name == "read_output":
                 run = self._read_output(tool_input)
             elif name == "grep_output":
-                run = self._grep_output(tool_input)
+                run = await self._grep_output(tool_input)
             else:
                 run = _ToolRun(f"Unknown tool {name!r}.", is_error=True, summary="unknown tool")
         except asyncio.CancelledError:
@@ -881,8 +940,7 @@ class BreakglassAgent:
         command = tool_input.get("command")
         if not isinstance(command, str) or not command.strip():
             return _ToolRun("devvm_shell needs a non-empty 'command' string.", True, "bad input")
-        timeout = tool_input.get("timeout_s")
-        timeout_s = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
+        timeout_s, timeout_note = _clamp_timeout(tool_input.get("timeout_s"))
         recorder = self.outputs.recorder()
         streamed = False
 
@@ -903,6 +961,7 @@ class BreakglassAgent:
             for chunk in rest:
                 self._show_output(call_id, record.output_id, chunk)
             self._live_record = record
+            self._record_stored(call_id, record)
             raise
         if not streamed and not outcome.kept_tail_only:
             # An implementation that returned the output instead of streaming it.
@@ -914,20 +973,50 @@ class BreakglassAgent:
         record, rest = self.outputs.finish(recorder)
         for chunk in rest:
             self._show_output(call_id, record.output_id, chunk)
+        self._record_stored(call_id, record)
         ending = _describe_ending(outcome)
         header = f"devvm_shell: {ending} in {outcome.duration_s:.1f} s"
+        if timeout_note:
+            header += f" | {timeout_note}"
         content = self.outputs.view(record, header)
         summary = f"{ending}, {_size(record.raw_bytes)}, {outcome.duration_s:.1f} s"
+        if record.truncated:
+            summary += f" (only the first {_size(record.stored_bytes)} kept)"
         is_error = outcome.ending is not Ending.EXITED
         return _ToolRun(
             content, is_error, summary, record, exit_status=outcome.exit_status, ok=outcome.ok
         )
 
     def _show_output(self, call_id: str, output_id: str, chunk: OutputChunk) -> None:
+        # The output itself is stored once, in its own file (capped, OutputStore); the
+        # transcript records where it is (_record_stored) rather than a second full copy.
         self._emit(ToolOutput(call_id=call_id, chunk=chunk))
+
+    def _record_stored(self, call_id: str, record: OutputRecord) -> None:
+        """The transcript's record of one output: the file that holds it and what it holds."""
         self.transcript.write(
-            "output", call_id=call_id, output_id=output_id, stream=chunk.stream, text=chunk.text
+            "output",
+            call_id=call_id,
+            output_id=record.output_id,
+            file=str(record.path.relative_to(self.state_dir)),
+            bytes=record.raw_bytes,
+            stdout_bytes=record.stdout_bytes,
+            stderr_bytes=record.stderr_bytes,
+            stored_bytes=record.stored_bytes,
+            scrubbed_bytes=record.scrubbed_bytes,
+            truncated=record.truncated,
+            store_error=record.store_error,
+            sha256=record.sha256,
         )
+        if record.truncated:
+            self.audit.write(
+                "output_truncated",
+                call_id=call_id,
+                output_id=record.output_id,
+                stored_bytes=record.stored_bytes,
+                scrubbed_bytes=record.scrubbed_bytes,
+                store_error=record.store_error,
+            )
 
     async def _pve_verb(self, tool_input: dict[str, Any]) -> _ToolRun:
         verb = tool_input.get("verb")
@@ -955,6 +1044,7 @@ class BreakglassAgent:
         recorder = self.outputs.recorder()
         recorder.feed_text(json.dumps(result.document or _verb_dict(result), indent=1))
         record, _ = self.outputs.finish(recorder)
+        self._record_stored("", record)
         state = f"{result.state_before or '?'} -> {result.state_after or '?'}"
         header = (
             f"pve_verb {verb}: {'ok' if result.ok else 'FAILED'} (exit {result.exit_code}),"
@@ -1060,9 +1150,9 @@ class BreakglassAgent:
             return _ToolRun(str(exc), True, "bad input")
         return _ToolRun(text, False, f"{len(text.encode())} bytes")
 
-    def _grep_output(self, tool_input: dict[str, Any]) -> _ToolRun:
+    async def _grep_output(self, tool_input: dict[str, Any]) -> _ToolRun:
         try:
-            text = self.outputs.grep(
+            text = await self.outputs.grep(
                 tool_input.get("output_id", ""),
                 str(tool_input.get("pattern", "")),
                 int(tool_input.get("max_matches", 50)),
@@ -1157,8 +1247,38 @@ class BreakglassAgent:
     def _note(self, text: str) -> None:
         self.timeline.append((time.time(), self.scrubber.text(text)))
 
+    def _record_failed(self, name: str, exc: OSError) -> None:
+        """The audit log or the transcript could not be written (first time only): say so, and
+        go on; the rescue matters more than its record."""
+        text = (
+            f"Could not write the {name} ({exc.__class__.__name__}: {exc.strerror or exc}):"
+            " the rescue goes on, but records are missing until it can be written again (free"
+            " space in the state volume)."
+        )
+        self._note(text)
+        if name != "audit log":
+            self.audit.write("record_write_failed", record=name, error=str(exc))
+        with contextlib.suppress(Exception):
+            self._emit_cb(Notice(level="error", text=text))
+
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _clamp_timeout(value: Any) -> tuple[float | None, str]:
+    """devvm_shell's timeout_s from the model, within TIMEOUT_MIN_S..TIMEOUT_MAX_S; and a note
+    for the tool result when it was changed (None = the shell's default deadline)."""
+    if value is None:
+        return None, ""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None, f"timeout_s {value!r} is not a number: the default deadline was used"
+    clamped = float(min(max(value, TIMEOUT_MIN_S), TIMEOUT_MAX_S))
+    if clamped != value:
+        return clamped, (
+            f"timeout_s {value!r} is outside {TIMEOUT_MIN_S}..{TIMEOUT_MAX_S}: clamped to"
+            f" {clamped:g} s"
+        )
+    return clamped, ""
 
 
 def _accepts_keyword(func: Callable[..., Any], name: str) -> bool:

@@ -1,17 +1,25 @@
 """Output budgets: the model sees a head and a tail of each output, the transcript keeps it whole.
 
-Every tool output gets an ``output_id``. Its whole (scrubbed) text is streamed to a file of its own
+Every tool output gets an ``output_id``. Its (scrubbed) text is streamed to a file of its own
 under ``<state_dir>/transcripts/<session_id>/`` as it arrives, so memory stays bounded however much
-a command prints; only a head and a rolling tail are held. The model is shown the head and the tail
-within a budget (bytes and estimated tokens), told what was elided, the exit status and the sha256
-of the whole; ``read_output`` and ``grep_output`` let it look deeper without the context growing.
+a command prints; only a head and a rolling tail are held. The file is the one stored copy of the
+output (the session's transcript refers to it), and it is capped at :data:`MAX_STORED_BYTES`: the
+state volume is small, and one ``cat`` of a huge log must not fill it. Beyond the cap bytes are
+counted and hashed but not written, and the record says it was truncated. The model is shown the
+head and the (real) tail within a budget (bytes and estimated tokens), told what was elided, the
+exit status and the sha256 of the whole; ``read_output`` and ``grep_output`` let it look deeper
+into the stored part without the context growing. ``grep_output`` runs the model's pattern in a
+child process with a deadline: a catastrophic pattern cannot freeze the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +31,38 @@ from breakglass_tui.hosts.types import OutputChunk
 BYTES_PER_TOKEN = 3.0
 HEAD_SHARE = 0.4  # of the budget; the rest is the tail, where errors and summaries usually are
 _OUTPUT_ID = re.compile(r"^o[0-9]{1,9}$")
+# At most this much of one output is written to disk; the rest is counted and hashed only.
+MAX_STORED_BYTES = 16 * 1024 * 1024
+# grep_output: the pattern's deadline (the child running it is killed after), the part of each
+# line it is run on, and the longest pattern accepted.
+GREP_TIMEOUT_S = 5.0
+GREP_MAX_LINE = 4096
+GREP_MAX_PATTERN = 1000
+
+# The grep child: standard library only, run with ``python -I -S`` and an empty environment.
+# Reads one JSON request on stdin, writes one JSON answer on stdout.
+_GREP_CHILD = r"""
+import json, re, sys
+a = json.loads(sys.stdin.readline())
+rx = re.compile(a["pattern"])
+found, size, matches, full, offset, cut = [], 0, 0, False, 0, 0
+with open(a["path"], "rb") as f:
+    for number, raw in enumerate(f, start=1):
+        line = raw.decode("utf-8", errors="ignore").rstrip("\n")
+        cut += len(line) > a["max_line"]
+        if rx.search(line[: a["max_line"]]):
+            matches += 1
+            if len(found) < a["max_matches"] and not full:
+                shown = line if len(line) <= 400 else line[:400] + " [...]"
+                entry = f"{number} @{offset}: {shown}"
+                if size + len(entry) + 1 > a["budget"]:
+                    full = True
+                else:
+                    found.append(entry)
+                    size += len(entry) + 1
+        offset += len(raw)
+sys.stdout.write(json.dumps({"matches": matches, "found": found, "cut": cut}))
+"""
 
 
 def estimate_tokens(text: str | bytes) -> int:
@@ -45,14 +85,25 @@ class OutputRecord:
     raw_bytes: int  # bytes of the output as the command printed it (before scrubbing)
     stdout_bytes: int
     stderr_bytes: int
-    stored_bytes: int  # bytes in the file (scrubbed)
+    stored_bytes: int  # bytes in the file (scrubbed): at most the cap
     sha256: str  # of the whole output as printed (stdout and stderr interleaved)
     head: bytes
-    tail: bytes
+    tail: bytes  # the real end of the output, even when the file was truncated
+    scrubbed_bytes: int = -1  # bytes of the whole scrubbed output; -1 = stored_bytes
+    store_error: str | None = None  # why writing the file stopped early (disk full), if it did
+
+    def __post_init__(self) -> None:
+        if self.scrubbed_bytes < 0:
+            self.scrubbed_bytes = self.stored_bytes
+
+    @property
+    def truncated(self) -> bool:
+        """The file holds only the first part of the output."""
+        return self.stored_bytes < self.scrubbed_bytes
 
     @property
     def elided_bytes(self) -> int:
-        return max(0, self.stored_bytes - len(self.head) - len(self.tail))
+        return max(0, self.scrubbed_bytes - len(self.head) - len(self.tail))
 
 
 @dataclass
@@ -64,12 +115,15 @@ class OutputRecorder:
     scrubber: Scrubber
     head_limit: int
     tail_limit: int
+    max_stored: int = MAX_STORED_BYTES
     _fd: int = -1
     _sha: hashlib._Hash = field(default_factory=hashlib.sha256)
     _streams: dict[str, StreamScrubber] = field(default_factory=dict)
     _head: bytearray = field(default_factory=bytearray)
     _tail: bytearray = field(default_factory=bytearray)
-    _stored: int = 0
+    _stored: int = 0  # bytes written to the file
+    _seen: int = 0  # bytes of scrubbed output, written or not
+    _store_error: str | None = None
     _counts: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
 
     def __post_init__(self) -> None:
@@ -91,9 +145,22 @@ class OutputRecorder:
         """Record a whole text at once (verb documents, probe results)."""
         self.feed(OutputChunk(stream="stdout", text=text))
 
+    @property
+    def stored_bytes(self) -> int:
+        return self._stored
+
     def _store(self, data: bytes) -> None:
-        os.write(self._fd, data)
-        self._stored += len(data)
+        self._seen += len(data)
+        room = self.max_stored - self._stored
+        if room > 0 and self._store_error is None and self._fd >= 0:
+            part = memoryview(data)[:room]
+            try:
+                while part:
+                    written = os.write(self._fd, part)
+                    self._stored += written
+                    part = part[written:]
+            except OSError as exc:  # disk full: the rescue goes on, the record says so
+                self._store_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
         room = self.head_limit - len(self._head)
         if room > 0:
             self._head += data[:room]
@@ -113,7 +180,7 @@ class OutputRecorder:
         self._fd = -1
         head = bytes(self._head)
         # The tail is what follows the head, at most tail_limit bytes of it (no overlap).
-        after_head = self._stored - len(head)
+        after_head = self._seen - len(head)
         keep = min(after_head, self.tail_limit)
         tail = bytes(self._tail[len(self._tail) - keep :]) if keep > 0 else b""
         total = sum(self._counts.values())
@@ -127,6 +194,8 @@ class OutputRecorder:
             sha256=self._sha.hexdigest(),
             head=head,
             tail=tail,
+            scrubbed_bytes=self._seen,
+            store_error=self._store_error,
         )
         return record, rest
 
@@ -146,8 +215,10 @@ class OutputStore:
         *,
         budget_bytes: int = 8192,
         budget_tokens: int = 2048,
+        max_stored_bytes: int = MAX_STORED_BYTES,
     ) -> None:
         self.directory = directory
+        self.max_stored_bytes = max_stored_bytes
         self.scrubber = scrubber
         self.budget_bytes = max(256, min(budget_bytes, int(budget_tokens * BYTES_PER_TOKEN)))
         self._count = 0
@@ -165,6 +236,7 @@ class OutputStore:
             scrubber=self.scrubber,
             head_limit=head,
             tail_limit=self.budget_bytes - head,
+            max_stored=self.max_stored_bytes,
         )
 
     def finish(self, recorder: OutputRecorder) -> tuple[OutputRecord, list[OutputChunk]]:
@@ -180,15 +252,22 @@ class OutputStore:
         lines = [
             f"{header} | output_id {record.output_id} | {sizes} | sha256 {record.sha256}",
         ]
-        if record.stored_bytes == 0:
+        if record.truncated:
+            lines.append(_truncation_note(record))
+        if record.scrubbed_bytes == 0:
             lines.append("(no output)")
             return "\n".join(lines)
         if record.elided_bytes == 0:
             lines.append(_decode(record.head + record.tail))
             return "\n".join(lines)
         lines.append(_decode(record.head))
+        kept = (
+            f"the first {record.stored_bytes} bytes are kept"
+            if record.truncated
+            else "the whole output is kept"
+        )
         lines.append(
-            f"\n[... {record.elided_bytes} bytes elided; the whole output is kept: use"
+            f"\n[... {record.elided_bytes} bytes elided; {kept}: use"
             f" read_output(output_id={record.output_id!r}, offset, length) or"
             f" grep_output(output_id={record.output_id!r}, pattern) to see more ...]\n"
         )
@@ -208,41 +287,84 @@ class OutputStore:
         note = f"output_id {output_id}: bytes {offset}..{end} of {record.stored_bytes}"
         if asked > self.budget_bytes:
             note += f" (length capped at {self.budget_bytes})"
+        if record.truncated:
+            note += f" (only these were kept, of {record.scrubbed_bytes})"
         return note + "\n" + _decode(data)
 
-    def grep(self, output_id: str, pattern: str, max_matches: int = 50) -> str:
+    async def grep(
+        self,
+        output_id: str,
+        pattern: str,
+        max_matches: int = 50,
+        *,
+        timeout_s: float | None = None,
+    ) -> str:
         """Lines of a stored output matching a regular expression, with line numbers and byte
-        offsets, capped by the budget."""
+        offsets, capped by the budget. The pattern comes from the model: it runs in a child
+        process (CPython's ``re`` holds the GIL, so a thread would not help) on at most
+        GREP_MAX_LINE characters of each line, and a pattern that takes longer than the deadline
+        is stopped and reported as a ValueError."""
         record = self._record(output_id)
+        if len(pattern) > GREP_MAX_PATTERN:
+            raise ValueError(f"the pattern is longer than {GREP_MAX_PATTERN} characters")
         try:
-            regex = re.compile(pattern)
+            re.compile(pattern)
         except re.error as exc:
             raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from (
                 None
             )
         max_matches = max(1, min(int(max_matches), 500))
-        found: list[str] = []
-        size = 0
-        matches = 0
-        truncated = False
-        offset = 0
-        with record.path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                line = _decode(raw).rstrip("\n")
-                if regex.search(line):
-                    matches += 1
-                    if len(found) < max_matches and not truncated:
-                        shown = line if len(line) <= 400 else line[:400] + " [...]"
-                        entry = f"{number} @{offset}: {shown}"
-                        if size + len(entry) + 1 > self.budget_bytes:
-                            truncated = True
-                        else:
-                            found.append(entry)
-                            size += len(entry) + 1
-                offset += len(raw)
+        deadline = GREP_TIMEOUT_S if timeout_s is None else timeout_s
+        request = {
+            "pattern": pattern,
+            "path": str(record.path),
+            "max_matches": max_matches,
+            "budget": self.budget_bytes,
+            "max_line": GREP_MAX_LINE,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _GREP_CHILD,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={},
+        )
+        try:
+            async with asyncio.timeout(deadline):
+                out, err = await proc.communicate(json.dumps(request).encode() + b"\n")
+        except TimeoutError:
+            raise ValueError(
+                f"grep_output stopped: the pattern {pattern!r} ran longer than {deadline:g} s on"
+                f" output {output_id} (catastrophic backtracking?). Use a simpler pattern (no"
+                " nested or overlapping quantifiers), or read_output."
+            ) from None
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await asyncio.shield(proc.wait())
+        if proc.returncode != 0:
+            last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise ValueError(f"grep_output failed: {last[0][:300]}")
+        answer = json.loads(out)
+        found: list[str] = answer["found"]
+        matches: int = answer["matches"]
         head = f"output_id {output_id}: {matches} matching line(s) for {pattern!r}"
         if matches > len(found):
             head += f", first {len(found)} shown"
+        notes = []
+        if answer["cut"]:
+            notes.append(
+                f"{answer['cut']} line(s) longer than {GREP_MAX_LINE} characters were searched"
+                " in their first part only"
+            )
+        if record.truncated:
+            notes.append(f"only the kept first {record.stored_bytes} bytes were searched")
+        if notes:
+            head += f" ({'; '.join(notes)})"
         return "\n".join([head, *found])
 
     def _record(self, output_id: str) -> OutputRecord:
@@ -253,3 +375,16 @@ class OutputStore:
             known = ", ".join(list(self.records)[-5:]) or "none yet"
             raise ValueError(f"no output {output_id!r} in this session (latest: {known})")
         return record
+
+
+def _truncation_note(record: OutputRecord) -> str:
+    why = (
+        f"writing it failed ({record.store_error})"
+        if record.store_error
+        else f"it passed the cap of {record.stored_bytes} bytes per output"
+    )
+    return (
+        f"[TRUNCATED: only the first {record.stored_bytes} of {record.scrubbed_bytes} bytes are"
+        f" kept ({why}); the rest was counted and is in the sha256, but read_output and"
+        " grep_output see only the kept part; the tail below is the real end of the output]"
+    )

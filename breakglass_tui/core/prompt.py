@@ -118,8 +118,9 @@ def tool_definitions() -> list[dict[str, Any]]:
         {
             "name": "read_output",
             "description": (
-                "Read a byte range of an earlier tool output by its output_id (the whole output is"
-                " kept; you were shown only its head and tail). Length is capped by the budget."
+                "Read a byte range of an earlier tool output by its output_id (up to its first"
+                " 16 MiB are kept; you were shown only its head and tail). Length is capped by"
+                " the budget."
             ),
             "input_schema": {
                 "type": "object",
@@ -135,7 +136,9 @@ def tool_definitions() -> list[dict[str, Any]]:
             "name": "grep_output",
             "description": (
                 "Search an earlier tool output by its output_id for lines matching a Python"
-                " regular expression; returns line numbers, byte offsets and the lines."
+                " regular expression; returns line numbers, byte offsets and the lines. The"
+                " pattern sees the first 4096 characters of each line, and a pattern that runs"
+                " longer than a few seconds is stopped: avoid nested quantifiers."
             ),
             "input_schema": {
                 "type": "object",

@@ -10,8 +10,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+# A key block looks for its END within KEY_MAX_CHARS (the largest RSA key, 16384 bits, is ~12.6
+# KiB of PEM); a BEGIN line with no END that near drops at most KEY_MAX_LINES lines or
+# KEY_MAX_CHARS characters, then output resumes: a stray BEGIN line must not hide everything after.
+KEY_MAX_LINES = 256
+KEY_MAX_CHARS = 16 * 1024
+# A streamed line without a newline is held back at most this long, in key mode too.
+PARTIAL_MAX_CHARS = 64 * 1024
 _PEM_BLOCK = re.compile(
-    r"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY[A-Z0-9 ]*)-----.*?(?:-----END \1-----|\Z)",
+    r"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY[A-Z0-9 ]*)-----.{0," + str(KEY_MAX_CHARS) + r"}?"
+    r"-----END \1-----",
     re.DOTALL,
 )
 _PEM_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY[A-Z0-9 ]*-----")
@@ -20,6 +28,8 @@ _PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY[A-Z0-9 ]*-----")
 _ANTHROPIC_KEY = re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}")
 
 PRIVATE_KEY_MARKER = "[private key elided]"
+# What replaces a BEGIN line and what followed it when no END came within the bounds.
+UNENDED_KEY_MARKER = "[private key elided: no END line followed; the lines after BEGIN dropped]"
 SECRET_MARKER = "[secret elided]"  # noqa: S105 - the marker, not a secret
 
 
@@ -41,7 +51,8 @@ class Scrubber:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, SECRET_MARKER)
-        text = _PEM_BLOCK.sub(PRIVATE_KEY_MARKER, text)
+        if "PRIVATE KEY" in text:
+            text = _unended_keys(_PEM_BLOCK.sub(PRIVATE_KEY_MARKER, text))
         return _ANTHROPIC_KEY.sub(SECRET_MARKER, text)
 
     def value(self, value: object) -> object:
@@ -60,24 +71,35 @@ class Scrubber:
 
 
 class StreamScrubber:
-    """Scrubs a stream of text chunks line by line, dropping private key blocks whole."""
+    """Scrubs a stream of text chunks line by line, dropping private key blocks whole.
+
+    Memory stays bounded: a line without a newline is held back at most PARTIAL_MAX_CHARS, and
+    key mode (after a BEGIN line) gives up after KEY_MAX_LINES lines or KEY_MAX_CHARS characters
+    without an END line, with a marker for what it dropped."""
 
     def __init__(self, scrubber: Scrubber) -> None:
         self._scrubber = scrubber
         self._partial = ""
         self._in_key = False
+        self._key_lines = 0
+        self._key_chars = 0
 
     def feed(self, text: str) -> str:
         """Scrubbed complete lines of ``text`` (a trailing partial line waits for the next feed)."""
         data = self._partial + text
         cut = data.rfind("\n") + 1
         self._partial = data[cut:]
-        # A very long line without newline (a progress bar, binary junk) is released anyway so
-        # memory stays bounded; a key block line is never this long.
-        if len(self._partial) > 65536 and not self._in_key:
-            cut = len(data)
+        out = self._lines(data[:cut])
+        if self._in_key and self._key_chars + len(self._partial) > KEY_MAX_CHARS:
+            # A "key line" this long is not a key: drop it with the rest, leave key mode.
             self._partial = ""
-        return self._lines(data[:cut])
+            out += self._give_up()
+        elif len(self._partial) > PARTIAL_MAX_CHARS:
+            # A very long line without newline (a progress bar, binary junk) is released anyway
+            # so memory stays bounded.
+            rest, self._partial = self._partial, ""
+            out += self._lines(rest)
+        return out
 
     def flush(self) -> str:
         """Whatever is left at the end of the stream."""
@@ -88,6 +110,10 @@ class StreamScrubber:
             out += PRIVATE_KEY_MARKER + "\n"
         return out
 
+    def _give_up(self) -> str:
+        self._in_key = False
+        return UNENDED_KEY_MARKER + "\n"
+
     def _lines(self, data: str) -> str:
         if not data:
             return ""
@@ -97,9 +123,39 @@ class StreamScrubber:
                 if _PEM_END.search(line):
                     self._in_key = False
                     out.append(PRIVATE_KEY_MARKER + ("\n" if line.endswith("\n") else ""))
+                    continue
+                self._key_lines += 1
+                self._key_chars += len(line)
+                if self._key_lines > KEY_MAX_LINES or self._key_chars > KEY_MAX_CHARS:
+                    out.append(self._give_up())
                 continue
             if _PEM_BEGIN.search(line) and not _PEM_END.search(line):
                 self._in_key = True
+                self._key_lines = 0
+                self._key_chars = len(line)
                 continue
             out.append(self._scrubber.text(line))
         return "".join(out)
+
+
+def _unended_keys(text: str) -> str:
+    """``text`` with each BEGIN line that has no END after it replaced, with what follows it up
+    to KEY_MAX_LINES lines or KEY_MAX_CHARS characters, by UNENDED_KEY_MARKER."""
+    out: list[str] = []
+    pos = 0
+    for found in _PEM_BEGIN.finditer(text):
+        if found.start() < pos:
+            continue
+        out.append(text[pos : found.start()])
+        limit = min(len(text), found.end() + KEY_MAX_CHARS)
+        end = found.end()
+        for _ in range(KEY_MAX_LINES + 1):
+            newline = text.find("\n", end, limit)
+            if newline < 0:
+                end = limit
+                break
+            end = newline + 1
+        out.append(UNENDED_KEY_MARKER + ("\n" if text[end - 1 : end] == "\n" else ""))
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)

@@ -42,6 +42,8 @@ TAIL_CHARS = 64 * 1024
 # How long stopping a command may take before we give up on it and say so.
 STOP_GRACE_S = 2.0
 STOP_DEADLINE_S = 8.0
+# The longest one stop takes: the wait for the process-group id, the kill, the channel's close.
+STOP_CLOSE_WAIT_S = STOP_DEADLINE_S + 2 * STOP_GRACE_S
 
 # --norc/--noprofile: bash started under sshd sources ~/.bashrc even for `bash -c`; a rescue must
 # not depend on (or wait for) the user's rc files, which may hang on a wedged guest.
@@ -212,6 +214,9 @@ class DevvmShell:
         self.as_root = target.user == "root"
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
+        # Stops in flight (a cancelled or timed-out command being killed on the devvm): close()
+        # waits for them, or closing the connection would leave the command running.
+        self._stops: set[asyncio.Task[str]] = set()
 
     async def _connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
@@ -292,14 +297,14 @@ class DevvmShell:
             async with asyncio.timeout(deadline_s):
                 lost = await asyncio.shield(closed)
         except TimeoutError:
-            note = await self._stop(conn, chan, closed, collector)
+            note = await asyncio.shield(self._stop_task(conn, chan, closed, collector))
             self._killed_by(collector, chan.get_exit_status() or 0)  # drops setsid's report
             return outcome(
                 Ending.TIMED_OUT,
                 f"the command did not finish within its {deadline_s:g}s deadline; {note}",
             )
         except asyncio.CancelledError:
-            await asyncio.shield(self._stop(conn, chan, closed, collector))
+            await asyncio.shield(self._stop_task(conn, chan, closed, collector))
             raise
 
         status, exit_signal = chan.get_exit_status(), chan.get_exit_signal()
@@ -375,6 +380,21 @@ class DevvmShell:
             )
         return ""
 
+    def _stop_task(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        chan: asyncssh.SSHClientChannel[bytes],
+        closed: asyncio.Future[Exception | None],
+        collector: _Collector,
+    ) -> asyncio.Task[str]:
+        """Start stopping the command as a task of its own, tracked until done: the caller
+        awaits it shielded (a second cancel must not abandon the kill half-way) and close()
+        waits for it before closing the connection the kill is sent over."""
+        task = asyncio.create_task(self._stop(conn, chan, closed, collector))
+        self._stops.add(task)
+        task.add_done_callback(self._stops.discard)
+        return task
+
     async def _stop(
         self,
         conn: asyncssh.SSHClientConnection,
@@ -414,7 +434,15 @@ class DevvmShell:
         return note
 
     async def close(self) -> None:
-        """Close the connection (a running command's channel closes with it)."""
+        """Close the connection (a running command's channel closes with it).
+
+        A command being stopped (its caller was cancelled, or its deadline passed) is killed over
+        this connection: close() first waits for those stops, at most as long as one stop may
+        take, so quitting right after a cancel does not leave the command running as root."""
+        stops = [t for t in self._stops if not t.done()]
+        if stops:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(stops, timeout=STOP_CLOSE_WAIT_S)
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

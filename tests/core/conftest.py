@@ -40,6 +40,7 @@ class ScriptedHost:
     ran: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     verbs: list[str] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)
 
     async def run(
         self,
@@ -50,6 +51,7 @@ class ScriptedHost:
         keep_output: bool = True,
     ) -> CommandOutcome:
         self.ran.append(command)
+        self.timeouts.append(timeout_s)
         if self.fail_with is not None:
             raise self.fail_with
         text = self.outputs.get(command, f"ran {command}\n")

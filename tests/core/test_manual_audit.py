@@ -3,6 +3,7 @@ the transcript and the incident report."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -157,9 +158,13 @@ async def test_transcript_keeps_full_outputs_and_report_is_written(make_agent, f
         json.loads(line)
         for line in (state / "transcripts" / f"{h.agent.session_id}.jsonl").read_text().splitlines()
     ]
-    streamed = "".join(r["text"] for r in lines if r["kind"] == "output")
-    assert streamed == out
-    assert (state / "transcripts" / h.agent.session_id / "o1.out").read_text() == out
+    # The output is stored once, in its own file; the transcript says where and what it holds.
+    (stored,) = [r for r in lines if r["kind"] == "output"]
+    assert stored["file"] == f"transcripts/{h.agent.session_id}/o1.out"
+    assert stored["bytes"] == stored["stored_bytes"] == len(out) and not stored["truncated"]
+    assert stored["sha256"] == hashlib.sha256(out.encode()).hexdigest()
+    assert "text" not in stored
+    assert (state / stored["file"]).read_text() == out
     path = h.agent.write_report()
     text = path.read_text()
     assert path.parent == state / "reports"

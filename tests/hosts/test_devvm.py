@@ -122,6 +122,43 @@ async def test_cancel_stops_the_remote_command_and_its_quiet_children(shell: Dev
     assert (await shell.run("echo after")).stdout == "after\n"
 
 
+async def test_close_right_after_a_cancel_still_stops_the_remote_command(sshd: Sshd):
+    """The app cancels the running command and closes the shell at once when it quits: close()
+    must wait for the kill to be sent, or the quiet command outlives the closed channel."""
+    devvm = DevvmShell(target_for(sshd), client_keys=[KEY], connect_timeout_s=3.0)
+    marker = "sleep 4712.25"
+    task = asyncio.create_task(devvm.run(marker))
+    try:
+        assert await wait_for_pids(marker, present=True), "the remote command never started"
+        await asyncio.sleep(0.3)  # its process-group line has reached us
+        task.cancel()
+        await asyncio.sleep(0)  # the cancel is delivered: run() has started stopping it
+        await devvm.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Gone on the devvm itself, not merely our channel closed.
+        assert await wait_for_pids(marker, present=False, timeout=3.0) == []
+    finally:
+        kill_pids(pids_matching(marker))
+        await devvm.close()
+
+
+async def test_close_waits_only_a_bounded_time_for_a_stuck_stop(
+    shell: DevvmShell, monkeypatch: pytest.MonkeyPatch
+):
+    """A stop that cannot finish (a wedged guest) delays close() by its bound, not forever."""
+    import breakglass_tui.hosts.devvm as devvm_module
+
+    monkeypatch.setattr(devvm_module, "STOP_CLOSE_WAIT_S", 0.3)
+    never: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    stuck = asyncio.ensure_future(never)
+    shell._stops.add(stuck)  # a stop in flight that will never end
+    started = time.monotonic()
+    await shell.close()
+    assert time.monotonic() - started < 2.0
+    stuck.cancel()
+
+
 async def test_keep_output_false_keeps_a_bounded_tail_and_counts_every_byte(shell: DevvmShell):
     streamed = 0
 
