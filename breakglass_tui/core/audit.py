@@ -2,10 +2,12 @@
 
 Audit: ``<state_dir>/audit.jsonl``, one line per event, shared by every session (each line carries
 the session id and the operator). Transcript: ``<state_dir>/transcripts/<session_id>.jsonl``, the
-same events plus every output chunk in full. Both are opened with ``O_APPEND`` and written with one
-``os.write`` per line, so a crash loses nothing already done and concurrent sessions do not
-interleave within a line. Nothing here ever goes to stdout or stderr: in the app, those are the
-screen (and, under textual-serve, the wire to the browser).
+same events plus one line per output pointing at its file (``transcripts/<session_id>/<id>.out``,
+the whole output up to a 16 MiB cap, with byte counts and the sha256 of all of it). Both are
+opened with ``O_APPEND`` and written with one ``os.write`` per line, so a crash loses nothing
+already done and concurrent sessions do not interleave within a line. Nothing here ever goes to
+stdout or stderr: in the app, those are the screen (and, under textual-serve, the wire to the
+browser).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def audit_log(state_dir: Path, scrubber: Scrubber, *, session_id: str, operator:
 
 
 def transcript(state_dir: Path, scrubber: Scrubber, *, session_id: str, operator: str) -> JsonLines:
-    """The session's transcript with full outputs, ``<state_dir>/transcripts/<id>.jsonl``."""
+    """The session's transcript, ``<state_dir>/transcripts/<id>.jsonl``; outputs live beside it."""
     return JsonLines(
         state_dir / "transcripts" / f"{session_id}.jsonl",
         scrubber,
