@@ -8,6 +8,7 @@ and its operator's name. Settings come from flags or the matching ``BREAKGLASS_*
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, flag)
         if value is not None:
             overrides[name] = value
+    if args.lab and "serve_host" not in overrides and not os.environ.get("BREAKGLASS_SERVE_HOST"):
+        overrides["serve_host"] = "127.0.0.1"  # the lab is for this machine, not the network
     settings = load_settings(**overrides)
     if not settings.public_url:
         if args.lab:
