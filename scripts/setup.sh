@@ -10,8 +10,9 @@ mode=${1:-app}
 
 debs=(openssh-client)
 if [ "$mode" = test ]; then
-    # Real parts for the tests: sshd for the forced command, QEMU for QMP, Chromium for the page.
-    debs+=(openssh-server qemu-system-x86 chromium)
+    # Real parts for the tests: sshd for the forced command, sudo as on the devvm, QEMU for QMP
+    # and the real guest, Chromium for the page.
+    debs+=(openssh-server sudo qemu-system-x86 chromium)
 elif [ "$mode" = guest ]; then
     debs+=(qemu-system-x86)
 fi
