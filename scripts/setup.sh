@@ -11,8 +11,8 @@ mode=${1:-app}
 debs=(openssh-client)
 if [ "$mode" = test ]; then
     # Real parts for the tests: sshd for the forced command, sudo as on the devvm, QEMU for QMP
-    # and the real guest, Chromium for the page.
-    debs+=(openssh-server sudo qemu-system-x86 chromium)
+    # and the real guest, Chromium for the page, tmux for the newcomer-in-a-terminal test.
+    debs+=(openssh-server sudo qemu-system-x86 chromium tmux)
 elif [ "$mode" = guest ]; then
     debs+=(qemu-system-x86)
 fi

@@ -235,7 +235,7 @@ async def browser() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (scripts/setup.sh test does)")
     async with async_playwright() as pw:
         # Playwright gives a launched browser a fresh temporary user-data dir and removes it.
         chromium = await pw.chromium.launch(

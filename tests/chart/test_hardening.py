@@ -289,8 +289,6 @@ def test_vault_role_binds_this_service_account_namespace_and_audience(
     """The chart and the Vault role (docs/vault/kubernetes-role.json) must name the same service
     account, namespace and audience, or the login fails on the worst day."""
     role_file = REPO / "docs" / "vault" / "kubernetes-role.json"
-    if not role_file.exists():
-        pytest.skip("docs/vault/kubernetes-role.json is not there yet")
     role = json.loads(role_file.read_text())
     account = rendered.one("ServiceAccount")["metadata"]
     assert account["name"] in role["bound_service_account_names"]
