@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import asyncssh
 
 from breakglass_tui.hosts.devvm import DevvmShell
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import OutputChunk, SshTarget
 from tests.support.realparts import new_key, public_line, start_sshd
 
@@ -96,7 +97,7 @@ async def main() -> int:
     try:
         target = SshTarget("127.0.0.1", sshd.port, "root", sshd.known_hosts)
         command = command_for(args.mb)
-        shell = DevvmShell(target, client_keys=[key])
+        shell = DevvmShell(target, ConnectOptions(client_keys=[key]))
         conn = await asyncssh.connect(
             "127.0.0.1",
             sshd.port,

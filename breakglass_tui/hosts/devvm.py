@@ -28,7 +28,7 @@ import shlex
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import asyncssh
 
@@ -194,22 +194,12 @@ class DevvmShell:
     def __init__(
         self,
         target: SshTarget,
+        options: ConnectOptions,
         *,
-        agent_path: str | None = None,
-        client_keys: Sequence[asyncssh.SSHKey] | None = None,
-        connect_timeout_s: float = 6.0,
-        keepalive_interval_s: float = 5.0,
-        keepalive_count_max: int = 3,
         default_timeout_s: float = 120.0,
     ) -> None:
         self.target = target
-        self.options = ConnectOptions(
-            agent_path=agent_path,
-            client_keys=tuple(client_keys) if client_keys else None,
-            connect_timeout_s=connect_timeout_s,
-            keepalive_interval_s=keepalive_interval_s,
-            keepalive_count_max=keepalive_count_max,
-        )
+        self.options = options
         self.default_timeout_s = default_timeout_s
         self.as_root = target.user == "root"
         self._conn: asyncssh.SSHClientConnection | None = None

@@ -100,7 +100,7 @@ async def probe_devvm(
     # 3. Log in and run a trivial command.
     options = ConnectOptions(
         agent_path=agent_path,
-        client_keys=tuple(client_keys) if client_keys else None,
+        client_keys=client_keys,
         connect_timeout_s=remaining(),
         keepalive_interval_s=max(1.0, timeout_s),
         keepalive_count_max=1,

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import asyncssh
@@ -64,24 +63,10 @@ class PveClient:
     """Calls breakglass-verb on the PVE host over SSH (forced command, pinned host key)."""
 
     def __init__(
-        self,
-        target: SshTarget,
-        *,
-        agent_path: str | None = None,
-        client_keys: Sequence[asyncssh.SSHKey] | None = None,
-        connect_timeout_s: float = 6.0,
-        keepalive_interval_s: float = 5.0,
-        keepalive_count_max: int = 3,
-        verb_timeout_s: float = 300.0,
+        self, target: SshTarget, options: ConnectOptions, *, verb_timeout_s: float = 300.0
     ) -> None:
         self.target = target
-        self.options = ConnectOptions(
-            agent_path=agent_path,
-            client_keys=tuple(client_keys) if client_keys else None,
-            connect_timeout_s=connect_timeout_s,
-            keepalive_interval_s=keepalive_interval_s,
-            keepalive_count_max=keepalive_count_max,
-        )
+        self.options = options
         self.verb_timeout_s = verb_timeout_s
         self._open: set[asyncssh.SSHClientConnection] = set()
 

@@ -15,6 +15,7 @@ from breakglass_tui.config import Settings
 from breakglass_tui.hosts.devvm import DevvmShell
 from breakglass_tui.hosts.probe import probe_devvm
 from breakglass_tui.hosts.pve import PveClient
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import (
     CommandOutcome,
     OutputChunk,
@@ -40,8 +41,6 @@ class HostSession:
     ) -> None:
         self.devvm_target = devvm
         self.pve_target = pve
-        self._agent_path = agent_path
-        self._client_keys = tuple(client_keys) if client_keys else None
         timers: dict[str, Any] = {}
         default_timeout_s = 120.0
         if settings is not None:
@@ -51,14 +50,9 @@ class HostSession:
                 "keepalive_count_max": settings.keepalive_count_max,
             }
             default_timeout_s = settings.command_timeout_s
-        self.shell = DevvmShell(
-            devvm,
-            agent_path=agent_path,
-            client_keys=self._client_keys,
-            default_timeout_s=default_timeout_s,
-            **timers,
-        )
-        self.pve = PveClient(pve, agent_path=agent_path, client_keys=self._client_keys, **timers)
+        self.options = ConnectOptions(agent_path=agent_path, client_keys=client_keys, **timers)
+        self.shell = DevvmShell(devvm, self.options, default_timeout_s=default_timeout_s)
+        self.pve = PveClient(pve, self.options)
 
     async def run(
         self,
@@ -77,8 +71,8 @@ class HostSession:
         """How reachable the devvm is (see :func:`probe_devvm`)."""
         return await probe_devvm(
             self.devvm_target,
-            agent_path=self._agent_path,
-            client_keys=self._client_keys,
+            agent_path=self.options.agent_path,
+            client_keys=self.options.client_keys,
             timeout_s=PROBE_TIMEOUT_S,
         )
 

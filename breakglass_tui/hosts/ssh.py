@@ -33,13 +33,19 @@ class SshConnectError(Exception):
 
 @dataclass(frozen=True)
 class ConnectOptions:
-    """How to connect: the keys and the timers. Shared by DevvmShell, PveClient and the probe."""
+    """How to connect: the keys (one named ssh-agent and/or keys in memory) and the timers. One
+    value serves DevvmShell, PveClient and the probe, so they log in alike."""
 
     agent_path: str | None = None
     client_keys: Sequence[asyncssh.SSHKey] | None = None
     connect_timeout_s: float = 6.0
     keepalive_interval_s: float = 5.0
     keepalive_count_max: int = 3
+
+    def __post_init__(self) -> None:
+        # A private copy: a caller's list changing later must not change how we log in.
+        keys = tuple(self.client_keys) if self.client_keys else None
+        object.__setattr__(self, "client_keys", keys)
 
 
 def pinned_known_hosts(target: SshTarget) -> asyncssh.SSHKnownHosts:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -27,8 +26,10 @@ from pathlib import Path
 import asyncssh
 
 from breakglass_tui.hosts.types import SshTarget
+from breakglass_tui.lab import loopback
 from breakglass_tui.lab.devvm_sim import DevvmSim
-from breakglass_tui.lab.pve_host import LabPveHost
+from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
+from breakglass_tui.lab.pve_host import VERB_PATH, LabPveHost
 from breakglass_tui.lab.scenarios import SCENARIOS
 from breakglass_tui.lab.sim_pve import SimPve
 
@@ -38,17 +39,6 @@ log = logging.getLogger(__name__)
 
 DEVVM_USER = "breakglass"
 PVE_USER = "root"
-VERB_PATH = Path(__file__).resolve().parent.parent / "verb" / "breakglass_verb.py"
-
-
-def _public_line(key: asyncssh.SSHKey) -> str:
-    return key.export_public_key("openssh").decode().strip()
-
-
-def _known_hosts(port: int, host_key: asyncssh.SSHKey) -> str:
-    """known_hosts text pinning host_key for 127.0.0.1:port."""
-    algorithm, blob = _public_line(host_key).split()[:2]
-    return f"[127.0.0.1]:{port} {algorithm} {blob}\n"
 
 
 def _join_reaper(kvm_pid: int | None) -> None:
@@ -114,11 +104,15 @@ async def start_lab(
         raise ValueError(f"unknown lab scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
     if not VERB_PATH.exists():
         raise RuntimeError(f"the breakglass verb is missing at {VERB_PATH}: reinstall the package")
-    keys = [
-        asyncssh.generate_private_key("ssh-ed25519", comment=c)
-        for c in ("breakglass-lab-devvm", "breakglass-lab-pve", "lab-devvm-host", "lab-pve-host")
-    ]
-    devvm_key, pve_key, devvm_host_key, pve_host_key = keys
+    devvm_key, pve_key, devvm_host_key, pve_host_key = (
+        new_key(c)
+        for c in (
+            loopback.DEVVM_KEY,
+            loopback.PVE_KEY,
+            loopback.DEVVM_HOST_KEY,
+            loopback.PVE_HOST_KEY,
+        )
+    )
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="breakglass-lab-")) if workdir is None else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -131,18 +125,15 @@ async def start_lab(
         devvm_sim = DevvmSim(
             scenario,
             host_key=devvm_host_key,
-            authorized_keys=[_public_line(devvm_key)],
+            authorized_keys=[public_line(devvm_key)],
             user=DEVVM_USER,
             vm_json=sim.root / "vm.json",
             boot_delay_s=boot_delay_s,
         )
         devvm_port = await devvm_sim.start()
         pve_host = LabPveHost()
-        pve_port = await pve_host.start(
-            verb_argv=[sys.executable, str(VERB_PATH)],
-            verb_env={"BREAKGLASS_VERB_CONFIG": str(sim.verb_config_path)},
-            authorized_key=_public_line(pve_key),
-            host_key=pve_host_key,
+        pve_port = await pve_host.start_verb(
+            sim.verb_config_path, authorized_key=pve_key, host_key=pve_host_key
         )
     except BaseException:
         if devvm_sim is not None:
@@ -158,16 +149,8 @@ async def start_lab(
         "lab %s: devvm on 127.0.0.1:%s, PVE host on 127.0.0.1:%s", scenario, devvm_port, pve_port
     )
     return Lab(
-        devvm=SshTarget(
-            "127.0.0.1",
-            devvm_port,
-            DEVVM_USER,
-            _known_hosts(devvm_port, devvm_host_key),
-            name="devvm",
-        ),
-        pve=SshTarget(
-            "127.0.0.1", pve_port, PVE_USER, _known_hosts(pve_port, pve_host_key), name="pve"
-        ),
+        devvm=pinned_target(devvm_port, DEVVM_USER, public_line(devvm_host_key), "devvm"),
+        pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve"),
         devvm_key=devvm_key,
         pve_key=pve_key,
         sim=sim,

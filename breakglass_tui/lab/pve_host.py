@@ -29,15 +29,22 @@ import logging
 import os
 import shlex
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 import asyncssh
+
+from breakglass_tui.lab.loopback import public_line
+from breakglass_tui.verb.breakglass_verb import CONFIG_ENV
 
 log = logging.getLogger(__name__)
 
 # What a stock Debian sshd_config routes: ``Subsystem sftp /usr/lib/openssh/sftp-server``.
 SUBSYSTEMS = {"sftp": "/usr/lib/openssh/sftp-server"}
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The real breakglass-verb, run as the forced command by both labs.
+VERB_PATH = Path(__file__).resolve().parent.parent / "verb" / "breakglass_verb.py"
 
 
 class LabPveHost:
@@ -110,6 +117,18 @@ class LabPveHost:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("lab PVE host listening on 127.0.0.1:%s, forced command %s", self.port, forced)
         return self.port
+
+    async def start_verb(
+        self, verb_config: Path, *, authorized_key: asyncssh.SSHKey, host_key: asyncssh.SSHKey
+    ) -> int:
+        """Listen with the real ``breakglass-verb`` (configured by `verb_config`) as the forced
+        command of `authorized_key`, as on the PVE host; return the port."""
+        return await self.start(
+            verb_argv=[sys.executable, str(VERB_PATH)],
+            verb_env={CONFIG_ENV: str(verb_config)},
+            authorized_key=public_line(authorized_key),
+            host_key=host_key,
+        )
 
     async def close(self, *, grace_s: float = 30.0) -> None:
         """Stop listening, drop connections, let running verbs finish (up to `grace_s`: they

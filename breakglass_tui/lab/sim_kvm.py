@@ -95,8 +95,8 @@ class Kvm:
     def boot(self) -> None:
         """Bind QMP, record the boot in vm.json, then write the pid file (readiness)."""
         with contextlib.suppress(FileNotFoundError):
-            self.paths.qmp_path.unlink()
-        self.listener.bind(str(self.paths.qmp_path))
+            self.paths.qmp_socket.unlink()
+        self.listener.bind(str(self.paths.qmp_socket))
         self.listener.listen(8)
         with self.paths.vm_update() as vm:
             vm.update(
@@ -117,7 +117,7 @@ class Kvm:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.pid_file.unlink()
             with contextlib.suppress(FileNotFoundError):
-                self.paths.qmp_path.unlink()
+                self.paths.qmp_socket.unlink()
         self.paths.mark_stopped(os.getpid())
 
     def serve_forever(self) -> None:

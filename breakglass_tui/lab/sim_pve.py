@@ -19,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,28 +30,24 @@ from pathlib import Path
 from typing import Any
 
 from breakglass_tui.lab import sim_qm
+from breakglass_tui.lab.qm_standin import pid_alive, write_json_atomic, write_wrapper
 from breakglass_tui.lab.sim_qm import (
+    ENV_ROOT,
     FAULT_DEFAULTS,
     KVM_MODULE,
     QM_MODULE,
     SimPaths,
     is_sim_process,
-    pid_alive,
-    write_json_atomic,
 )
+from breakglass_tui.lab.verb_config import lab_verb_config
 
 # AF_UNIX paths are limited to 108 bytes; longer run dirs are moved to a short temp dir.
 _MAX_SOCKET_PATH = 100
 
-DEFAULT_VERB_CONFIG: dict[str, Any] = {
-    "budget": {"max_mutating_per_hour": 4, "cooldown_s": 300},
-    # Shortened for tests; still well above what the sim takes on a busy 2-core machine.
+# Over the verb's own defaults: deadlines shortened for tests, still well above what the sim
+# takes on a busy 2-core machine.
+VERB_CONFIG: dict[str, Any] = {
     "deadlines": {"forensics_s": 6, "probe_s": 2, "qm_action_s": 20, "verify_s": 10},
-    "retention": {
-        "keep_bundles": 20,
-        "max_bundle_bytes": 8_000_000,
-        "max_total_bytes": 100_000_000,
-    },
 }
 
 
@@ -113,32 +107,22 @@ class SimPve:
         write_json_atomic(root / "faults.json", dict(FAULT_DEFAULTS))
         (root / "calls.log").touch()
 
-        qm = root / "bin" / "qm"
-        qm.write_text(
-            "#!/bin/sh\n"
-            "# Simulated Proxmox qm (breakglass_tui.lab.sim_qm); made by SimPve.create.\n"
-            f"BREAKGLASS_SIM_PVE_DIR={shlex.quote(str(root))}\n"
-            f"PYTHONPATH={shlex.quote(sim_qm.SOURCE_ROOT)}\n"
-            "export BREAKGLASS_SIM_PVE_DIR PYTHONPATH\n"
-            f'exec {shlex.quote(sys.executable)} -S -m {QM_MODULE} "$@"\n'
+        qm = write_wrapper(
+            root,
+            QM_MODULE,
+            ENV_ROOT,
+            "Simulated Proxmox qm (breakglass_tui.lab.sim_qm); made by SimPve.create.",
         )
-        qm.chmod(0o755)
-
-        config: dict[str, Any] = {
-            "vmid": vmid,
-            "qm": str(qm),
-            "qemu_run_dir": str(run_dir),
-            "state_dir": str(state_dir),
-            **json.loads(json.dumps(DEFAULT_VERB_CONFIG)),
-            # No syslog here: the verb falls back to <state_dir>/verb.log, which tests can read.
-            "log": {"syslog_socket": str(root / "no-syslog.sock")},
-        }
-        for key, value in verb_overrides.items():
-            if isinstance(value, dict) and isinstance(config.get(key), dict):
-                config[key].update(value)
-            else:
-                config[key] = value
-        (root / "verb.toml").write_text(to_toml(config))
+        (root / "verb.toml").write_text(
+            lab_verb_config(
+                root,
+                vmid=vmid,
+                qm=qm,
+                qemu_run_dir=run_dir,
+                state_dir=state_dir,
+                layers=(VERB_CONFIG, verb_overrides),
+            )
+        )
 
         sim = cls(root, vmid, run_dir, own_run_dir)
         sim._start_supervisor()
@@ -321,24 +305,3 @@ class SimPve:
                     reply = {"ok": False, "error": str(exc)}
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(reply).encode() + b"\n")
-
-
-def to_toml(config: dict[str, Any]) -> str:
-    """Write a flat TOML document: top-level scalars, then one level of tables."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a valid TOML basic string
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} to verb.toml")
-
-    lines = [f"{k} = {value(v)}" for k, v in config.items() if not isinstance(v, dict)]
-    for table, items in config.items():
-        if isinstance(items, dict):
-            lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in items.items()]
-    return "\n".join(lines) + "\n"

@@ -3,7 +3,9 @@
 Run per call as ``python -S -m breakglass_tui.lab.sim_qm <subcommand> <vmid> [options]`` by the
 ``bin/qm`` wrapper that :class:`breakglass_tui.lab.sim_pve.SimPve` lays out. It must start fast,
 so it imports the standard library only; the kvm stand-in (``sim_kvm``) and ``SimPve`` share its
-helpers (paths, call log, faults, VM state, a QMP client) instead of the other way round.
+helpers (paths, faults, VM state) instead of the other way round. What it has in common with the
+real-guest ``qm`` (options, errors, ``qm status``, the call log, a QMP client) is
+:mod:`breakglass_tui.lab.qm_standin`.
 
 State lives in the directory named by ``BREAKGLASS_SIM_PVE_DIR`` (``SimPve.root``):
 - ``sim.json``    the vmid and the qemu run dir (written once by ``SimPve.create``)
@@ -32,12 +34,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from breakglass_tui.lab.qm_standin import (
+    EXIT_ERROR,
+    SOURCE_ROOT,
+    LineReader,
+    QmError,
+    QmpFailed,
+    StandinRoot,
+    append_line,
+    dispatch,
+    entry_point,
+    needs_stopped,
+    pid_alive,
+    qmp,
+    qmp_subcommand,
+    status_output,
+    wait_gone,
+    write_json_atomic,
+)
+
 ENV_ROOT = "BREAKGLASS_SIM_PVE_DIR"
 KVM_MODULE = "breakglass_tui.lab.sim_kvm"
 QM_MODULE = "breakglass_tui.lab.sim_qm"
-# The directory that holds the breakglass_tui package: sim processes are started with it on
-# PYTHONPATH and with -S, so they do not pay for site-packages they never use.
-SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 
 FAULT_DEFAULTS: dict[str, Any] = {
     "hang_qm": [],  # qm subcommands that never answer ("status", "reset", ...)
@@ -47,8 +65,6 @@ FAULT_DEFAULTS: dict[str, Any] = {
     "qmp_timeout_s": 5.0,  # how long the simulated qm waits for QMP (Proxmox: ~5 s for reset)
 }
 HANG_CAP_S = 3600.0  # "forever", but a forgotten hung qm still goes away on its own
-EXIT_ERROR = 255  # what Proxmox's CLI exits with on a failed command
-EXIT_NO_CONFIG = 2  # qm on a VM id that has no config
 
 QM_CONFIG = """boot: order=scsi0;net0
 cores: 4
@@ -67,62 +83,30 @@ vmgenid: 8c3b5f2e-2a44-4d57-9f1c-000000000{vmid}
 """
 
 
-class SimPaths:
+class SimPaths(StandinRoot):
     """Where one simulated PVE host keeps its files (see the module docstring)."""
 
+    FAULT_DEFAULTS = FAULT_DEFAULTS
+
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        super().__init__(root)
         meta = json.loads((self.root / "sim.json").read_text())
         self.vmid = int(meta["vmid"])
         self.run_dir = Path(meta["qemu_run_dir"])
         self.pid_file = self.run_dir / f"{self.vmid}.pid"
-        self.qmp_path = self.run_dir / f"{self.vmid}.qmp"
+        self.qmp_socket = self.run_dir / f"{self.vmid}.qmp"
         # The socket of SimPve's in-process supervisor, which starts and reaps the kvm processes.
         self.hv_socket = self.run_dir / "sim-hv.sock"
         self.vm_json = self.root / "vm.json"
         self.vm_lock = self.root / "vm.lock"
-        self.faults_json = self.root / "faults.json"
-        self.calls_log = self.root / "calls.log"
         self.pids_file = self.root / "sim-pids"
-
-    # -- call log ------------------------------------------------------------------------------
-    def log_call(self, text: str) -> None:
-        """Append one call with its time. One short O_APPEND write per line, so the qm and kvm
-        processes can log to the same file without interleaving."""
-        line = f"{time.time():.6f} {json.dumps(text)}\n".encode()
-        fd = os.open(self.calls_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
-
-    def read_calls(self) -> list[tuple[float, str]]:
-        """Every logged call, in order, as (time.time(), text)."""
-        try:
-            raw = self.calls_log.read_text()
-        except FileNotFoundError:
-            return []
-        calls = []
-        for line in raw.splitlines():
-            stamp, _, text = line.partition(" ")
-            calls.append((float(stamp), json.loads(text)))
-        return calls
 
     def record_pid(self, kind: str, pid: int) -> None:
         """Remember a sim process so SimPve.cleanup can find it even if it was not its child."""
-        fd = os.open(self.pids_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, f"{kind} {pid}\n".encode())
-        finally:
-            os.close(fd)
+        append_line(self.pids_file, f"{kind} {pid}")
 
-    # -- faults --------------------------------------------------------------------------------
-    def faults(self) -> dict[str, Any]:
-        """The current faults, defaults filled in. A missing or torn file means no faults."""
-        faults = dict(FAULT_DEFAULTS)
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            faults.update(json.loads(self.faults_json.read_text()))
-        return faults
+    def qmp_timeout_s(self) -> float:
+        return float(self.faults()["qmp_timeout_s"])
 
     # -- VM state ------------------------------------------------------------------------------
     def read_vm(self) -> dict[str, Any]:
@@ -144,34 +128,12 @@ class SimPaths:
                 vm.update(status="stopped", qmp_status="prelaunch", pid=None)
 
     # -- the kvm process -----------------------------------------------------------------------
-    def pid_from_file(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-
     def kvm_pid(self) -> int | None:
         """The PID of this VM's live sim kvm process, from the pid file, or None."""
         pid = self.pid_from_file()
         if pid is not None and pid_alive(pid) and is_sim_process(pid, KVM_MODULE, self.root):
             return pid
         return None
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie is not: it has exited, only unreaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = stat.rpartition(")")[2].split()[0]
-    return state not in ("Z", "X")
 
 
 def is_sim_process(pid: int, module: str, root: Path) -> bool:
@@ -210,73 +172,13 @@ def wait_for_kvm(paths: SimPaths, proc: subprocess.Popen[bytes], timeout_s: floa
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"kvm process exited with {proc.returncode} while starting")
-        if paths.pid_from_file() == proc.pid and paths.qmp_path.exists():
+        if paths.pid_from_file() == proc.pid and paths.qmp_socket.exists():
             return proc.pid
         time.sleep(0.01)
     raise RuntimeError(f"kvm process {proc.pid} did not start within {timeout_s}s")
 
 
-# -- a small QMP client (qm's own use of QMP) ----------------------------------------------------
-class QmpTimeout(Exception):
-    pass
-
-
-def qmp_command(
-    paths: SimPaths, execute: str, arguments: dict[str, Any] | None, timeout_s: float
-) -> dict[str, Any]:
-    """Connect, negotiate, run one command; the reply ({"return": ...} or {"error": ...}).
-    Raises QmpTimeout when the whole exchange does not finish within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        try:
-            sock.connect(str(paths.qmp_path))
-        except (TimeoutError, OSError) as exc:
-            raise QmpTimeout(str(exc)) from None
-        reader = _LineReader(sock, deadline)
-        reader.read_json()  # greeting
-        for cmd, args in (("qmp_capabilities", None), (execute, arguments)):
-            msg: dict[str, Any] = {"execute": cmd}
-            if args:
-                msg["arguments"] = args
-            sock.sendall(json.dumps(msg).encode() + b"\n")
-            while True:
-                reply = reader.read_json()
-                if "event" not in reply:  # asynchronous events come in between: skip them
-                    break
-        return reply
-
-
-class _LineReader:
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.deadline, self.buf = sock, deadline, b""
-
-    def read_json(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise QmpTimeout("got timeout")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except (TimeoutError, OSError):
-                raise QmpTimeout("got timeout") from None
-            if not data:
-                raise QmpTimeout("connection closed")
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return json.loads(line)
-
-
 # -- qm subcommands --------------------------------------------------------------------------
-class QmError(Exception):
-    """A failed qm command: message for stderr, and the exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _hang_forever(paths: SimPaths) -> None:
     paths.record_pid("qm", os.getpid())
     deadline = time.monotonic() + HANG_CAP_S
@@ -284,78 +186,27 @@ def _hang_forever(paths: SimPaths) -> None:
         time.sleep(1.0)
 
 
-def _options(args: list[str], known: dict[str, bool]) -> dict[str, str]:
-    """Parse ``--name value`` / ``--flag`` options (known: name -> takes a value)."""
-    opts: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        name = arg.lstrip("-")
-        if not arg.startswith("-") or name not in known:
-            raise QmError(f"Unknown option: {name}\n400 unable to parse option")
-        if known[name]:
-            if i + 1 >= len(args):
-                raise QmError(f"400 Parameter verification failed.\n{name}: missing value")
-            opts[name] = args[i + 1]
-            i += 2
-        else:
-            opts[name] = "1"
-            i += 1
-    return opts
-
-
-def _qmp_or_fail(paths: SimPaths, execute: str, args: dict[str, Any] | None = None) -> Any:
-    timeout = float(paths.faults()["qmp_timeout_s"])
-    try:
-        reply = qmp_command(paths, execute, args, timeout)
-    except QmpTimeout as exc:
-        raise QmError(f"VM {paths.vmid} qmp command '{execute}' failed - {exc}") from None
-    if "error" in reply:
-        desc = reply["error"].get("desc", "")
-        raise QmError(f"VM {paths.vmid} qmp command '{execute}' failed - {desc}")
-    return reply.get("return")
-
-
-def _wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.02)
-    return not pid_alive(pid)
-
-
 def cmd_status(paths: SimPaths, opts: dict[str, str]) -> str:
-    pid = paths.kvm_pid()
-    if pid is None:
-        return "status: stopped\n"
-    if "verbose" not in opts:
-        return "status: running\n"
-    vm = paths.read_vm()
-    info: dict[str, Any] = {
-        "cpus": 4,
-        "maxdisk": 214748364800,
-        "maxmem": 17179869184,
-        "name": "devvm",
-        "pid": pid,
-        "running-machine": "pc-i440fx-8.1+pve0",
-        "running-qemu": "8.2.2",
-        "status": "running",
-        "uptime": int(time.time() - float(vm.get("booted_at") or time.time())),
-        "vmid": paths.vmid,
-    }
-    # Like Proxmox, a QMP that does not answer leaves qmpstatus out and status says running.
-    try:
-        reply = qmp_command(paths, "query-status", None, float(paths.faults()["qmp_timeout_s"]))
-        info["qmpstatus"] = reply["return"]["status"]
-    except (QmpTimeout, KeyError, TypeError):
-        pass
-    return "".join(f"{k}: {info[k]}\n" for k in sorted(info))
+    def details(pid: int) -> dict[str, Any]:
+        booted_at = paths.read_vm().get("booted_at")
+        return {
+            "cpus": 4,
+            "maxdisk": 214748364800,
+            "maxmem": 17179869184,
+            "name": "devvm",
+            "pid": pid,
+            "running-machine": "pc-i440fx-8.1+pve0",
+            "running-qemu": "8.2.2",
+            "status": "running",
+            "uptime": int(time.time() - float(booted_at or time.time())),
+            "vmid": paths.vmid,
+        }
+
+    return status_output(paths, opts, details)
 
 
 def cmd_start(paths: SimPaths, opts: dict[str, str]) -> str:
-    if paths.kvm_pid() is not None:
-        raise QmError(f"VM {paths.vmid} already running")
+    needs_stopped(paths)
     start_kvm(paths)
     return ""
 
@@ -369,8 +220,8 @@ def start_kvm(paths: SimPaths) -> int:
             sock.connect(str(paths.hv_socket))
             sock.sendall(b"start\n")
             try:
-                reply = _LineReader(sock, time.monotonic() + 20.0).read_json()
-            except QmpTimeout as exc:
+                reply = LineReader(sock, time.monotonic() + 20.0).read_json()
+            except QmpFailed as exc:
                 raise QmError(f"start failed: the sim supervisor did not answer ({exc})") from None
         if not reply.get("ok"):
             raise QmError(f"start failed: {reply.get('error')}")
@@ -395,9 +246,9 @@ def cmd_stop(paths: SimPaths, opts: dict[str, str]) -> str:
         return ""
     timeout = min(float(opts.get("timeout", 10)), 10.0)
     os.kill(pid, signal.SIGTERM)
-    if not _wait_gone(pid, timeout):
+    if not wait_gone(pid, timeout):
         os.kill(pid, signal.SIGKILL)
-        if not _wait_gone(pid, 5.0):
+        if not wait_gone(pid, 5.0):
             raise QmError(f"VM {paths.vmid} stop failed - got timeout")
     paths.mark_stopped(pid)
     return ""
@@ -408,27 +259,10 @@ def cmd_shutdown(paths: SimPaths, opts: dict[str, str]) -> str:
     if pid is None:
         return ""
     timeout = min(float(opts.get("timeout", 10)), 10.0)
-    _qmp_or_fail(paths, "system_powerdown")
-    if not _wait_gone(pid, timeout):
+    qmp(paths, "system_powerdown")
+    if not wait_gone(pid, timeout):
         raise QmError("VM quit/powerdown failed - got timeout")
     paths.mark_stopped(pid)
-    return ""
-
-
-def _needs_running(paths: SimPaths) -> None:
-    if paths.kvm_pid() is None:
-        raise QmError(f"VM {paths.vmid} not running")
-
-
-def cmd_reset(paths: SimPaths, opts: dict[str, str]) -> str:
-    _needs_running(paths)
-    _qmp_or_fail(paths, "system_reset")
-    return ""
-
-
-def cmd_resume(paths: SimPaths, opts: dict[str, str]) -> str:
-    _needs_running(paths)
-    _qmp_or_fail(paths, "cont")
     return ""
 
 
@@ -441,8 +275,8 @@ COMMANDS = {
     "start": (cmd_start, {"skiplock": True, "timeout": True}),
     "stop": (cmd_stop, {"timeout": True, "skiplock": True, "keepActive": True}),
     "shutdown": (cmd_shutdown, {"timeout": True, "forceStop": True, "skiplock": True}),
-    "reset": (cmd_reset, {"skiplock": True}),
-    "resume": (cmd_resume, {"skiplock": True, "nocheck": True}),
+    "reset": (qmp_subcommand("system_reset"), {"skiplock": True}),
+    "resume": (qmp_subcommand("cont"), {"skiplock": True, "nocheck": True}),
     "config": (cmd_config, {"current": False, "snapshot": True}),
 }
 
@@ -461,28 +295,17 @@ def run(argv: list[str], paths: SimPaths) -> int:
     if len(argv) < 2:
         sys.stderr.write(f"400 not enough arguments\nqm {sub} <vmid> [OPTIONS]\n")
         return EXIT_ERROR
-    if not argv[1].isdigit() or int(argv[1]) != paths.vmid:
-        sys.stderr.write(
-            f"Configuration file 'nodes/pve/qemu-server/{argv[1]}.conf' does not exist\n"
-        )
-        return EXIT_NO_CONFIG
     func, known = COMMANDS[sub]
-    try:
-        out = func(paths, _options(argv[2:], known))
-    except QmError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return exc.code
-    sys.stdout.write(out)
-    return 0
+    return dispatch(paths, argv[1], func, known, argv[2:])
 
 
 def main() -> None:
     """Entry point: ``python -m breakglass_tui.lab.sim_qm <args>``."""
-    root = os.environ.get(ENV_ROOT)
-    if not root:
-        sys.stderr.write(f"sim qm: {ENV_ROOT} is not set: run it through SimPve's bin/qm\n")
-        sys.exit(EXIT_ERROR)
-    sys.exit(run(sys.argv[1:], SimPaths(Path(root))))
+    entry_point(
+        ENV_ROOT,
+        lambda argv, root: run(argv, SimPaths(root)),
+        f"sim qm: {ENV_ROOT} is not set: run it through SimPve's bin/qm",
+    )
 
 
 if __name__ == "__main__":

@@ -857,38 +857,13 @@ def capture_forensics(cfg: Config, verb: str) -> Bundle:
         return min(time.monotonic() + cfg.probe_s, overall)
 
     vmid = str(cfg.vmid)
+    journal_of = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(JOURNAL_LINES), "-u"]
     children = [
         ("dmesg", ["dmesg", "--ctime"], DMESG_LINES),
         ("qm_status", [cfg.qm, "status", vmid, "--verbose"], 0),
         ("qm_config", [cfg.qm, "config", vmid], 0),
-        (
-            "journal_vm_scope",
-            [
-                "journalctl",
-                "--no-pager",
-                "-o",
-                "short-iso",
-                "-n",
-                str(JOURNAL_LINES),
-                "-u",
-                f"{vmid}.scope",
-            ],
-            0,
-        ),
-        (
-            "journal_pvestatd",
-            [
-                "journalctl",
-                "--no-pager",
-                "-o",
-                "short-iso",
-                "-n",
-                str(JOURNAL_LINES),
-                "-u",
-                "pvestatd",
-            ],
-            0,
-        ),
+        ("journal_vm_scope", [*journal_of, f"{vmid}.scope"], 0),
+        ("journal_pvestatd", [*journal_of, "pvestatd"], 0),
     ]
     threads: list[tuple[threading.Thread, Probe, float]] = []
     child_probes: list[Probe] = []

@@ -37,6 +37,6 @@ async def real_lab(request, guest_image: GuestImage) -> AsyncIterator[tuple[Real
         pids = lab.sim.paths.started_pids()
         await lab.close()
         # The lab kills the QEMU processes it started, and only those.
-        from breakglass_tui.lab.guest.qm import pid_alive
+        from breakglass_tui.lab.qm_standin import pid_alive
 
         assert not [pid for pid in pids if pid_alive(pid)]

@@ -16,6 +16,8 @@ import pytest
 from breakglass_tui.lab.guest import qm as guest_qm
 from breakglass_tui.lab.guest.build import GuestImage
 from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available, start_real_lab
+from breakglass_tui.lab.guest.qm import QMP_TIMEOUT_S
+from breakglass_tui.lab.qm_standin import QmpClient, pid_alive, write_json_atomic
 from tests.support.realparts import free_port
 
 
@@ -25,7 +27,7 @@ def pve_root(tmp_path: Path, guest_image: GuestImage) -> Iterator[Path]:
     root = tmp_path / "pve"
     (root / "run").mkdir(parents=True)
     (root / "disk.raw").write_bytes(b"\0" * 1024 * 1024)
-    guest_qm.write_json_atomic(
+    write_json_atomic(
         root / "vm.json",
         {
             "vmid": 102,
@@ -46,7 +48,7 @@ def pve_root(tmp_path: Path, guest_image: GuestImage) -> Iterator[Path]:
     finally:
         paths = guest_qm.GuestPaths(root)
         for pid in paths.started_pids():
-            if guest_qm.is_lab_qemu(pid, root) and guest_qm.pid_alive(pid):
+            if guest_qm.is_lab_qemu(pid, root) and pid_alive(pid):
                 os.kill(pid, 9)
 
 
@@ -94,7 +96,7 @@ def test_qm_drives_a_real_qemu_like_proxmox(pve_root: Path) -> None:
 
     stop = qm(root, "stop", "102", "--timeout", "5")
     assert stop.returncode == 0, stop.stderr
-    assert not guest_qm.pid_alive(pid)  # verified gone, not just asked to go
+    assert not pid_alive(pid)  # verified gone, not just asked to go
     assert qm(root, "status", "102").stdout == "status: stopped\n"
     calls = [text for _, text in guest_qm.GuestPaths(root).read_calls()]
     assert calls[0] == "qm status 102" and calls[-1] == "qm status 102"
@@ -106,7 +108,7 @@ def test_qm_status_falls_back_to_running_when_qmp_does_not_answer(pve_root: Path
     root = pve_root
     assert qm(root, "start", "102").returncode == 0
     paths = guest_qm.GuestPaths(root)
-    with guest_qm.QmpClient(paths.qmp_socket):  # hold QEMU's only QMP client slot
+    with QmpClient(paths.qmp_socket, QMP_TIMEOUT_S):  # hold QEMU's only QMP client slot
         t0 = time.monotonic()
         info = verbose(root)
         assert time.monotonic() - t0 < 15

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from breakglass_tui.hosts.devvm import DevvmShell, stop_command, unwrap_command, wrap_command
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending, OutputChunk, SshTarget
 from tests.hosts.sshparts import (
     kill_pids,
@@ -37,7 +38,7 @@ def sshd() -> Iterator[Sshd]:
 
 @pytest.fixture
 async def shell(sshd: Sshd):
-    devvm = DevvmShell(target_for(sshd), client_keys=[KEY], connect_timeout_s=3.0)
+    devvm = DevvmShell(target_for(sshd), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     try:
         yield devvm
     finally:
@@ -125,7 +126,7 @@ async def test_cancel_stops_the_remote_command_and_its_quiet_children(shell: Dev
 async def test_close_right_after_a_cancel_still_stops_the_remote_command(sshd: Sshd):
     """The app cancels the running command and closes the shell at once when it quits: close()
     must wait for the kill to be sent, or the quiet command outlives the closed channel."""
-    devvm = DevvmShell(target_for(sshd), client_keys=[KEY], connect_timeout_s=3.0)
+    devvm = DevvmShell(target_for(sshd), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     marker = "sleep 4712.25"
     task = asyncio.create_task(devvm.run(marker))
     try:
@@ -187,7 +188,7 @@ async def test_a_failing_output_consumer_does_not_break_the_command(shell: Devvm
 
 async def test_host_key_mismatch_is_refused_with_a_message(sshd: Sshd):
     target = target_for(sshd, known_hosts=other_host_key_line(sshd.port))
-    devvm = DevvmShell(target, client_keys=[KEY], connect_timeout_s=3.0)
+    devvm = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     outcome = await devvm.run("echo should-not-run")
     await devvm.close()
     assert outcome.ending is Ending.FAILED
@@ -197,7 +198,7 @@ async def test_host_key_mismatch_is_refused_with_a_message(sshd: Sshd):
 
 async def test_unknown_host_key_is_refused_with_a_message(sshd: Sshd):
     target = target_for(sshd, known_hosts=other_host_key_line(sshd.port + 1))
-    devvm = DevvmShell(target, client_keys=[KEY], connect_timeout_s=3.0)
+    devvm = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     outcome = await devvm.run("echo should-not-run")
     await devvm.close()
     assert outcome.ending is Ending.FAILED
@@ -206,13 +207,15 @@ async def test_unknown_host_key_is_refused_with_a_message(sshd: Sshd):
 
 async def test_a_target_without_pinned_host_key_is_refused(sshd: Sshd):
     target = SshTarget("127.0.0.1", sshd.port, "root", None)
-    outcome = await DevvmShell(target, client_keys=[KEY]).run("true")
+    outcome = await DevvmShell(target, ConnectOptions(client_keys=[KEY])).run("true")
     assert outcome.ending is Ending.FAILED
     assert "no pinned host key" in outcome.message
 
 
 async def test_auth_failure_says_the_key_was_refused(sshd: Sshd):
-    devvm = DevvmShell(target_for(sshd), client_keys=[new_key("stranger")], connect_timeout_s=3.0)
+    devvm = DevvmShell(
+        target_for(sshd), ConnectOptions(client_keys=[new_key("stranger")], connect_timeout_s=3.0)
+    )
     outcome = await devvm.run("true")
     await devvm.close()
     assert outcome.ending is Ending.FAILED
@@ -226,7 +229,7 @@ async def test_keys_come_from_the_named_ssh_agent(sshd: Sshd, ssh_agent: SshAgen
     assert agent is not None
     try:
         await agent.add_keys([KEY])
-        devvm = DevvmShell(target_for(sshd), agent_path=ssh_agent.socket_path)
+        devvm = DevvmShell(target_for(sshd), ConnectOptions(agent_path=ssh_agent.socket_path))
         outcome = await devvm.run("echo via-agent")
         await devvm.close()
         assert outcome.ok and outcome.stdout == "via-agent\n"
@@ -238,13 +241,13 @@ async def test_keys_come_from_the_named_ssh_agent(sshd: Sshd, ssh_agent: SshAgen
 async def test_an_empty_agent_is_reported_not_mistaken_for_auth_failure(
     sshd: Sshd, ssh_agent: SshAgent
 ):
-    devvm = DevvmShell(target_for(sshd), agent_path=ssh_agent.socket_path)
+    devvm = DevvmShell(target_for(sshd), ConnectOptions(agent_path=ssh_agent.socket_path))
     outcome = await devvm.run("true")
     assert outcome.ending is Ending.FAILED and "holds no key" in outcome.message
 
 
 async def test_no_keys_at_all_is_refused_before_connecting(sshd: Sshd):
-    outcome = await DevvmShell(target_for(sshd)).run("true")
+    outcome = await DevvmShell(target_for(sshd), ConnectOptions()).run("true")
     assert outcome.ending is Ending.FAILED and "no SSH key" in outcome.message
 
 
@@ -252,14 +255,14 @@ async def test_refused_connection_is_a_failed_outcome_not_an_exception():
     from tests.support.realparts import free_port
 
     target = SshTarget("127.0.0.1", free_port(), "root", "[127.0.0.1]:1 ssh-ed25519 AAAA\n")
-    outcome = await DevvmShell(target, client_keys=[KEY]).run("true")
+    outcome = await DevvmShell(target, ConnectOptions(client_keys=[KEY])).run("true")
     assert outcome.ending is Ending.FAILED and "refused the connection" in outcome.message
 
 
 async def test_dropped_connection_fails_the_command_and_the_next_run_reconnects():
     server = start_sshd(public_line(KEY) + "\n")
     marker = "sleep 654.301"
-    devvm = DevvmShell(target_for(server), client_keys=[KEY], connect_timeout_s=3.0)
+    devvm = DevvmShell(target_for(server), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     try:
         started = asyncio.Event()
         task = asyncio.create_task(
@@ -283,7 +286,7 @@ async def test_dropped_connection_fails_the_command_and_the_next_run_reconnects(
 
 async def test_stopped_sshd_gives_a_refused_outcome_not_an_exception():
     server = start_sshd(public_line(KEY) + "\n")
-    devvm = DevvmShell(target_for(server), client_keys=[KEY], connect_timeout_s=3.0)
+    devvm = DevvmShell(target_for(server), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     try:
         assert (await devvm.run("true")).ok
         for pid in session_pids(server):
@@ -325,7 +328,8 @@ async def test_a_silently_dead_link_is_detected_by_keepalives_and_the_next_run_r
     server = start_sshd(public_line(KEY) + "\n")
     marker = "sleep 598.101"
     devvm = DevvmShell(
-        target_for(server), client_keys=[KEY], keepalive_interval_s=0.5, keepalive_count_max=2
+        target_for(server),
+        ConnectOptions(client_keys=[KEY], keepalive_interval_s=0.5, keepalive_count_max=2),
     )
     frozen: list[int] = []
     try:

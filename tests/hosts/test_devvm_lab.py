@@ -13,6 +13,7 @@ import pytest
 
 from breakglass_tui.hosts.devvm import DevvmShell
 from breakglass_tui.hosts.probe import probe_devvm
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending, Reachability, SshTarget
 from tests.support.realparts import new_key, public_line
 
@@ -33,7 +34,7 @@ async def started(scenario: str):
 @pytest.mark.parametrize("scenario", ["healthy", "disk-full", "oom", "stuck-service"])
 async def test_ssh_works_in_the_soft_scenarios(scenario: str):
     sim, target = await started(scenario)
-    shell = DevvmShell(target, client_keys=[KEY], connect_timeout_s=2.0)
+    shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=2.0))
     try:
         probe = await probe_devvm(target, client_keys=[KEY], timeout_s=3.0)
         assert probe.reachability is Reachability.HEALTHY, probe.message
@@ -47,7 +48,7 @@ async def test_ssh_works_in_the_soft_scenarios(scenario: str):
 
 async def test_the_wedged_guest_shows_no_banner_and_commands_fail_cleanly():
     sim, target = await started("wedged")
-    shell = DevvmShell(target, client_keys=[KEY], connect_timeout_s=1.5)
+    shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=1.5))
     try:
         probe = await probe_devvm(target, client_keys=[KEY], timeout_s=2.0)
         assert probe.reachability is Reachability.NO_BANNER
@@ -61,7 +62,7 @@ async def test_the_wedged_guest_shows_no_banner_and_commands_fail_cleanly():
 
 async def test_io_stall_commands_come_back_by_their_deadline():
     sim, target = await started("io-stall")
-    shell = DevvmShell(target, client_keys=[KEY], connect_timeout_s=2.0)
+    shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=2.0))
     try:
         outcome = await shell.run("df -h /; sync", timeout_s=1.5)
         assert outcome.ending in (Ending.TIMED_OUT, Ending.EXITED)
@@ -73,7 +74,7 @@ async def test_io_stall_commands_come_back_by_their_deadline():
 
 async def test_cancel_stops_the_command_in_the_simulated_guest():
     sim, target = await started("healthy")
-    shell = DevvmShell(target, client_keys=[KEY], connect_timeout_s=2.0)
+    shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=2.0))
 
     def sleeping() -> list[str]:
         return [p.command for p in sim.state.processes.values() if "sleep 100" in p.command]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from breakglass_tui.hosts.devvm import DevvmShell
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending
 from tests.hosts.sshparts import kill_pids, target_for, wait_for_pids
 from tests.support.realparts import Sshd, new_key, public_line, start_sshd
@@ -65,7 +66,9 @@ def sshd(users: tuple[str, str]) -> Iterator[Sshd]:
 
 @contextlib.asynccontextmanager
 async def shell_as(sshd: Sshd, user: str):
-    shell = DevvmShell(target_for(sshd, user=user), client_keys=[KEY], connect_timeout_s=5)
+    shell = DevvmShell(
+        target_for(sshd, user=user), ConnectOptions(client_keys=[KEY], connect_timeout_s=5)
+    )
     try:
         yield shell
     finally:

@@ -19,11 +19,13 @@ import pytest
 from breakglass_tui.config import COLD_PATH_POINTER
 from breakglass_tui.hosts.pve import PveClient
 from breakglass_tui.hosts.session import HostSession
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import SshTarget
 from tests.hosts.sshparts import other_host_key_line, target_for
 from tests.support.realparts import Sshd, free_port, new_key, public_line, start_sshd
 
 PVE_KEY = new_key("breakglass-pve")
+PVE_LOGIN = ConnectOptions(client_keys=[PVE_KEY])
 BUNDLE = "20260612T101500Z-reset-1a2b3c"
 
 # The forced command: answers SSH_ORIGINAL_COMMAND from a JSON file of {command: [code, doc]},
@@ -86,7 +88,7 @@ def answer(answers_file: Path, table: dict[str, tuple[int, object]]) -> None:
 
 async def test_status_is_parsed_into_a_verb_result(pve_sshd: Sshd, answers_file: Path):
     answer(answers_file, {"status": (0, doc("status", 0, message="VM 102 is running."))})
-    result = await PveClient(target_for(pve_sshd), client_keys=[PVE_KEY]).verb("status")
+    result = await PveClient(target_for(pve_sshd), PVE_LOGIN).verb("status")
     assert result.ok and result.exit_code == 0
     assert (result.verb, result.vmid, result.state_after) == ("status", 102, "running")
     assert result.message == "VM 102 is running."
@@ -117,7 +119,7 @@ async def test_each_exit_code_gets_a_clear_message(
 ):
     body = doc(fields.pop("verb", verb), code, message="the verb's own sentence.", **fields)  # type: ignore[arg-type]
     answer(answers_file, {verb: (code, body)})
-    result = await PveClient(target_for(pve_sshd), client_keys=[PVE_KEY]).verb(verb)
+    result = await PveClient(target_for(pve_sshd), PVE_LOGIN).verb(verb)
     assert not result.ok and result.exit_code == code
     assert expected in result.message and "the verb's own sentence." in result.message
     assert result.refused == fields.get("refused")
@@ -126,7 +128,7 @@ async def test_each_exit_code_gets_a_clear_message(
 
 async def test_an_answer_that_is_not_json_says_so(pve_sshd: Sshd, answers_file: Path):
     answer(answers_file, {"status": (1, "bash: status: command not found")})
-    result = await PveClient(target_for(pve_sshd), client_keys=[PVE_KEY]).verb("status")
+    result = await PveClient(target_for(pve_sshd), PVE_LOGIN).verb("status")
     assert not result.ok and result.exit_code == 1
     assert "no JSON document" in result.message and "forced command" in result.message
 
@@ -142,7 +144,7 @@ async def test_bundle_fetches_by_exact_id(pve_sshd: Sshd, answers_file: Path):
             )
         },
     )
-    client = PveClient(target_for(pve_sshd), client_keys=[PVE_KEY])
+    client = PveClient(target_for(pve_sshd), PVE_LOGIN)
     got = await client.bundle(BUNDLE)
     assert got["ok"] is True and got["files"] == files and got["original"] == f"bundle {BUNDLE}"
     refused = await client.bundle("../../etc/shadow")
@@ -152,7 +154,7 @@ async def test_bundle_fetches_by_exact_id(pve_sshd: Sshd, answers_file: Path):
 async def test_an_unknown_verb_is_refused_before_connecting():
     # Nothing listens there: had it tried to connect, it would report the cold case instead.
     target = SshTarget("127.0.0.1", free_port(), "root", "[127.0.0.1]:1 ssh-ed25519 AAAA\n")
-    result = await PveClient(target, client_keys=[PVE_KEY]).verb("status; rm -rf /")
+    result = await PveClient(target, PVE_LOGIN).verb("status; rm -rf /")
     assert not result.ok and result.exit_code == 2 and result.refused == "bad_input"
     assert not result.cold_case and "not a verb" in result.message
 
@@ -161,7 +163,7 @@ async def test_an_unreachable_pve_host_is_the_cold_case():
     target = SshTarget(
         "127.0.0.1", free_port(), "breakglass", "[127.0.0.1]:1 ssh-ed25519 AAAA\n", name="pve"
     )
-    result = await PveClient(target, client_keys=[PVE_KEY]).verb("reset")
+    result = await PveClient(target, PVE_LOGIN).verb("reset")
     assert not result.ok and result.cold_case
     assert result.message.endswith(COLD_PATH_POINTER)
     assert "cannot be reached" in result.message
@@ -169,7 +171,7 @@ async def test_an_unreachable_pve_host_is_the_cold_case():
 
 async def test_a_wrong_pve_host_key_is_refused_and_not_the_cold_case(pve_sshd: Sshd):
     target = target_for(pve_sshd, known_hosts=other_host_key_line(pve_sshd.port))
-    result = await PveClient(target, client_keys=[PVE_KEY]).verb("status")
+    result = await PveClient(target, PVE_LOGIN).verb("status")
     assert not result.ok and not result.cold_case
     assert "NOT the pinned one" in result.message
 
@@ -199,7 +201,7 @@ def verb_command(sim) -> str:
 async def test_end_to_end_behind_openssh_with_the_real_verb(sim):
     server = start_sshd(f'command="{verb_command(sim)}",restrict {public_line(PVE_KEY)}\n')
     try:
-        client = PveClient(target_for(server), client_keys=[PVE_KEY])
+        client = PveClient(target_for(server), PVE_LOGIN)
         status = await client.verb("status")
         assert status.ok, status.message
         assert status.vmid == 102 and status.state_after == "running"

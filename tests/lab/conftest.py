@@ -9,6 +9,7 @@ import asyncssh
 import pytest
 
 from breakglass_tui.hosts.devvm import DevvmShell
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import CommandOutcome, SshTarget
 from breakglass_tui.lab.devvm_sim import DevvmSim
 from breakglass_tui.lab.lab import Lab, start_lab
@@ -25,7 +26,9 @@ class SimDevvm:
         self.target = SshTarget(
             "127.0.0.1", sim.port, sim.user, f"[127.0.0.1]:{sim.port} {pub[0]} {pub[1]}\n"
         )
-        self.shell = DevvmShell(self.target, client_keys=[key], connect_timeout_s=3.0)
+        self.shell = DevvmShell(
+            self.target, ConnectOptions(client_keys=[key], connect_timeout_s=3.0)
+        )
 
     async def run(self, command: str, timeout_s: float = 10.0) -> CommandOutcome:
         return await self.shell.run(command, timeout_s=timeout_s)

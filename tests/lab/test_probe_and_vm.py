@@ -12,6 +12,7 @@ import pytest
 from breakglass_tui.hosts.probe import probe_devvm
 from breakglass_tui.hosts.pve import PveClient
 from breakglass_tui.hosts.session import HostSession
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending, Reachability
 from breakglass_tui.lab.devvm_sim import DevvmSim
 
@@ -88,7 +89,7 @@ async def test_wedged_lab_recovered_end_to_end_with_reset(lab_factory):
     assert probe.reachability is Reachability.NO_BANNER
 
     boot_id = lab.sim.vm_state()["boot_id"]
-    pve = PveClient(lab.pve, client_keys=[lab.pve_key])
+    pve = PveClient(lab.pve, ConnectOptions(client_keys=[lab.pve_key]))
     try:
         result = await pve.verb("reset")
     finally:

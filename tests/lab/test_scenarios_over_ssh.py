@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from breakglass_tui.hosts.devvm import DevvmShell
+from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending, OutputChunk
 from breakglass_tui.lab.scenarios import RUNAWAY_LOG
 
@@ -29,7 +30,7 @@ async def test_healthy_devvm_answers_like_debian(devvm_factory):
 
 async def test_disk_full_diagnosed_and_repaired(lab_factory):
     lab = await lab_factory("disk-full")
-    shell = DevvmShell(lab.devvm, client_keys=[lab.devvm_key])
+    shell = DevvmShell(lab.devvm, ConnectOptions(client_keys=[lab.devvm_key]))
     try:
         df = await shell.run("df -h /")
         assert re.search(r"^/dev/vda1 +49G +4\dG +0 100% /$", df.stdout, re.M), df.stdout
@@ -62,7 +63,7 @@ async def test_disk_full_log_regrows_while_the_writer_runs(devvm_factory):
 
 async def test_oom_diagnosed_and_repaired(lab_factory):
     lab = await lab_factory("oom")
-    shell = DevvmShell(lab.devvm, client_keys=[lab.devvm_key])
+    shell = DevvmShell(lab.devvm, ConnectOptions(client_keys=[lab.devvm_key]))
     try:
         free = await shell.run("free -m")
         available = int(free.stdout.splitlines()[1].split()[-1])
@@ -86,7 +87,7 @@ async def test_oom_diagnosed_and_repaired(lab_factory):
 
 async def test_stuck_service_diagnosed_and_repaired(lab_factory):
     lab = await lab_factory("stuck-service")
-    shell = DevvmShell(lab.devvm, client_keys=[lab.devvm_key])
+    shell = DevvmShell(lab.devvm, ConnectOptions(client_keys=[lab.devvm_key]))
     try:
         failed = await shell.run("systemctl --failed --no-pager")
         assert "● webapp.service loaded failed failed Example web application" in failed.stdout

@@ -29,7 +29,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,13 +37,17 @@ from typing import Any
 
 import asyncssh
 
+from breakglass_tui.hosts.ssh import ConnectOptions, SshConnectError, connect
 from breakglass_tui.hosts.types import SshTarget
+from breakglass_tui.lab import loopback
 from breakglass_tui.lab.guest import qm as guest_qm
 from breakglass_tui.lab.guest.build import GuestBuildError, GuestImage, build
-from breakglass_tui.lab.guest.qm import GuestPaths, QmError, write_json_atomic
-from breakglass_tui.lab.pve_host import LabPveHost
+from breakglass_tui.lab.guest.qm import GuestPaths
+from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
+from breakglass_tui.lab.pve_host import VERB_PATH, LabPveHost
+from breakglass_tui.lab.qm_standin import QmError, pid_alive, qmp, wait_gone, write_json_atomic
 from breakglass_tui.lab.scenarios import SCENARIOS
-from breakglass_tui.lab.sim_pve import to_toml
+from breakglass_tui.lab.verb_config import lab_verb_config
 
 __all__ = [
     "SCENARIOS",
@@ -60,36 +63,18 @@ log = logging.getLogger(__name__)
 DEVVM_USER = "root"  # the guest has no sudo; the hosts layer then runs commands without it
 PVE_USER = "root"
 VMID = 102
-VERB_PATH = Path(__file__).resolve().parents[2] / "verb" / "breakglass_verb.py"
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 180.0  # TCG on a busy 2-core machine: usually 8-30 s
 DATA_DISK_BYTES = 16 * 1024 * 1024
 _MAX_SOCKET_PATH = 100  # sockaddr_un holds 108 bytes
 
-# The production deadlines (QEMU's TCG is slow, but not slower than a loaded PVE host) and a
-# budget with a short cooldown, so a rehearsal can reset and then cycle.
-DEFAULT_VERB_CONFIG: dict[str, Any] = {
-    "budget": {"max_mutating_per_hour": 6, "cooldown_s": 30},
-    "deadlines": {"forensics_s": 20, "probe_s": 5, "qm_action_s": 90, "verify_s": 30},
-    "retention": {
-        "keep_bundles": 20,
-        "max_bundle_bytes": 8_000_000,
-        "max_total_bytes": 100_000_000,
-    },
-}
+# Over the verb's own defaults (production deadlines: QEMU's TCG is slow, but not slower than a
+# loaded PVE host): a budget with a short cooldown, so a rehearsal can reset and then cycle.
+VERB_CONFIG: dict[str, Any] = {"budget": {"max_mutating_per_hour": 6, "cooldown_s": 30}}
 
 
 class GuestUnavailable(RuntimeError):
     """The real-guest lab cannot run here; the message names the cause and the next step."""
-
-
-def _public_line(key: asyncssh.SSHKey) -> str:
-    return key.export_public_key("openssh").decode().strip()
-
-
-def _known_hosts(port: int, host_key_line: str) -> str:
-    algorithm, blob = host_key_line.split()[:2]
-    return f"[127.0.0.1]:{port} {algorithm} {blob}\n"
 
 
 def _free_port() -> int:
@@ -121,7 +106,7 @@ class RealPve:
 
     def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command on the VM (blocking; raises QmError)."""
-        return guest_qm.qmp(self.paths, command, arguments)
+        return qmp(self.paths, command, arguments)
 
     def vm_state(self) -> dict[str, Any]:
         """{"status": "running"|"stopped", "qmp_status": ..., "pid": ...} from /proc and QMP."""
@@ -155,14 +140,11 @@ class RealPve:
     def cleanup(self) -> None:
         """Kill the QEMU processes this lab started (by PID, checked to be ours)."""
         for pid in self.paths.started_pids():
-            if not guest_qm.is_lab_qemu(pid, self.root) or not guest_qm.pid_alive(pid):
+            if not guest_qm.is_lab_qemu(pid, self.root) or not pid_alive(pid):
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while guest_qm.pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if guest_qm.pid_alive(pid):
+            if not wait_gone(pid, 5):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if self._own_run_dir:
@@ -217,24 +199,16 @@ async def wait_for_ssh(target: SshTarget, key: asyncssh.SSHKey, timeout_s: float
     """Poll until `true` runs on target over SSH (host key pinned); return the seconds waited."""
     t0 = time.monotonic()
     last = "no attempt"
+    login = ConnectOptions(client_keys=[key], connect_timeout_s=6)
     while time.monotonic() - t0 < timeout_s:
         try:
             async with asyncio.timeout(8):
-                async with asyncssh.connect(
-                    target.host,
-                    target.port,
-                    username=target.user,
-                    client_keys=[key],
-                    known_hosts=asyncssh.import_known_hosts(target.known_hosts or ""),
-                    config=None,
-                    agent_path=None,
-                    connect_timeout=6,
-                ) as conn:
+                async with await connect(target, login) as conn:
                     done = await conn.run("true", check=False)
                     if done.exit_status == 0:
                         return time.monotonic() - t0
                     last = f"`true` exited {done.exit_status}"
-        except (OSError, asyncssh.Error, TimeoutError) as exc:
+        except (SshConnectError, OSError, asyncssh.Error, TimeoutError) as exc:
             last = f"{type(exc).__name__}: {exc}"
         await asyncio.sleep(0.5)
     raise TimeoutError(f"the devvm's SSH did not answer within {timeout_s:g} s (last: {last})")
@@ -253,17 +227,9 @@ async def _wait_qmp_status(pve: RealPve, want: str, timeout_s: float) -> None:
 
 async def _panic(pve: RealPve, devvm: SshTarget, key: asyncssh.SSHKey) -> None:
     """Panic the guest's kernel (sysrq c) and wait until the console shows it."""
-    with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
+    with contextlib.suppress(SshConnectError, OSError, asyncssh.Error, TimeoutError):
         async with asyncio.timeout(5):
-            async with asyncssh.connect(
-                devvm.host,
-                devvm.port,
-                username=devvm.user,
-                client_keys=[key],
-                known_hosts=asyncssh.import_known_hosts(devvm.known_hosts or ""),
-                config=None,
-                agent_path=None,
-            ) as conn:
+            async with await connect(devvm, ConnectOptions(client_keys=[key])) as conn:
                 # The connection dies with the kernel: the command never returns.
                 await conn.run("echo c > /proc/sysrq-trigger", check=False)
     deadline = time.monotonic() + 30
@@ -313,7 +279,7 @@ def _lay_out(
     with (root / "data.raw").open("wb") as f:
         f.truncate(DATA_DISK_BYTES)
     ssh_port = _free_port()
-    authkey = base64.b64encode(_public_line(devvm_key).encode()).decode()
+    authkey = base64.b64encode(public_line(devvm_key).encode()).decode()
     write_json_atomic(
         root / "vm.json",
         {
@@ -337,21 +303,16 @@ def _lay_out(
         },
     )
     write_json_atomic(root / "faults.json", {"io_error_once": scenario == "io-stall"})
-    config: dict[str, Any] = {
-        "vmid": VMID,
-        "qm": str(qm_path),
-        "qemu_run_dir": str(run_dir),
-        "state_dir": str(root / "state"),
-        **{k: dict(v) for k, v in DEFAULT_VERB_CONFIG.items()},
-        # No syslog in the lab: the verb falls back to <state_dir>/verb.log.
-        "log": {"syslog_socket": str(root / "no-syslog.sock")},
-    }
-    for key, value in (verb_overrides or {}).items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key].update(value)
-        else:
-            config[key] = value
-    pve.verb_config_path.write_text(to_toml(config))
+    pve.verb_config_path.write_text(
+        lab_verb_config(
+            root,
+            vmid=VMID,
+            qm=qm_path,
+            qemu_run_dir=run_dir,
+            state_dir=root / "state",
+            layers=(VERB_CONFIG, verb_overrides),
+        )
+    )
 
     return pve, ssh_port
 
@@ -382,8 +343,7 @@ async def start_real_lab(
         raise GuestUnavailable(f"the breakglass verb is missing at {VERB_PATH}: reinstall")
     image = await asyncio.to_thread(check_available, cache)
     devvm_key, pve_key, pve_host_key = (
-        asyncssh.generate_private_key("ssh-ed25519", comment=c)
-        for c in ("breakglass-lab-devvm", "breakglass-lab-pve", "lab-pve-host")
+        new_key(c) for c in (loopback.DEVVM_KEY, loopback.PVE_KEY, loopback.PVE_HOST_KEY)
     )
     own = workdir is None
     root = Path(workdir) if workdir is not None else None
@@ -401,13 +361,7 @@ async def start_real_lab(
             await asyncio.to_thread(pve.start_vm)
         except QmError as exc:
             raise GuestUnavailable(f"QEMU would not start the devvm: {exc}") from None
-        devvm = SshTarget(
-            "127.0.0.1",
-            ssh_port,
-            DEVVM_USER,
-            _known_hosts(ssh_port, image.host_key_line),
-            name="devvm",
-        )
+        devvm = pinned_target(ssh_port, DEVVM_USER, image.host_key_line, "devvm")
         boot_s = 0.0
         if scenario == "io-stall":
             # The checkpointer's first write fails a few seconds after dropbear starts.
@@ -421,11 +375,8 @@ async def start_real_lab(
             elif scenario == "wedged":
                 await asyncio.to_thread(pve.qmp, "stop")
         pve_host = LabPveHost()
-        pve_port = await pve_host.start(
-            verb_argv=[sys.executable, str(VERB_PATH)],
-            verb_env={"BREAKGLASS_VERB_CONFIG": str(pve.verb_config_path)},
-            authorized_key=_public_line(pve_key),
-            host_key=pve_host_key,
+        pve_port = await pve_host.start_verb(
+            pve.verb_config_path, authorized_key=pve_key, host_key=pve_host_key
         )
     except BaseException as exc:
         if pve_host is not None:
@@ -450,13 +401,7 @@ async def start_real_lab(
     )
     return RealLab(
         devvm=devvm,
-        pve=SshTarget(
-            "127.0.0.1",
-            pve_port,
-            PVE_USER,
-            _known_hosts(pve_port, _public_line(pve_host_key)),
-            name="pve",
-        ),
+        pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve"),
         devvm_key=devvm_key,
         pve_key=pve_key,
         sim=pve,

@@ -12,7 +12,9 @@ Subcommands, output and exit codes follow Proxmox's ``qm``: ``qm status <vmid> [
 SIGKILL by the pid file's PID, and it checks the process is gone), ``qm shutdown`` (ACPI
 powerdown), ``qm reset`` (QMP ``system_reset``: a VM paused by an I/O error stays paused, like
 Proxmox), ``qm resume`` (QMP ``cont``), ``qm suspend`` (QMP ``stop``), ``qm config``. Failures
-print one line on stderr and exit 255; an unknown VM exits 2.
+print one line on stderr and exit 255; an unknown VM exits 2. What it has in common with the
+simulated ``qm`` (options, errors, ``qm status``, the call log, the QMP client) is
+:mod:`breakglass_tui.lab.qm_standin`.
 
 Standard library only: it runs under ``python -S``.
 """
@@ -24,17 +26,31 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-EXIT_ERROR = 255  # what Proxmox's CLI exits with on a failed command
+from breakglass_tui.lab.qm_standin import (
+    QmError,
+    StandinRoot,
+    append_line,
+    dispatch,
+    entry_point,
+    needs_stopped,
+    pid_alive,
+    qmp,
+    qmp_subcommand,
+    status_output,
+    wait_gone,
+    write_json_atomic,
+    write_wrapper,
+)
+
 EXIT_USAGE = 2
+ENV_ROOT = "BREAKGLASS_GUEST_PVE_DIR"
 QM_MODULE = "breakglass_tui.lab.guest.qm"
-SOURCE_ROOT = str(Path(__file__).resolve().parents[3])
 QMP_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 30.0
 
@@ -56,23 +72,13 @@ new_state = "2"
 """
 
 
-class QmError(Exception):
-    """A failed qm command: the message for stderr, and the exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class GuestPaths:
+class GuestPaths(StandinRoot):
     """Where one lab PVE host keeps its files (see the module docstring)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        super().__init__(root)
         self.vm_json = self.root / "vm.json"
-        self.calls_log = self.root / "calls.log"
         self.pids_file = self.root / "qemu-pids"
-        self.faults_json = self.root / "faults.json"
 
     def config(self) -> dict[str, Any]:
         return json.loads(self.vm_json.read_text())
@@ -93,35 +99,13 @@ class GuestPaths:
     def qmp_socket(self) -> Path:
         return self.run_dir / f"{self.vmid}.qmp"
 
-    def log_call(self, text: str) -> None:
-        # O_APPEND: concurrent qm calls (the verb and the lab) each write whole lines.
-        with self.calls_log.open("a") as f:
-            f.write(f"{time.time():.6f} {text}\n")
-
-    def read_calls(self) -> list[tuple[float, str]]:
-        out = []
-        with contextlib.suppress(FileNotFoundError):
-            for line in self.calls_log.read_text().splitlines():
-                stamp, _, text = line.partition(" ")
-                out.append((float(stamp), text))
-        return out
-
-    def faults(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.faults_json.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+    def qmp_timeout_s(self) -> float:
+        return QMP_TIMEOUT_S
 
     def kvm_pid(self) -> int | None:
         """The live QEMU process from the pid file, or None (no file, dead, zombie)."""
-        try:
-            text = self.pid_file.read_text().strip()
-        except OSError:
-            return None
-        if not text.isdigit():
-            return None
-        pid = int(text)
-        return pid if pid_alive(pid) else None
+        pid = self.pid_from_file()
+        return pid if pid is not None and pid_alive(pid) else None
 
     def started_pids(self) -> list[int]:
         """Every QEMU PID a `qm start` of this root recorded."""
@@ -131,23 +115,6 @@ class GuestPaths:
                 if line.strip().isdigit():
                     pids.append(int(line))
         return pids
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether pid is a live process (a zombie is not: it has exited, only unreaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return False
-    state = raw[raw.rfind(")") + 2 :][:1]
-    return state not in ("Z", "X", "")
 
 
 def is_lab_qemu(pid: int, root: Path) -> bool:
@@ -161,81 +128,6 @@ def is_lab_qemu(pid: int, root: Path) -> bool:
         return False
     paths = GuestPaths(root)
     return any(str(paths.qmp_socket).encode() in arg for arg in cmdline)
-
-
-# -- QMP -----------------------------------------------------------------------------------------
-class QmpClient:
-    """One QMP connection (QEMU serves one client at a time), every read bounded by a deadline."""
-
-    def __init__(self, path: Path, timeout_s: float = QMP_TIMEOUT_S) -> None:
-        self.deadline = time.monotonic() + timeout_s
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.buf = b""
-        try:
-            self._timeout()
-            self.sock.connect(str(path))
-            greeting = self._read()
-            if "QMP" not in greeting:
-                raise QmError(f"unexpected QMP greeting: {greeting}")
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _timeout(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("got timeout")
-        self.sock.settimeout(left)
-
-    def _read(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            self._timeout()
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("QMP closed the connection")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return json.loads(line)
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send one command and return its reply (events in between are skipped)."""
-        req: dict[str, Any] = {"execute": command}
-        if arguments:
-            req["arguments"] = arguments
-        self._timeout()
-        self.sock.sendall(json.dumps(req).encode() + b"\n")
-        while True:
-            reply = self._read()
-            if "return" in reply or "error" in reply:
-                return reply
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> QmpClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def qmp(
-    paths: GuestPaths,
-    command: str,
-    arguments: dict[str, Any] | None = None,
-    timeout_s: float = QMP_TIMEOUT_S,
-) -> Any:
-    """Run one QMP command on the VM; QmError (Proxmox's wording) when it fails or times out."""
-    try:
-        with QmpClient(paths.qmp_socket, timeout_s) as client:
-            reply = client.execute(command, arguments)
-    except (OSError, ValueError) as exc:
-        raise QmError(f"VM {paths.vmid} qmp command '{command}' failed - {exc}") from None
-    if "error" in reply:
-        desc = reply["error"].get("desc", "")
-        raise QmError(f"VM {paths.vmid} qmp command '{command}' failed - {desc}")
-    return reply.get("return")
 
 
 # -- starting QEMU -------------------------------------------------------------------------------
@@ -347,20 +239,10 @@ def start_qemu(paths: GuestPaths) -> int:
     pid = paths.kvm_pid()
     if pid is None:
         raise QmError("start failed: QEMU daemonized but its pid file names no live process")
-    with paths.pids_file.open("a") as f:
-        f.write(f"{pid}\n")
+    append_line(paths.pids_file, str(pid))
     # QMP listens before -daemonize returns; a query proves it.
     qmp(paths, "query-status")
     return pid
-
-
-def _wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return not pid_alive(pid)
 
 
 def stop_qemu(paths: GuestPaths, timeout_s: float = 10.0) -> None:
@@ -370,46 +252,19 @@ def stop_qemu(paths: GuestPaths, timeout_s: float = 10.0) -> None:
         return
     with contextlib.suppress(QmError):
         qmp(paths, "quit", timeout_s=min(3.0, timeout_s))
-    if _wait_gone(pid, min(3.0, timeout_s)):
+    if wait_gone(pid, min(3.0, timeout_s)):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    if _wait_gone(pid, timeout_s):
+    if wait_gone(pid, timeout_s):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    if not _wait_gone(pid, 5.0):
+    if not wait_gone(pid, 5.0):
         raise QmError(f"VM {paths.vmid} stop failed - got timeout")
 
 
 # -- the subcommands -----------------------------------------------------------------------------
-def _options(args: list[str], known: dict[str, bool]) -> dict[str, str]:
-    """Parse ``--name value`` / ``--flag`` options (known: name -> takes a value)."""
-    opts: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        name = arg.lstrip("-")
-        if not arg.startswith("-") or name not in known:
-            raise QmError(f"Unknown option: {name}\n400 unable to parse option", EXIT_USAGE)
-        if known[name]:
-            if i + 1 >= len(args):
-                raise QmError(f"400 Parameter verification failed.\n{name}: missing value")
-            opts[name] = args[i + 1]
-            i += 2
-        else:
-            opts[name] = "1"
-            i += 1
-    return opts
-
-
-def _needs_running(paths: GuestPaths) -> int:
-    pid = paths.kvm_pid()
-    if pid is None:
-        raise QmError(f"VM {paths.vmid} not running")
-    return pid
-
-
 def _uptime_s(pid: int) -> int:
     """Seconds since the process started (/proc/<pid>/stat starttime and the system uptime)."""
     try:
@@ -422,32 +277,25 @@ def _uptime_s(pid: int) -> int:
 
 
 def cmd_status(paths: GuestPaths, opts: dict[str, str]) -> str:
-    pid = paths.kvm_pid()
-    if pid is None:
-        return "status: stopped\n"
-    if "verbose" not in opts:
-        return "status: running\n"
-    cfg = paths.config()
-    info: dict[str, Any] = {
-        "cpus": 1,
-        "maxmem": int(cfg.get("memory_mb", 256)) * 1024 * 1024,
-        "name": cfg.get("name", "devvm"),
-        "pid": pid,
-        "running-machine": "pc",
-        "running-qemu": "7.2",
-        "status": "running",
-        "uptime": _uptime_s(pid),
-        "vmid": paths.vmid,
-    }
-    # Like Proxmox, a QMP that does not answer leaves qmpstatus out and status says running.
-    with contextlib.suppress(QmError):
-        info["qmpstatus"] = qmp(paths, "query-status")["status"]
-    return "".join(f"{k}: {info[k]}\n" for k in sorted(info))
+    def details(pid: int) -> dict[str, Any]:
+        cfg = paths.config()
+        return {
+            "cpus": 1,
+            "maxmem": int(cfg.get("memory_mb", 256)) * 1024 * 1024,
+            "name": cfg.get("name", "devvm"),
+            "pid": pid,
+            "running-machine": "pc",
+            "running-qemu": "7.2",
+            "status": "running",
+            "uptime": _uptime_s(pid),
+            "vmid": paths.vmid,
+        }
+
+    return status_output(paths, opts, details)
 
 
 def cmd_start(paths: GuestPaths, opts: dict[str, str]) -> str:
-    if paths.kvm_pid() is not None:
-        raise QmError(f"VM {paths.vmid} already running")
+    needs_stopped(paths)
     start_qemu(paths)
     return ""
 
@@ -462,29 +310,11 @@ def cmd_shutdown(paths: GuestPaths, opts: dict[str, str]) -> str:
     if pid is None:
         return ""
     qmp(paths, "system_powerdown")
-    if not _wait_gone(pid, float(opts.get("timeout", 60))):
+    if not wait_gone(pid, float(opts.get("timeout", 60))):
         if opts.get("forceStop") in ("1", "true"):
             stop_qemu(paths)
             return ""
         raise QmError("VM quit/powerdown failed - got timeout")
-    return ""
-
-
-def cmd_reset(paths: GuestPaths, opts: dict[str, str]) -> str:
-    _needs_running(paths)
-    qmp(paths, "system_reset")
-    return ""
-
-
-def cmd_resume(paths: GuestPaths, opts: dict[str, str]) -> str:
-    _needs_running(paths)
-    qmp(paths, "cont")
-    return ""
-
-
-def cmd_suspend(paths: GuestPaths, opts: dict[str, str]) -> str:
-    _needs_running(paths)
-    qmp(paths, "stop")
     return ""
 
 
@@ -510,9 +340,9 @@ COMMANDS = {
     "start": (cmd_start, {"skiplock": False, "timeout": True}),
     "stop": (cmd_stop, {"timeout": True, "skiplock": False, "keepActive": False}),
     "shutdown": (cmd_shutdown, {"timeout": True, "forceStop": True, "skiplock": False}),
-    "reset": (cmd_reset, {"skiplock": False}),
-    "resume": (cmd_resume, {"skiplock": False, "nocheck": False}),
-    "suspend": (cmd_suspend, {"skiplock": False}),
+    "reset": (qmp_subcommand("system_reset"), {"skiplock": False}),
+    "resume": (qmp_subcommand("cont"), {"skiplock": False, "nocheck": False}),
+    "suspend": (qmp_subcommand("stop"), {"skiplock": False}),
     "config": (cmd_config, {"current": False, "snapshot": True}),
 }
 
@@ -527,46 +357,26 @@ def run(argv: list[str], paths: GuestPaths) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    sub, vmid, rest = argv[0], argv[1], argv[2:]
-    func, known = COMMANDS[sub]
-    try:
-        if not vmid.isdigit() or int(vmid) != paths.vmid:
-            raise QmError(
-                f"Configuration file 'nodes/pve/qemu-server/{vmid}.conf' does not exist", EXIT_USAGE
-            )
-        out = func(paths, _options(rest, known))
-    except QmError as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.code
-    sys.stdout.write(out)
-    return 0
+    func, known = COMMANDS[argv[0]]
+    return dispatch(paths, argv[1], func, known, argv[2:], unknown_option_code=EXIT_USAGE)
 
 
 def write_qm_wrapper(root: Path) -> Path:
     """Write ``<root>/bin/qm``, the #!/bin/sh wrapper the verb's config names. Returns its path."""
-    qm = Path(root) / "bin" / "qm"
-    qm.parent.mkdir(parents=True, exist_ok=True)
-    qm.write_text(
-        "#!/bin/sh\n"
-        "# qm for the real-guest lab (breakglass_tui.lab.guest.qm): manages a real QEMU.\n"
-        f"BREAKGLASS_GUEST_PVE_DIR={shlex.quote(str(root))}\n"
-        f"PYTHONPATH={shlex.quote(SOURCE_ROOT)}\n"
-        "export BREAKGLASS_GUEST_PVE_DIR PYTHONPATH\n"
-        f'exec {shlex.quote(sys.executable)} -S -m {QM_MODULE} "$@"\n'
+    return write_wrapper(
+        root,
+        QM_MODULE,
+        ENV_ROOT,
+        "qm for the real-guest lab (breakglass_tui.lab.guest.qm): manages a real QEMU.",
     )
-    qm.chmod(0o755)
-    return qm
 
 
 def main() -> None:
-    root = os.environ.get("BREAKGLASS_GUEST_PVE_DIR")
-    if not root:
-        print(
-            "qm: BREAKGLASS_GUEST_PVE_DIR is not set (run me through <root>/bin/qm)",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_ERROR)
-    sys.exit(run(sys.argv[1:], GuestPaths(Path(root))))
+    entry_point(
+        ENV_ROOT,
+        lambda argv, root: run(argv, GuestPaths(root)),
+        f"qm: {ENV_ROOT} is not set (run me through <root>/bin/qm)",
+    )
 
 
 if __name__ == "__main__":
