@@ -7,7 +7,11 @@ import chain leaves anthropic, asyncssh and hvac to a worker after the first pai
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
 
@@ -29,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a simulated devvm and PVE host on loopback and point the console at them",
     )
     parser.add_argument(
+        "--real-guest",
+        action="store_true",
+        help="with --lab: a real Linux devvm under QEMU instead of the simulated one (slower to"
+        " start; needs qemu-system-x86 and the guest image)",
+    )
+    parser.add_argument(
         "--scenario",
         choices=SCENARIOS,
         default="healthy",
@@ -43,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario != "healthy" and not args.lab:
         print("breakglass-tui: --scenario needs --lab", file=sys.stderr)
         return 2
+    if args.real_guest and not args.lab:
+        print("breakglass-tui: --real-guest needs --lab", file=sys.stderr)
+        return 2
+    if args.real_guest:
+        problem = real_guest_problem()
+        if problem:
+            print(f"breakglass-tui: {problem}", file=sys.stderr)
+            return 2
     settings = None
     if not args.lab:
         # Real targets: a missing or invalid setting stops us here, before the screen opens.
@@ -57,11 +75,49 @@ def main(argv: list[str] | None = None) -> int:
     from breakglass_tui.ui.app import BreakglassApp
     from breakglass_tui.ui.backend import AppOptions
 
-    app = BreakglassApp(
-        AppOptions(lab=args.lab, scenario=args.scenario, settings=settings), handle_signals=True
-    )
-    app.run()
+    with incident_dir(args.lab, settings) as incidents:
+        app = BreakglassApp(
+            AppOptions(
+                lab=args.lab,
+                scenario=args.scenario,
+                settings=settings,
+                real_guest=args.real_guest,
+                incident_dir=incidents,
+            ),
+            handle_signals=True,
+        )
+        app.run()
     return app.return_code or 0
+
+
+@contextlib.contextmanager
+def incident_dir(lab: bool, settings):
+    """Where this run keeps its incident. Real targets (and every tab of breakglass-serve): the
+    state dir, so a reopened console offers to resume. ``--lab`` in a terminal owns its lab,
+    gone when it exits, so an old lab incident cannot be resumed meaningfully: a fresh
+    temporary directory, removed at exit, unless BREAKGLASS_STATE_DIR is set."""
+    if not lab:
+        yield Path(settings.state_dir)
+    elif os.environ.get("BREAKGLASS_STATE_DIR"):
+        yield Path(os.environ["BREAKGLASS_STATE_DIR"])
+    else:
+        with tempfile.TemporaryDirectory(prefix="breakglass-lab-incident-") as tmp:
+            yield Path(tmp)
+
+
+def real_guest_problem() -> str | None:
+    """Why the real-guest lab cannot run here (QEMU or the guest image missing), else None.
+    Checked before the screen opens, so the message stays readable in the terminal."""
+    print("breakglass-tui: checking QEMU and the real-guest image…", file=sys.stderr)
+    try:
+        from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available
+    except ImportError as exc:  # a broken install, not a missing QEMU: say so plainly
+        return f"the real-guest lab could not be loaded ({exc}): reinstall with scripts/setup.sh"
+    try:
+        check_available()
+    except GuestUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def check_real_settings(settings) -> None:

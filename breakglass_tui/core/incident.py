@@ -18,6 +18,7 @@ when the operator starts afresh) clears that.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import dataclasses
 import enum
@@ -34,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from breakglass_tui.core import events as ev
+
+# The journal key naming the session that wrote a line (not an event field).
+BY_KEY = "_by"
 
 # Live output is journaled so followers see it, but one call's share is capped: a 10 MB output
 # must not make every follower and every resume replay 10 MB. The transcript keeps it whole.
@@ -136,14 +140,20 @@ class Incident:
         self._journaled: dict[str, int] = {}
 
     # -- the event journal ----------------------------------------------------------------------
-    def append_event(self, event: ev.Event) -> None:
-        """Journal one event (one line, O_APPEND: whole lines even with several writers)."""
+    def append_event(self, event: ev.Event, *, by: str | None = None) -> None:
+        """Journal one event (one line, O_APPEND: whole lines even with several writers).
+
+        ``by`` names the session that wrote it, so that session's own follower can skip what it
+        has already shown."""
         if isinstance(event, ev.ToolOutput):
             used = self._journaled.get(event.call_id, 0)
             if used >= MAX_JOURNALED_OUTPUT_PER_CALL:
                 return
             self._journaled[event.call_id] = used + len(event.chunk.text)
-        line = json.dumps(event_to_json(event), ensure_ascii=False) + "\n"
+        doc = event_to_json(event)
+        if by is not None:
+            doc[BY_KEY] = by
+        line = json.dumps(doc, ensure_ascii=False) + "\n"
         fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode())
@@ -152,9 +162,9 @@ class Incident:
 
     def read_events(self) -> list[ev.Event]:
         """Every journaled event, in order (a torn last line is skipped)."""
-        return [e for e, _ in self._iter_from(0)]
+        return [e for e, _, _ in self._iter_from(0)]
 
-    def _iter_from(self, offset: int) -> Iterator[tuple[ev.Event, int]]:
+    def _iter_from(self, offset: int) -> Iterator[tuple[ev.Event, int, str | None]]:
         try:
             f = self.events_path.open("rb")
         except FileNotFoundError:
@@ -166,21 +176,41 @@ class Incident:
                     return  # a line still being written
                 offset += len(raw)
                 try:
-                    event = event_from_json(json.loads(raw))
-                except (ValueError, TypeError):
+                    doc = json.loads(raw)
+                    event = event_from_json(doc)
+                except (ValueError, TypeError, AttributeError):
                     continue
                 if event is not None:
-                    yield event, offset
+                    by = doc.get(BY_KEY)
+                    yield event, offset, by if isinstance(by, str) else None
+
+    def replay(self) -> tuple[list[ev.Event], int]:
+        """Every journaled event so far, and the offset to :meth:`follow` on from."""
+        events: list[ev.Event] = []
+        offset = 0
+        for event, end, _ in self._iter_from(0):
+            events.append(event)
+            offset = end
+        return events, offset
 
     async def follow(
-        self, *, from_start: bool = True, poll_s: float = 0.2
+        self,
+        *,
+        from_start: bool = True,
+        poll_s: float = 0.2,
+        skip_by: str | None = None,
+        offset: int | None = None,
     ) -> AsyncIterator[ev.Event]:
-        """Yield journaled events as they are written, until cancelled."""
-        offset = 0 if from_start else self._size()
+        """Yield journaled events as they are written, until cancelled; those written ``by``
+        the session ``skip_by`` (a tab's own, already shown) are left out. ``offset`` (from
+        :meth:`replay`) starts right after what was replayed."""
+        if offset is None:
+            offset = 0 if from_start else self._size()
         while True:
-            for event, next_offset in self._iter_from(offset):
+            for event, next_offset, by in self._iter_from(offset):
                 offset = next_offset
-                yield event
+                if skip_by is None or by != skip_by:
+                    yield event
             await asyncio.sleep(poll_s)
 
     def _size(self) -> int:
@@ -252,6 +282,24 @@ class IncidentStore:
         self.root = Path(state_dir) / "incidents"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def current_or_new(self) -> tuple[Incident, bool]:
+        """The open incident, or a new one if none is open; True when it is new. Atomic across
+        processes: two tabs opened at once join one incident rather than each starting one."""
+        with self._locked():
+            current = self.current()
+            if current is not None:
+                return current, False
+            return self.open_new(), True
+
     def current(self) -> Incident | None:
         """The open incident, if any."""
         try:
@@ -268,6 +316,7 @@ class IncidentStore:
         incident_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         directory = self.root / incident_id
         directory.mkdir(mode=0o700)
+        (directory / "events.jsonl").touch(mode=0o600)
         tmp = self.root / f".current.{os.getpid()}.tmp"
         tmp.write_text(incident_id)
         tmp.replace(self.root / "current")
@@ -278,3 +327,72 @@ class IncidentStore:
         current = self.current()
         if current is not None and current.id == incident.id:
             (self.root / "current").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class IncidentSummary:
+    """What a reopened tab says about the open incident before offering to resume it."""
+
+    started_at: float | None
+    operator: str | None
+    events: int
+    last: str | None
+
+
+def summarize(events: list[ev.Event], incident_id: str | None = None) -> IncidentSummary:
+    """Who started the incident and when (its id's timestamp, else the first event's), how
+    many events, and the last notable one."""
+    started_at: float | None = None
+    if incident_id:
+        with contextlib.suppress(ValueError):
+            started_at = float(calendar.timegm(time.strptime(incident_id[:16], "%Y%m%dT%H%M%SZ")))
+    operator = last = None
+    for event in events:
+        if isinstance(event, ev.SessionStarted) and operator is None:
+            operator = event.operator
+        started_at = started_at if started_at is not None else event.at
+        last = describe_event(event) or last
+    return IncidentSummary(started_at, operator, len(events), last)
+
+
+def worth_resuming(events: list[ev.Event], opening_check: tuple[str, ...] = ()) -> bool:
+    """Did anything happen beyond a tab's automatic opening check (``opening_check``: the
+    commands a tab runs by itself, e.g. ``/probe``, ``/status``)? Every action starts with an
+    operator message, so an incident without another one holds nothing to resume."""
+    return any(
+        isinstance(event, ev.OperatorMessage) and event.text.strip() not in opening_check
+        for event in events
+    )
+
+
+def unfinished_calls(events: list[ev.Event]) -> list[ev.ToolCallStarted]:
+    """Tool calls the journal shows started and never ended (their tab closed mid-call)."""
+    open_calls: dict[str, ev.ToolCallStarted] = {}
+    for event in events:
+        if isinstance(event, ev.ToolCallStarted):
+            open_calls[event.call_id] = event
+        elif isinstance(event, ev.ToolCallEnded):
+            open_calls.pop(event.call_id, None)
+    return list(open_calls.values())
+
+
+def describe_event(event: ev.Event) -> str | None:
+    """One short line for an event worth naming as "last", else None."""
+    match event:
+        case ev.OperatorMessage():
+            return f"operator: {_short(event.text)}"
+        case ev.ToolCallEnded():
+            return f"{event.tool}: {_short(event.summary)}"
+        case ev.VerbCompleted():
+            state = event.result.state_after or event.result.state_before or "state unknown"
+            return f"verb {event.result.verb}: {state}"
+        case ev.ReportReady():
+            return f"report {event.filename}"
+        case ev.Notice() if event.level != "info":
+            return _short(event.text)
+    return None
+
+
+def _short(text: str, limit: int = 60) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import signal
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,10 +27,19 @@ from textual.widgets import Footer, Input
 from textual.worker import Worker, WorkerState
 
 from breakglass_tui.core import events as ev
-from breakglass_tui.ui.backend import AppOptions, Backend, Emit, build_backend
+from breakglass_tui.core.incident import (
+    Driver,
+    Incident,
+    IncidentStore,
+    summarize,
+    unfinished_calls,
+    worth_resuming,
+)
+from breakglass_tui.ui.backend import AppOptions, Backend, Conversation, Emit, build_backend
 from breakglass_tui.ui.messages import AgentEvent, BackendReady
 from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
+from breakglass_tui.ui.screens.resume import ResumeScreen
 from breakglass_tui.ui.widgets.chat import ChatInput, ChatPane, describe_call
 from breakglass_tui.ui.widgets.forensics import ForensicsPane
 from breakglass_tui.ui.widgets.output_pane import OutputLog, OutputPane
@@ -40,7 +52,21 @@ BackendFactory = Callable[[AppOptions, Emit], Awaitable[Backend]]
 
 _HERE = Path(__file__).resolve().parent
 AGENT_GROUP = "agent"
+FOLLOW_GROUP = "follow"
+OPENING_CHECK = ("/probe", "/status")  # what a driving tab runs by itself once the hosts are up
 BUSY_TEXT = "Still working on the previous request: wait for it, or press Esc to cancel it."
+LEASE_CHECK_S = 1.0  # how often a tab checks who drives (a taken-over driver stops within it)
+# What a read-only tab still accepts.
+READ_ONLY_COMMANDS = ("/takeover", "/help", "/cancel")
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(at))
+
+
+def new_session_id() -> str:
+    """This tab's session id (the agent's audit and transcripts use it too)."""
+    return time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
 
 
 def _commands() -> type[Provider]:
@@ -96,6 +122,13 @@ class BreakglassApp(App[None]):
         self._report: ev.ReportReady | None = None
         self._model = ""
         self._shutting_down = False
+        self.session_id = new_session_id()
+        self.incident: Incident | None = None
+        self._store: IncidentStore | None = None
+        # None until the tab knows; then True while it drives the incident, False read-only.
+        self.driving: bool | None = None if self.options.incident_dir is not None else True
+        self._journal_failed = False
+        self._quiet_cancel = False  # the turn was cancelled by a take-over, said otherwise
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -142,17 +175,44 @@ class BreakglassApp(App[None]):
 
     @work(group="backend", exclusive=True, exit_on_error=False, description="build backend")
     async def _build_backend(self) -> None:
-        backend = await self._backend_factory(self.options, self._emit)
+        # The lab's start (seconds) runs while the operator answers the resume question.
+        building = asyncio.ensure_future(self._backend_factory(self.options, self._emit))
+        try:
+            if self.options.incident_dir is not None:
+                await self._open_incident(self.options.incident_dir)
+            backend = await building
+        except BaseException:
+            building.cancel()
+            with contextlib.suppress(BaseException):
+                await (await building).close()
+            raise
         if self._shutting_down:
             await backend.close()
             return
         self.post_message(BackendReady(backend))
 
     def _emit(self, event: ev.Event) -> None:
-        """The agent's emit callback (same loop). Live output goes straight into the output
-        pane's buffer, which flushes on its timer; everything else is posted as a message."""
-        if self._shutting_down:
-            return
+        """The own breakglass agent's emit callback (same loop): journaled for the other tabs
+        (also while the tab shuts down: a cancelled call's end belongs in the record), then
+        shown."""
+        incident = self.incident
+        if incident is not None:
+            try:
+                incident.append_event(event, by=self.session_id)
+            except OSError as exc:
+                if not self._journal_failed:  # said once; the session goes on
+                    self._journal_failed = True
+                    self.notify(
+                        f"Could not write the incident journal ({exc}): other tabs will not see"
+                        " this session's events; check the state dir's space and permissions.",
+                        severity="error",
+                    )
+        if not self._shutting_down:
+            self._render(event, own=True)
+
+    def _render(self, event: ev.Event, *, own: bool) -> None:
+        """Show one event. Live output goes straight into the output pane's buffer, which
+        flushes on its timer; everything else is posted as a message."""
         try:
             output = self.output
         except Exception:  # not mounted (any more): nothing to show it in
@@ -164,7 +224,7 @@ class BreakglassApp(App[None]):
             output.begin(event.call_id, describe_call(event.tool, event.input))
         elif isinstance(event, ev.ToolCallEnded):
             output.end(event.call_id, event.summary)
-        self.post_message(AgentEvent(event))
+        self.post_message(AgentEvent(event, own=own))
 
     async def on_backend_ready(self, message: BackendReady) -> None:
         backend = self.backend = message.backend
@@ -173,14 +233,217 @@ class BreakglassApp(App[None]):
         header.keys = backend.keys
         header.operator = backend.operator
         header.targets = backend.targets
-        manual = getattr(backend.agent, "manual", False)
+        agent = self._start_agent() if self.driving else None
+        manual = getattr(agent, "manual", backend.manual_reason is not None)
         if not (manual and header.claude_ok is False):  # keep a reason the agent already gave
             header.show_claude(manual=manual, model=self._model, reason=backend.manual_reason)
-        texts = ["/probe", "/status"] if self._initial_check else []
+        if not self.driving:
+            if self._queued:
+                self._queued = []
+                await self.chat.add_notice(self._read_only_text(), "warning")
+            return
+        texts = list(OPENING_CHECK) if self._initial_check else []
         texts += self._queued
         self._queued = []
         if texts:
             self._run_agent(texts)
+
+    # -- one incident, many tabs --------------------------------------------------------------
+
+    def _operator_name(self) -> str:
+        if self.options.settings is not None:
+            return self.options.settings.operator
+        # The same sources as Settings.operator, without importing pydantic before the backend.
+        return os.environ.get("BREAKGLASS_OPERATOR") or os.environ.get("USER") or "operator"
+
+    async def _open_incident(self, incident_dir: Path) -> None:
+        """Join the open incident (offering to resume it when nobody drives it) or open a new
+        one; claim the driver lease; follow the journal (replay first).
+
+        An incident in which nothing happened beyond the opening check is not worth a question:
+        it is closed and a new one opened."""
+        store = self._store = await asyncio.to_thread(IncidentStore, incident_dir)
+        incident, new = await asyncio.to_thread(store.current_or_new)
+        if not new and incident.driver() is None:
+            events = await asyncio.to_thread(incident.read_events)
+            resume = False
+            if worth_resuming(events, OPENING_CHECK):
+                resume = await self.push_screen_wait(ResumeScreen(summarize(events, incident.id)))
+            if not resume:
+                await asyncio.to_thread(store.close, incident)
+                incident, _ = await asyncio.to_thread(store.current_or_new)
+        self.incident = incident
+        driver = await asyncio.to_thread(incident.claim, self.session_id, self._operator_name())
+        self._follow(incident)
+        self.set_interval(LEASE_CHECK_S, self._check_lease, name="driver lease")
+        self._set_driving(driver)
+
+    def _set_driving(self, driver: Driver | None) -> None:
+        self.driving = driver is not None and driver.session_id == self.session_id
+        self.header.show_driver("" if self.driving else self._driver_text(driver))
+        placeholder = (
+            "Tell Claude what is wrong, or /help · → completes · ↑ history"
+            if self.driving
+            else "Read-only: another tab drives. /takeover to drive from here · /help"
+        )
+        self.query_one(ChatInput).placeholder = placeholder
+
+    def _driver_text(self, driver: Driver | None) -> str:
+        if driver is None:
+            return "read-only · nobody drives now: /takeover"
+        return f"read-only · {driver.operator} drives since {_clock(driver.since)} · /takeover"
+
+    def _read_only_text(self) -> str:
+        driver = self.incident.driver() if self.incident is not None else None
+        who = (
+            f"{driver.operator} drives since {_clock(driver.since)}" if driver else "nobody drives"
+        )
+        return (
+            f"This tab is read-only ({who}): it follows the incident live. Type /takeover to"
+            " drive from here; the other tab becomes read-only."
+        )
+
+    @work(group=FOLLOW_GROUP, exclusive=True, exit_on_error=False, description="follow incident")
+    async def _follow(self, incident: Incident) -> None:
+        """Replay the journal, then show what the other tabs' agents do, as it happens (this
+        tab's own events are shown directly and skipped here)."""
+        events, offset = await asyncio.to_thread(incident.replay)
+        for event in events:
+            self._render(event, own=False)
+        if self.driving:
+            # Nobody else drives, so a call still open in the journal died with its tab (the
+            # agent answers it in Claude's context too). A PVE verb finished on the host anyway.
+            for call in unfinished_calls(events):
+                self._render(
+                    ev.ToolCallEnded(
+                        call_id=call.call_id,
+                        tool=call.tool,
+                        ok=False,
+                        summary="interrupted: the tab running it closed",
+                        duration_s=0.0,
+                    ),
+                    own=False,
+                )
+        async for event in incident.follow(poll_s=0.1, skip_by=self.session_id, offset=offset):
+            if self._shutting_down:
+                return
+            self._render(event, own=False)
+
+    def _save_conversation(self, messages: Conversation) -> None:
+        # A tab that lost the lease must not overwrite the new driver's context.
+        if self.incident is not None and self.driving:
+            self.incident.save_conversation(messages)
+
+    def _start_agent(self):
+        """Build this tab's breakglass agent: from the incident's saved conversation when there
+        is one (resume, take-over)."""
+        assert self.backend is not None
+        incident = self.incident
+        conversation = incident.load_conversation() if incident is not None else None
+        return self.backend.start_agent(
+            self._emit,
+            session_id=self.session_id,
+            conversation=conversation,
+            save_conversation=self._save_conversation if incident is not None else None,
+        )
+
+    async def _check_lease(self) -> None:
+        """Every second: a driver that was taken over stops; a read-only tab shows who drives."""
+        incident = self.incident
+        if incident is None or self._shutting_down:
+            return
+        driver = await asyncio.to_thread(incident.driver)
+        if self.driving:
+            if driver is None:  # our lease is gone (its file removed): hold it again
+                driver = await asyncio.to_thread(
+                    incident.claim, self.session_id, self._operator_name()
+                )
+            if driver.session_id != self.session_id:
+                await self._lost_lease(driver)
+        else:
+            self.header.show_driver(self._driver_text(driver))
+
+    async def _lost_lease(self, driver: Driver) -> None:
+        """Another tab took over: stop the running turn (a PVE verb already begun finishes on
+        the host), drop the agent, follow."""
+        self._set_driving(driver)
+        self._quiet_cancel = self._agent_running()
+        self.workers.cancel_group(self, AGENT_GROUP)
+        await self.chat.add_notice(
+            f"{driver.operator} took over at {_clock(driver.since)}; this tab is read-only now.",
+            "warning",
+        )
+        if self.backend is not None:
+            self.run_worker(
+                self.backend.drop_agent(),
+                group="drop-agent",
+                exit_on_error=False,
+                description="close the agent after a take-over",
+            )
+
+    async def action_takeover(self) -> None:
+        """Drive the incident from this tab; the driving tab becomes read-only."""
+        await self.submit("/takeover")
+
+    async def _take_over(self) -> None:
+        incident = self.incident
+        if incident is None or self.driving:
+            await self.chat.add_notice("This tab already drives the incident.")
+            return
+        if self.backend is None:
+            await self.chat.add_notice("Still starting; try /takeover again in a moment.")
+            return
+        before = incident.driver()
+        driver = await asyncio.to_thread(
+            incident.claim, self.session_id, self._operator_name(), take_over=True
+        )
+        self._set_driving(driver)
+        # Others see it in their chat; the former driver also says it itself on its next check.
+        incident.append_event(
+            ev.Notice(
+                level="warning",
+                text=f"{driver.operator} took over at {_clock(driver.since)}.",
+            ),
+            by=self.session_id,
+        )
+        agent = self._start_agent()
+        self.header.show_claude(
+            manual=agent.manual, model=self._model, reason=self.backend.manual_reason
+        )
+        was = f" from {before.operator}" if before is not None else ""
+        await self.chat.add_notice(f"You drive now (took over{was}).", "info")
+
+    async def _close_incident(self) -> None:
+        """/close: the incident is over; this tab goes on with a new one (fresh context)."""
+        incident, store = self.incident, self._store
+        if incident is None or store is None:
+            await self.chat.add_notice("No incident is kept in this session.", "warning")
+            return
+        operator = self._operator_name()
+        incident.append_event(
+            ev.Notice(
+                level="warning",
+                text=f"Incident closed by {operator} at {_clock(time.time())}; reopen the tab"
+                " for the next one.",
+            ),
+            by=self.session_id,
+        )
+        await asyncio.to_thread(store.close, incident)
+        await asyncio.to_thread(incident.release, self.session_id)
+        new, _ = await asyncio.to_thread(store.current_or_new)
+        self.incident = new
+        driver = await asyncio.to_thread(new.claim, self.session_id, operator)
+        self._follow(new)
+        self._set_driving(driver)
+        if self.backend is not None:
+            await self.backend.drop_agent()
+            if self.driving:
+                self._start_agent()
+        await self.chat.add_notice(
+            f"Incident {incident.id} closed. This tab now keeps a new incident ({new.id});"
+            " Claude starts without the old context.",
+            "info",
+        )
 
     # -- the operator's intents -------------------------------------------------------------
 
@@ -203,8 +466,17 @@ class BreakglassApp(App[None]):
         if command == "/cancel":
             self.action_cancel()
             return
+        if self.driving is False and command not in READ_ONLY_COMMANDS:
+            await self.chat.add_notice(self._read_only_text(), "warning")
+            return
+        if command == "/takeover":
+            await self._take_over()
+            return
         if self._agent_running():
             await self.chat.add_notice(BUSY_TEXT, "warning")
+            return
+        if command == "/close":
+            await self._close_incident()
             return
         await self.chat.add_operator(text)
         if self.backend is None:
@@ -216,8 +488,11 @@ class BreakglassApp(App[None]):
     @work(group=AGENT_GROUP, exclusive=True, exit_on_error=False, description="agent turn")
     async def _run_agent(self, texts: list[str]) -> None:
         assert self.backend is not None
+        agent = self.backend.agent
+        if agent is None:  # this tab stopped driving meanwhile
+            return
         for text in texts:
-            await self.backend.agent.handle(text)
+            await agent.handle(text)
 
     def _agent_running(self) -> bool:
         return any(
@@ -260,17 +535,29 @@ class BreakglassApp(App[None]):
 
     async def _close_backend(self) -> None:
         self._shutting_down = True
+        incident = self.incident
+        if incident is not None and self.driving:
+            # First: a tab reopened at once (the browser's reload) may drive straight away. The
+            # closing agent's last events are still journaled; its context is no longer saved.
+            self.driving = False
+            with contextlib.suppress(OSError):
+                incident.release(self.session_id)
         self.workers.cancel_group(self, AGENT_GROUP)
+        if any(isinstance(screen, ResumeScreen) for screen in self.screen_stack):
+            # Nobody will answer the resume question now.
+            self.workers.cancel_group(self, "backend")
         for worker in list(self.workers):
             if worker.group == "backend" and worker.state is WorkerState.RUNNING:
                 # Let a half-built backend finish: it closes itself on seeing _shutting_down.
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(worker.wait(), timeout=20)
+        self.workers.cancel_group(self, FOLLOW_GROUP)
         backend, self.backend = self.backend, None
         if backend is not None:
             # Bounded: a hung close must not keep the operator from quitting.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(backend.close(), timeout=15)
+        self.incident = None
 
     async def on_unmount(self) -> None:
         """Any other way out (the browser tab closed, SIGTERM, an error): the session is still
@@ -324,8 +611,11 @@ class BreakglassApp(App[None]):
         chat = self.chat
         match event:
             case ev.SessionStarted():
-                self.header.operator = event.operator
+                if message.own:  # another tab's session names its own operator
+                    self.header.operator = event.operator
                 self._model = event.model
+            case ev.OperatorMessage() if not message.own:
+                await chat.add_operator(event.text)
             case ev.AssistantTurnStarted():
                 await chat.start_turn(event.turn_id)
             case ev.AssistantTextDelta():
@@ -353,9 +643,12 @@ class BreakglassApp(App[None]):
                 await chat.add_notice(event.text, event.level)
             case ev.ReportReady():
                 self._report = event
-                self._deliver_report(event)
+                if message.own:
+                    self._deliver_report(event)
+                else:  # downloaded in the tab that asked for it
+                    await chat.add_notice(f"Incident report {event.filename} was written.")
             case _:
-                pass  # OperatorMessage is echoed at submit; SessionEnded needs nothing
+                pass  # an own OperatorMessage is echoed at submit; SessionEnded needs nothing
 
     # -- worker outcomes, in one place ------------------------------------------------------
 
@@ -369,7 +662,9 @@ class BreakglassApp(App[None]):
             WorkerState.CANCELLED,
         ):
             await self.chat.end_all_turns()
-            if state is WorkerState.CANCELLED and not self._shutting_down:
+            if state is WorkerState.CANCELLED and self._quiet_cancel:
+                self._quiet_cancel = False
+            elif state is WorkerState.CANCELLED and not self._shutting_down:
                 await self.chat.add_notice("Cancelled by the operator.", "warning")
         if state is not WorkerState.ERROR:
             return

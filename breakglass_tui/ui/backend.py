@@ -13,6 +13,7 @@ import importlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from breakglass_tui.core.events import Event
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from breakglass_tui.config import Settings
 
 Emit = Callable[[Event], None]
+Conversation = list[dict[str, Any]]
 
 
 class AgentLike(Protocol):
@@ -41,6 +43,19 @@ class HostsLike(Protocol):
     async def close(self) -> None: ...
 
 
+class AgentFactory(Protocol):
+    """Builds the breakglass agent for a tab that drives (at start, or on taking over)."""
+
+    def __call__(
+        self,
+        emit: Emit,
+        *,
+        session_id: str,
+        conversation: Conversation | None,
+        save_conversation: Callable[[Conversation], None] | None,
+    ) -> AgentLike: ...
+
+
 @dataclass(frozen=True)
 class AppOptions:
     """How ``breakglass-tui`` was started."""
@@ -48,13 +63,18 @@ class AppOptions:
     lab: bool = True
     scenario: str = "healthy"
     settings: Settings | None = None  # real targets: validated by the CLI before the app starts
+    # With --lab: a real Linux devvm under QEMU (lab.guest) instead of the simulated one.
+    real_guest: bool = False
+    # Where the incident store lives (one incident, many tabs); None: no incident is kept (the
+    # UI's own tests, the benchmark).
+    incident_dir: Path | None = None
 
 
 @dataclass
 class Backend:
     """The objects behind the screen, and how to put them away."""
 
-    agent: AgentLike
+    agent: AgentLike | None  # None until this tab drives (built by make_agent)
     hosts: HostsLike
     keys: str  # where the SSH keys came from, for the header: "lab (in memory)", "vault", ...
     targets: str  # "lab" or "devvm 10.0.0.5 · pve 10.0.0.2"
@@ -63,6 +83,41 @@ class Backend:
     manual_reason: str | None = None
     lab: Any = None  # the lab.Lab behind --lab (tests look at its processes)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    make_agent: AgentFactory | None = None  # None: ``agent`` was built with the backend
+
+    def start_agent(
+        self,
+        emit: Emit,
+        *,
+        session_id: str,
+        conversation: Conversation | None = None,
+        save_conversation: Callable[[Conversation], None] | None = None,
+    ) -> AgentLike:
+        """The breakglass agent for a driving tab: built now (from a saved conversation when
+        resuming or taking over), or the one the backend came with."""
+        if self.agent is not None:
+            return self.agent
+        if self.make_agent is None:
+            raise RuntimeError("this backend has no breakglass agent to start")
+        agent = self.make_agent(
+            emit,
+            session_id=session_id,
+            conversation=conversation,
+            save_conversation=save_conversation,
+        )
+        self.agent = agent
+        self.closers.insert(0, agent.close)  # the agent closes before the hosts it uses
+        return agent
+
+    async def drop_agent(self, timeout_s: float = 10.0) -> None:
+        """Close the agent (this tab no longer drives); the hosts stay. Never raises."""
+        agent, self.agent = self.agent, None
+        if agent is None:
+            return
+        with contextlib.suppress(ValueError):
+            self.closers.remove(agent.close)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(agent.close(), timeout=timeout_s)
 
     async def close(self) -> None:
         """Close agent, sessions, lab and key agent, in that order; never raises."""
@@ -86,10 +141,11 @@ def manual_reason() -> str | None:
 
 async def build_backend(options: AppOptions, emit: Emit) -> Backend:
     """Start the lab (``--lab``) or load the keys for the real targets, then build the
-    ``HostSession`` and the ``BreakglassAgent`` whose events go to ``emit``."""
+    ``HostSession``; the ``BreakglassAgent`` is built by :meth:`Backend.start_agent` once the tab
+    knows it drives (``emit`` is the default for it)."""
     # Imported in a thread: asyncssh and the agent take a second or more, and the screen must
     # keep answering keys meanwhile (anthropic itself is imported by the agent, lazily).
-    await asyncio.to_thread(_import_heavy, options.lab)
+    await asyncio.to_thread(_import_heavy, options.lab, options.real_guest)
     from breakglass_tui.config import load_settings
     from breakglass_tui.core.agent import BreakglassAgent
     from breakglass_tui.hosts.session import HostSession
@@ -99,13 +155,20 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
     lab = None
     try:
         if options.lab:
-            from breakglass_tui.lab.lab import start_lab
+            if options.real_guest:
+                # GuestUnavailable names what is missing; the app shows it on screen.
+                from breakglass_tui.lab.guest.lab import start_real_lab
 
-            lab = await start_lab(options.scenario)
+                lab = await start_real_lab(options.scenario)
+                targets = f"lab (real guest) · scenario {options.scenario}"
+            else:
+                from breakglass_tui.lab.lab import start_lab
+
+                lab = await start_lab(options.scenario)
+                targets = f"lab · scenario {options.scenario}"
             closers.append(lab.close)
             hosts = HostSession(lab.devvm, lab.pve, client_keys=lab.client_keys, settings=settings)
             keys = "lab keys (in memory)"
-            targets = f"lab · scenario {options.scenario}"
         else:
             from breakglass_tui.hosts.keyagent import load_keys
             from breakglass_tui.hosts.types import SshTarget
@@ -119,29 +182,47 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
             keys = f"keys loaded ({loaded.source})"
             targets = f"devvm {devvm.host} · pve {pve.host}"
         closers.insert(0, hosts.close)
-        agent = BreakglassAgent(
-            settings, hosts, emit=emit, operator=settings.operator, lab=options.lab
-        )
-        closers.insert(0, agent.close)
     except BaseException:
         await _close_all(closers)
         raise
+
+    def make_agent(
+        emit_to: Emit,
+        *,
+        session_id: str,
+        conversation: Conversation | None,
+        save_conversation: Callable[[Conversation], None] | None,
+    ) -> AgentLike:
+        return BreakglassAgent(
+            settings,
+            hosts,
+            emit=emit_to,
+            operator=settings.operator,
+            lab=options.lab,
+            session_id=session_id,
+            conversation=conversation,
+            save_conversation=save_conversation,
+        )
+
     return Backend(
-        agent=agent,
+        agent=None,
         hosts=hosts,
         keys=keys,
         targets=targets,
         operator=settings.operator,
         model=settings.model,
-        manual_reason=manual_reason() if getattr(agent, "manual", False) else None,
+        manual_reason=manual_reason(),
         lab=lab,
         closers=closers,
+        make_agent=make_agent,
     )
 
 
-def _import_heavy(lab: bool) -> None:
+def _import_heavy(lab: bool, real_guest: bool = False) -> None:
     modules = ["breakglass_tui.config", "breakglass_tui.hosts.session", "breakglass_tui.core.agent"]
     modules.append("breakglass_tui.lab.lab" if lab else "breakglass_tui.hosts.keyagent")
+    if lab and real_guest:
+        modules.append("breakglass_tui.lab.guest.lab")
     for name in modules:
         importlib.import_module(name)
 

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 class AgentEvent(Message):
     """One ``core.events`` event from the breakglass agent (same loop: posted, not threaded)."""
 
-    def __init__(self, event: Event) -> None:
+    def __init__(self, event: Event, *, own: bool = True) -> None:
         super().__init__()
         self.event = event
+        # False: replayed from the incident's journal or followed from the driving tab.
+        self.own = own
 
 
 class BackendReady(Message):

@@ -15,6 +15,9 @@ from breakglass_tui.core.incident import (
     IncidentStore,
     event_from_json,
     event_to_json,
+    summarize,
+    unfinished_calls,
+    worth_resuming,
 )
 from breakglass_tui.hosts.types import (
     OutputChunk,
@@ -140,3 +143,76 @@ def test_reopening_finds_the_open_incident_and_its_context(tmp_path: Path) -> No
     assert reopened.load_conversation() == messages
     store.close(incident)
     assert IncidentStore(tmp_path).current() is None
+
+
+async def test_a_tab_following_skips_what_it_wrote_itself(tmp_path: Path) -> None:
+    incident = IncidentStore(tmp_path).open_new()
+    incident.append_event(ev.OperatorMessage(text="mine"), by="tab-1")
+    incident.append_event(ev.OperatorMessage(text="theirs"), by="tab-2")
+    incident.append_event(ev.OperatorMessage(text="unsigned"))
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for event in incident.follow(poll_s=0.02, skip_by="tab-1"):
+            seen.append(event.text)  # type: ignore[attr-defined]
+            if len(seen) == 2:
+                return
+
+    await asyncio.wait_for(follow(), 5)
+    assert seen == ["theirs", "unsigned"]
+    # The writer's name is journal bookkeeping, not part of the event.
+    assert [e.text for e in incident.read_events()] == ["mine", "theirs", "unsigned"]  # type: ignore[attr-defined]
+
+
+def test_two_tabs_opening_at_once_join_one_incident(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from breakglass_tui.core.incident import"
+        f" IncidentStore; print(IncidentStore(Path({str(tmp_path)!r})).current_or_new()[0].id)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    ids = {p.communicate(timeout=30)[0].strip() for p in procs}
+    assert len(ids) == 1 and "" not in ids
+    incident, new = IncidentStore(tmp_path).current_or_new()
+    assert not new and {incident.id} == ids
+
+
+def test_the_resume_offer_summarizes_the_incident() -> None:
+    events = sample_events()
+    summary = summarize(events, "20261128T151200Z-a1b2c3")
+    assert summary.operator == "viktor" and summary.events == len(events)
+    assert summary.started_at == 1795878720.0  # 2026-11-28 15:12:00 UTC, from the id
+    assert summary.last == "report r.md"
+    assert summarize(events[:9]).last == "pve_verb: ok"
+    assert summarize([]).started_at is None and summarize([]).last is None
+
+
+def test_only_an_incident_with_real_work_is_worth_resuming() -> None:
+    opening = ("/probe", "/status")
+    check = [ev.OperatorMessage(text="/probe"), ev.OperatorMessage(text="/status")]
+    assert not worth_resuming(check, opening)
+    assert not worth_resuming([], opening)
+    assert worth_resuming([*check, ev.OperatorMessage(text="/sh df -h")], opening)
+    assert worth_resuming([ev.OperatorMessage(text="the devvm is down")], opening)
+
+
+async def test_replay_then_follow_misses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
+    incident = IncidentStore(tmp_path).open_new()
+    incident.append_event(ev.OperatorMessage(text="before"))
+    events, offset = incident.replay()
+    incident.append_event(ev.OperatorMessage(text="after"))
+    follower = incident.follow(poll_s=0.02, offset=offset)
+    got = await asyncio.wait_for(anext(follower), 5)
+    await follower.aclose()
+    assert [e.text for e in events] == ["before"] and got.text == "after"  # type: ignore[attr-defined]
+
+
+def test_calls_a_closed_tab_left_open_are_found() -> None:
+    started = [
+        ev.ToolCallStarted(call_id=c, tool="devvm_shell", input={}, mutating=False, manual=True)
+        for c in ("c1", "c2")
+    ]
+    ended = ev.ToolCallEnded(call_id="c1", tool="devvm_shell", ok=True, summary="", duration_s=0)
+    assert [c.call_id for c in unfinished_calls([*started, ended])] == ["c2"]

@@ -20,6 +20,7 @@ from breakglass_tui.hosts.types import (
 )
 from breakglass_tui.ui.backend import AppOptions, Backend, Emit
 
+MODEL = "claude-sonnet-4-5"
 T0 = 1_790_000_000.0  # a fixed instant: timestamps on screen never change between runs
 
 
@@ -38,13 +39,14 @@ class FakeHosts:
 class ScriptedAgent:
     """Plays events for each operator text; ``/sh sleep`` runs until cancelled."""
 
-    def __init__(self, emit: Emit, *, manual: bool = True) -> None:
+    def __init__(self, emit: Emit, *, manual: bool = True, operator: str = "viktor") -> None:
         self.emit = emit
         self.manual = manual
         self.handled: list[str] = []
         self.cancelled = 0
         self.closed = False
         self.script: dict[str, Callable[[], Any]] = {}
+        self.setup: dict[str, Any] = {}  # how the app built it: session_id, conversation, ...
         self._n = 0
 
     def _id(self) -> str:
@@ -53,6 +55,7 @@ class ScriptedAgent:
 
     async def handle(self, text: str) -> None:
         self.handled.append(text)
+        self.emit(ev.OperatorMessage(at=T0, text=text))  # as the real agent does
         if text in self.script:
             result = self.script[text]()
             if asyncio.iscoroutine(result):
@@ -166,23 +169,39 @@ def verb(name: str, before: str, after: str, **kw: Any) -> VerbResult:
     )
 
 
-def fake_backend_factory(*, manual: bool = True, agents: list | None = None):
-    """A backend factory for BreakglassApp that builds a ScriptedAgent over FakeHosts."""
+def fake_backend_factory(
+    *, manual: bool = True, agents: list | None = None, lazy: bool = False, operator: str = "viktor"
+):
+    """A backend factory for BreakglassApp that builds a ScriptedAgent over FakeHosts; ``lazy``:
+    the agent is built only when the tab drives (as the real backend does)."""
 
     async def factory(options: AppOptions, emit: Emit) -> Backend:
-        agent = ScriptedAgent(emit, manual=manual)
         hosts = FakeHosts()
-        if agents is not None:
-            agents.append(agent)
+
+        def make_agent(emit_to: Emit, **setup: Any) -> ScriptedAgent:
+            agent = ScriptedAgent(emit_to, manual=manual)
+            agent.setup = setup
+            if lazy:  # as the real agent does when built (the snapshot tests' screens stay)
+                emit_to(
+                    ev.SessionStarted(
+                        at=T0, session_id="s", operator=operator, lab=True, model=MODEL
+                    )
+                )
+            if agents is not None:
+                agents.append(agent)
+            return agent
+
+        agent = None if lazy else make_agent(emit)
         return Backend(
             agent=agent,
             hosts=hosts,
             keys="lab keys (in memory)",
             targets=f"lab · scenario {options.scenario}",
-            operator="viktor",
-            model="claude-sonnet-4-5",
+            operator=operator,
+            model=MODEL,
             manual_reason="no ANTHROPIC_API_KEY set, slash commands only" if manual else None,
-            closers=[agent.close, hosts.close],
+            closers=[agent.close, hosts.close] if agent is not None else [hosts.close],
+            make_agent=make_agent if lazy else None,
         )
 
     return factory

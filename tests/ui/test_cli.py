@@ -49,6 +49,33 @@ def test_scenario_needs_lab(capsys):
     assert "--lab" in capsys.readouterr().err
 
 
+def test_real_guest_needs_lab(capsys):
+    assert main(["--real-guest"]) == 2
+    assert "--real-guest needs --lab" in capsys.readouterr().err
+
+
+def test_real_guest_without_qemu_says_what_to_install_before_the_screen_opens(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-system-x86_64 on this PATH
+    assert main(["--lab", "--real-guest", "--scenario", "wedged"]) == 2
+    err = capsys.readouterr().err
+    assert "qemu-system-x86_64 is not installed" in err
+    assert "apt-get install qemu-system-x86" in err and "without --real-guest" in err
+
+
+def test_a_terminal_lab_keeps_its_incident_in_a_temporary_dir_unless_told(monkeypatch, tmp_path):
+    from breakglass_tui.cli import incident_dir
+
+    monkeypatch.delenv("BREAKGLASS_STATE_DIR", raising=False)
+    with incident_dir(True, None) as first, incident_dir(True, None) as second:
+        assert first.is_dir() and first != second, "each --lab run starts afresh"
+    assert not first.exists(), "removed at exit with the lab"
+    monkeypatch.setenv("BREAKGLASS_STATE_DIR", str(tmp_path))
+    with incident_dir(True, None) as told:
+        assert told == tmp_path
+
+
 def test_the_app_import_chain_leaves_the_heavy_sdks_for_later():
     code = (
         "import sys, breakglass_tui.cli, breakglass_tui.ui.app;"

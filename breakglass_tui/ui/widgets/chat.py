@@ -30,6 +30,8 @@ SLASH_COMMANDS: tuple[tuple[str, str], ...] = (
     ("/sh <command>", "run a command on the devvm (sudo shell)"),
     ("/cancel", "cancel the running turn or command (same as Esc)"),
     ("/report", "write the incident report and download it"),
+    ("/takeover", "drive the incident from this tab (the driving tab becomes read-only)"),
+    ("/close", "close the incident: the next tab starts a new one"),
     ("/help", "list the commands"),
 )
 

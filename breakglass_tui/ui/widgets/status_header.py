@@ -23,6 +23,8 @@ class StatusHeader(Widget):
     operator: reactive[str] = reactive("")
     targets: reactive[str] = reactive("")
     usage: reactive[str] = reactive("")
+    # Set in a read-only tab: who drives the incident, since when (empty while this tab drives).
+    driver: reactive[str] = reactive("")
 
     def render(self) -> Text:
         def mark(ok: bool | None) -> str:
@@ -38,6 +40,9 @@ class StatusHeader(Widget):
         if self.usage:
             first.append(f" · {self.usage}", style="dim")
         second = Text(no_wrap=True, overflow="ellipsis", style="dim")
+        if self.driver:
+            second.append(self.driver, style="not dim bold yellow")
+            second.append(" · ")
         second.append(self.keys)
         if self.operator:
             second.append(f" · operator {self.operator}")
@@ -71,6 +76,10 @@ class StatusHeader(Widget):
         else:
             self.claude = f"Claude: ready ({model})"
             self.claude_ok = True
+
+    def show_driver(self, text: str) -> None:
+        """Read-only: who drives (``""`` when this tab drives)."""
+        self.driver = text
 
     def show_usage(self, usage: Usage) -> None:
         tokens = usage.input_tokens + usage.output_tokens

@@ -1,0 +1,279 @@
+"""One incident, many tabs, as two app instances sharing a state dir: the second comes up
+read-only and follows the first live, ``/takeover`` flips both, and a tab opened after the first
+exits offers to resume the incident with its chat and the breakglass agent's context."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from breakglass_tui.config import Settings
+from breakglass_tui.core import events as ev
+from breakglass_tui.core.incident import IncidentStore
+from breakglass_tui.ui.app import BreakglassApp
+from breakglass_tui.ui.backend import AppOptions
+from breakglass_tui.ui.screens.resume import ResumeScreen
+from breakglass_tui.ui.widgets.chat import ToolBlock
+from tests.support import fake_messages_api as api
+from tests.support.fake_messages_api import FakeMessagesApi
+from tests.ui.fakes import ScriptedAgent, fake_backend_factory
+
+
+async def until(pilot, condition, timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+async def ready(app: BreakglassApp, pilot) -> None:
+    await until(pilot, lambda: app.backend is not None, what="the lab to start")
+    await until(pilot, lambda: not app._agent_running(), what="the opening check")
+    await pilot.pause(0.2)
+    app.output.flush()
+
+
+def tab(incident_dir: Path, agents: list[ScriptedAgent], operator: str) -> BreakglassApp:
+    """A tab over the scripted agent, keeping its incident in ``incident_dir``."""
+    return BreakglassApp(
+        AppOptions(lab=True, incident_dir=incident_dir),
+        backend_factory=fake_backend_factory(agents=agents, lazy=True, operator=operator),
+        initial_check=False,
+    )
+
+
+def offered(app: BreakglassApp) -> bool:
+    """The resume question is on screen (composed)."""
+    return isinstance(app.screen, ResumeScreen) and bool(app.screen.query("#resume-text"))
+
+
+def notices(app: BreakglassApp) -> str:
+    return "\n".join(str(n.render()) for n in app.query(".notice"))
+
+
+async def test_second_tab_is_read_only_follows_live_and_takes_over(tmp_path, monkeypatch):
+    agents_1: list[ScriptedAgent] = []
+    agents_2: list[ScriptedAgent] = []
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    first = tab(tmp_path, agents_1, "viktor")
+    async with first.run_test(size=(160, 48)) as pilot_1:
+        await until(pilot_1, lambda: first.backend is not None and agents_1, what="tab 1")
+        assert first.driving is True and first.header.driver == ""
+        monkeypatch.setenv("BREAKGLASS_OPERATOR", "alice")
+        second = tab(tmp_path, agents_2, "alice")
+        async with second.run_test(size=(160, 48)) as pilot_2:
+            await until(pilot_2, lambda: second.backend is not None, what="tab 2")
+            assert second.driving is False and agents_2 == [], "a read-only tab runs no agent"
+            assert "read-only · viktor drives since" in second.header.driver
+            assert second.incident.id == first.incident.id
+
+            # Read-only: only /takeover and /help are accepted.
+            await second.submit("/sh uptime")
+            assert "read-only" in notices(second) and "/takeover" in notices(second)
+
+            # What the first tab runs appears in the second, live.
+            driver = agents_1[0]
+            line = "hello-from-tab-1"
+            driver.script["/sh echo " + line] = lambda: driver.shell("echo " + line, line + "\n")
+            await pilot_1.press(*("/sh echo " + line), "enter")
+
+            def shown_in_second() -> bool:
+                second.output.flush()
+                return line in second.output_log().lines
+
+            await until(pilot_2, shown_in_second, 5, "tab 1's output in tab 2")
+            await until(pilot_2, lambda: len(second.query(ToolBlock)) == 1, 5, "the tool block")
+            block = second.query(ToolBlock).last()
+            assert f"$ echo {line}" in block.title and block.has_class("-ok")
+            operator_lines = [str(w.render()) for w in second.query(".operator")]
+            assert "/sh echo " + line in operator_lines
+
+            # Taking over: the second drives (its agent built), the first is told, read-only.
+            await second.submit("/takeover")
+            assert second.driving is True and second.header.driver == ""
+            assert len(agents_2) == 1 and agents_2[0].setup["session_id"] == second.session_id
+            await until(pilot_1, lambda: first.driving is False, 4, "tab 1 to see the take-over")
+            await until(pilot_1, lambda: "took over at" in notices(first), 3, "tab 1's notice")
+            assert "alice took over at" in notices(first)
+            assert "this tab is read-only now" in notices(first)
+            assert "read-only · alice drives since" in first.header.driver
+            await until(pilot_1, lambda: driver.closed, 5, "tab 1's agent to be closed")
+
+            await first.submit("/sh uptime")
+            assert "read-only (alice drives since" in notices(first)
+            assert "/sh uptime" not in driver.handled
+            # And the other way round now: the new driver's command shows in the first tab.
+            await second.submit("/status")
+            await until(pilot_1, lambda: first.forensics.results, 5, "the verb row in tab 1")
+            await second.shutdown()
+        # The second (driving) tab closed: it released the lease.
+        assert first.incident.driver() is None
+        await until(pilot_1, lambda: "nobody drives" in first.header.driver, 3, "no driver")
+        await first.shutdown()
+
+
+async def test_starting_a_new_incident_closes_the_old_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    agents: list[ScriptedAgent] = []
+    first = tab(tmp_path, agents, "viktor")
+    async with first.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: first.backend is not None and agents, what="tab 1")
+        await first.submit("/status")
+        await until(pilot, lambda: not first._agent_running(), 5, "the verb")
+        await first.submit("/sh echo hi")
+        await until(pilot, lambda: len(first.query(ToolBlock)) == 2, 5, "the command")
+        old = first.incident.id
+        await first.shutdown()
+    second = tab(tmp_path, agents, "viktor")
+    async with second.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: offered(second), 5, "the offer")
+        text = str(second.screen.query_one("#resume-text").render())
+        assert "Resume the incident started" in text and "by viktor" in text
+        assert "last: devvm_shell: exit 0" in text
+        await pilot.press("n")
+        await until(pilot, lambda: second.backend is not None and second.driving, what="tab 2")
+        assert second.incident.id != old
+        assert IncidentStore(tmp_path).current().id == second.incident.id
+        assert not second.forensics.results, "a new incident starts with empty panes"
+        await second.shutdown()
+
+
+async def test_close_ends_the_incident_and_the_tab_goes_on_with_a_new_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    agents: list[ScriptedAgent] = []
+    app = tab(tmp_path, agents, "viktor")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: app.backend is not None and agents, what="the tab")
+        old = app.incident
+        await app.submit("/close")
+        assert IncidentStore(tmp_path).current().id == app.incident.id != old.id
+        assert app.driving and app.incident.is_driver(app.session_id)
+        assert len(agents) == 2 and agents[0].closed, "a fresh agent for the new incident"
+        assert agents[1].setup["conversation"] == []
+        assert "closed" in notices(app)
+        await app.shutdown()
+
+
+def lab_tab(tmp_path: Path) -> BreakglassApp:
+    state = tmp_path / "state"
+    return BreakglassApp(
+        AppOptions(
+            lab=True, scenario="disk-full", settings=Settings(state_dir=state), incident_dir=state
+        ),
+        download_dir=tmp_path,
+        initial_check=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, monkeypatch):
+    fake = await FakeMessagesApi().start()
+    try:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-secret")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        fake.push(
+            api.tool("toolu_1", "devvm_shell", {"command": "df -h"}, text="Checking the disk."),
+            api.text("The root filesystem is **100% full**."),
+        )
+        first = lab_tab(tmp_path)
+        async with first.run_test(size=(160, 48)) as pilot:
+            await ready(first, pilot)
+            await pilot.press(*"ssh is slow, what is wrong?", "enter")
+            await until(pilot, lambda: not first._agent_running(), 30, "the turn")
+            await pilot.pause(0.3)
+            await first.shutdown()
+        assert len(fake.requests) == 2
+
+        fake.push(api.text("Still full: clear the journal next."))
+        second = lab_tab(tmp_path)
+        async with second.run_test(size=(160, 48)) as pilot:
+            await until(pilot, lambda: offered(second), 10, "the offer")
+            offer = str(second.screen.query_one("#resume-text").render())
+            assert "events, last: devvm_shell: exit 0" in offer, offer
+            await pilot.press("r")
+            await ready(second, pilot)
+            await until(pilot, lambda: second.query("Markdown.assistant"), 5, "the replay")
+            await pilot.pause(0.3)
+            markdown = " ".join(m.source for m in second.query("Markdown.assistant"))
+            assert "Checking the disk." in markdown and "100% full" in markdown
+            assert "ssh is slow, what is wrong?" in [
+                str(w.render()) for w in second.query(".operator")
+            ]
+            block = second.query(ToolBlock).first()
+            assert "$ df -h" in block.title and block.has_class("-ok")
+            second.output.flush()
+            assert any("100% /" in line for line in second.output_log().lines)
+            assert second.driving is True
+
+            await pilot.press(*"and now?", "enter")
+            await until(pilot, lambda: not second._agent_running(), 30, "the next turn")
+            # Claude's context came back: the resumed agent sent the whole conversation.
+            sent = fake.requests[-1].body["messages"]
+            assert "ssh is slow, what is wrong?" in str(sent[0])
+            assert any(m["role"] == "assistant" and "toolu_1" in str(m) for m in sent)
+            assert "and now?" in str(sent[-1])
+            await second.shutdown()
+    finally:
+        await fake.close()
+    assert os.environ.get("ANTHROPIC_API_KEY") == "sk-ant-test-not-a-secret"
+
+
+async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
+    tmp_path, monkeypatch
+):
+    incident = IncidentStore(tmp_path).open_new()  # a tab that died mid-command wrote this
+    incident.append_event(ev.OperatorMessage(text="/sh journalctl -f"), by="dead-tab")
+    incident.append_event(
+        ev.ToolCallStarted(
+            call_id="c1",
+            tool="devvm_shell",
+            input={"command": "journalctl -f"},
+            mutating=False,
+            manual=True,
+        ),
+        by="dead-tab",
+    )
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    app = tab(tmp_path, [], "viktor")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: offered(app), 5, "the offer")
+        await pilot.press("r")
+        await until(pilot, lambda: app.query(ToolBlock), 5, "the replayed block")
+        await pilot.pause(0.1)
+        block = app.query(ToolBlock).last()
+        assert "interrupted: the tab running it closed" in block.title and block.has_class(
+            "-failed"
+        )
+        assert app.incident.id == incident.id and app.driving
+        await app.shutdown()
+
+
+async def test_closing_the_tab_while_it_asks_to_resume_still_closes_everything(
+    tmp_path, monkeypatch
+):
+    incident = IncidentStore(tmp_path).open_new()
+    incident.append_event(ev.OperatorMessage(text="the devvm is down"), by="dead-tab")
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    hosts: list = []
+    factory = fake_backend_factory(lazy=True)
+
+    async def recording(options, emit):
+        backend = await factory(options, emit)
+        hosts.append(backend.hosts)
+        return backend
+
+    app = BreakglassApp(
+        AppOptions(lab=True, incident_dir=tmp_path), backend_factory=recording, initial_check=False
+    )
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: offered(app) and hosts, 5, "the offer")
+        started = time.monotonic()
+        await app.shutdown()
+        assert time.monotonic() - started < 5
+    assert hosts[0].closed, "the backend built meanwhile was closed"
+    assert incident.driver() is None, "an unanswered tab never drove"
