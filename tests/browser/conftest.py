@@ -132,8 +132,14 @@ class ServeProcess:
         return records
 
     def app_processes(self) -> list[Proc]:
-        """The live app processes (one per open tab) below the server."""
-        return [p for p in descendants(self.proc.pid) if f"-m {APP_MODULE}" in p.cmdline]
+        """The live app processes (one per open tab): the server's own children. Not deeper: an
+        app that forks a helper shows the app's command line in the child until it execs."""
+        found = []
+        for child in _children(self.proc.pid):
+            proc = Proc(child, proc_start_time(child), _cmdline(child))
+            if proc.started is not None and f"-m {APP_MODULE}" in proc.cmdline and proc.alive():
+                found.append(proc)
+        return found
 
     def get_json(self, path: str) -> tuple[int, dict[str, Any]]:
         try:

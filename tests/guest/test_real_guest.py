@@ -299,6 +299,8 @@ async def test_wedged_guest_is_reset_by_the_agent(
     wedged = await hosts.probe()
     assert wedged.reachability is not Reachability.HEALTHY  # TCP accepted, no banner
     kvm_before = lab.sim.kvm_pid()
+    boots_before = lab.sim.console().count("breakglass-guest: ready")
+    assert boots_before == 1
 
     h = make_agent(hosts)
     fake_api.push(
@@ -324,8 +326,10 @@ async def test_wedged_guest_is_reset_by_the_agent(
     assert "the devvm answers" in sent(fake_api, "t4")
     uptime = sent(fake_api, "t5").splitlines()[1]  # after the header: the fresh boot's uptime
     assert float(uptime.split()[0]) < 300
-    # Ask the guest ourselves: a fresh boot of the same QEMU process, SSH and the service up.
+    # Ask the guest ourselves: a fresh boot of the same QEMU process (its serial console shows
+    # the guest coming up a second time), SSH and the service up.
     assert lab.sim.kvm_pid() == kvm_before
+    assert lab.sim.console().count("breakglass-guest: ready") == boots_before + 1
     check = await hosts.run("cat /proc/uptime; systemctl is-active webapp")
     assert check.ok and float(check.stdout.split()[0]) < 300 and "active" in check.stdout
     assert (await hosts.probe()).reachability is Reachability.HEALTHY

@@ -15,9 +15,8 @@ from breakglass_tui.hosts.devvm import DevvmShell
 from breakglass_tui.hosts.probe import probe_devvm
 from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending, Reachability, SshTarget
+from breakglass_tui.lab import devvm_sim
 from tests.support.realparts import new_key, public_line
-
-devvm_sim = pytest.importorskip("breakglass_tui.lab.devvm_sim", reason="the lab is not there yet")
 
 KEY = new_key("breakglass-lab-devvm")
 HOST_KEY = new_key("lab-devvm-host")
