@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import enum
 import importlib
 import inspect
 import json
@@ -85,6 +86,7 @@ _MAX_TOKENS_CAP = 32000
 TIMEOUT_MIN_S = 1
 TIMEOUT_MAX_S = 3600
 _SHORTENED = "[older result, shortened]"
+_RESTORED_NOTE = "This conversation was restored in a new session of the breakglass agent"
 
 
 class _SafeRecord:
@@ -219,6 +221,8 @@ class BreakglassAgent:
         keep_recent_results: int = 8,
         fetch_bundles: bool = True,
         bundle_timeout_s: float = 60.0,
+        history: list[Event] | None = None,
+        incident_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.hosts = hosts
@@ -252,21 +256,31 @@ class BreakglassAgent:
         self.transcript = _SafeRecord(
             transcript(self.state_dir, self.scrubber, **who), "transcript", self._record_failed
         )
+        self.incident_id = incident_id
+        # Output ids name the session (o<n>-<tag>): a restored conversation's ids never alias
+        # this session's, and the earlier sessions' outputs are read from their directories.
         self.outputs = OutputStore(
             self.state_dir / "transcripts" / self.session_id,
             self.scrubber,
             budget_bytes=output_budget_bytes,
             budget_tokens=output_budget_tokens,
+            shared_root=self.state_dir / "transcripts",
         )
         self.messages: list[dict[str, Any]] = [dict(m) for m in conversation or []]
         self._save_conversation = save_conversation
         self.manual = False
+        # The incident's usage so far (earlier sessions' from ``history`` too: the header and
+        # the report show it); the audit log records this session's own (session_usage), so
+        # summing sessions does not count a turn twice.
         self.total_usage = Usage()
+        self.session_usage = Usage()
         self.cost_known = True
         self._client: Any = None
         self._sdk_modules: tuple[Any, Any] | None = None
         self._client_key: str | None = None
         self._pending_manual: list[str] = []
+        # Manual call ids name the session: tabs sharing an incident journal never repeat one.
+        self._manual_prefix = f"manual-{self.session_id}-"
         self._manual_count = 0
         self._bundle_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -276,8 +290,13 @@ class BreakglassAgent:
         self.verbs: list[VerbResult] = []
         self.last_probe: ProbeResult | None = None
         self.last_assistant_text = ""
+        # The sessions of the incident (session id, operator), this one last.
+        self.sessions: list[tuple[str, str]] = [(self.session_id, operator)]
         self._keep_output_kw = _accepts_keyword(hosts.run, "keep_output")
         self._live_record: OutputRecord | None = None
+        # The incident's earlier events (the journal, replayed): /report covers all of it.
+        if history:
+            self._seed_history(history)
 
         self._emit(
             SessionStarted(
@@ -311,7 +330,8 @@ class BreakglassAgent:
         if slash:
             await self._slash(text)
         else:
-            await self._converse(text)
+            # What the model is shown (and the saved conversation) is scrubbed like every record.
+            await self._converse(self.scrubber.text(text))
 
     async def close(self) -> None:
         """End the session: stop bundle downloads, close the API client and the records. The
@@ -328,7 +348,11 @@ class BreakglassAgent:
             with contextlib.suppress(Exception):
                 await self._client.close()
         self._emit(SessionEnded(session_id=self.session_id))
-        self.audit.write("session_end", total_usage=_usage_dict(self.total_usage))
+        self.audit.write(
+            "session_end",
+            total_usage=_usage_dict(self.session_usage),
+            incident_usage=_usage_dict(self.total_usage),
+        )
         self.audit.close()
         self.transcript.close()
 
@@ -479,21 +503,52 @@ class BreakglassAgent:
                 self.audit.write("save_error", error=f"{exc.__class__.__name__}: {exc}")
 
     def _repair_conversation(self) -> None:
-        """A restored conversation may end in tool calls whose process died mid-run: answer
-        them, so the next request is valid."""
+        """A restored conversation (resume, take-over) was another session's: answer the tool
+        calls whose process died mid-run, so the next request is valid; and when it names
+        outputs by ids from before ids named their session (``o3``), tell Claude they are not
+        readable here (this session's ``o3-<tag>`` is another output). Ids with a session tag
+        stay readable: the OutputStore finds them in the earlier session's directory."""
         last = self.messages[-1]
-        if last.get("role") != "assistant":
-            return
-        calls = [b for b in last.get("content", []) if b.get("type") == "tool_use"]
-        if calls:
-            self._append_user(
-                [
-                    _tool_result(
-                        b["id"], "Interrupted: the session ended while this ran.", is_error=True
-                    )
-                    for b in calls
-                ]
+        blocks: list[dict[str, Any]] = []
+        if last.get("role") == "assistant":
+            calls = [b for b in last.get("content", []) if b.get("type") == "tool_use"]
+            blocks += [
+                _tool_result(
+                    b["id"], "Interrupted: the session ended while this ran.", is_error=True
+                )
+                for b in calls
+            ]
+        told = " ".join(  # an earlier restore's note: not told twice
+            b.get("text", "")
+            for m in self.messages
+            if m.get("role") == "user" and isinstance(m.get("content"), list)
+            for b in m["content"]
+            if isinstance(b, dict) and str(b.get("text", "")).startswith(_RESTORED_NOTE)
+        )
+        legacy = sorted(
+            {
+                i
+                for i in _mentioned_output_ids(self.messages)
+                if OutputStore.is_legacy_id(i) and not re.search(rf"\b{i}\b", told)
+            },
+            key=lambda i: int(i[1:]),
+        )
+        if legacy:
+            shown = ", ".join(legacy)
+            blocks.append(
+                {
+                    "type": "text",
+                    "text": (
+                        f"{_RESTORED_NOTE}. The outputs named by the earlier ids {shown}"
+                        " belong to an earlier tab's session and are not readable here; run the"
+                        " command again if you need them. Output ids of this session look like"
+                        f" {self.outputs.id_for(1)!r}."
+                    ),
+                }
             )
+            self.audit.write("restored_legacy_output_ids", output_ids=legacy)
+        if blocks:
+            self._append_user(blocks)
 
     def _append_user(self, blocks: list[dict[str, Any]]) -> None:
         """Add user content; merges into a trailing user message (tool results stay first)."""
@@ -741,6 +796,7 @@ class BreakglassAgent:
             cost_usd=cost or 0.0,
         )
         self.total_usage = add(self.total_usage, usage)
+        self.session_usage = add(self.session_usage, usage)
         stop = reply.stop_reason if outcome == reply.stop_reason else outcome
         self._emit(
             AssistantTurnEnded(
@@ -759,7 +815,7 @@ class BreakglassAgent:
             text=text,
             tool_calls=[{"id": b["id"], "name": b["name"]} for b in reply.tool_uses],
             usage=_usage_dict(usage),
-            total_usage=_usage_dict(self.total_usage),
+            total_usage=_usage_dict(self.session_usage),
         )
 
     def _request_messages(self) -> list[dict[str, Any]]:
@@ -1190,20 +1246,101 @@ class BreakglassAgent:
             self._notice("error", f"Unknown command {command}: /help lists the slash commands.")
             return
         self._manual_count += 1
-        call_id = f"manual-{self._manual_count}"
+        call_id = f"{self._manual_prefix}{self._manual_count}"
         try:
             run = await self._run_tool(call_id, name, tool_input, manual=True)
         except asyncio.CancelledError:
-            self._pending_manual.append(f"- {text}: cancelled by the operator")
+            self._pending_manual.append(f"- {self.scrubber.text(text)}: cancelled by the operator")
             raise
         # Claude learns of it on its next turn, briefly; the whole output stays readable by id.
-        entry = f"- {text}: {run.summary}"
+        entry = f"- {self.scrubber.text(text)}: {self.scrubber.text(run.summary)}"
         if run.record is not None:
             entry += f" (output_id {run.record.output_id})"
             tail = run.record.tail or run.record.head
             if tail:
                 entry += "\n  last output: " + tail[-600:].decode("utf-8", "ignore").strip()
         self._pending_manual.append(entry)
+
+    # -- the incident so far (resume, take-over) -----------------------------------------------
+
+    def _seed_history(self, history: list[Event]) -> None:
+        """Seed the report's timeline, calls, verbs, last probe, Claude's last word and the
+        usage from the incident's earlier events (other sessions, or this one's earlier agent),
+        so /report covers the whole incident. Manual call ids go on after this session's."""
+        started: dict[str, ToolCallStarted] = {}
+        turn_text: dict[str, list[str]] = {}
+        usage = Usage()
+        for event in history:
+            at = event.at
+            if isinstance(event, SessionStarted):
+                if event.session_id not in dict(self.sessions):
+                    self.sessions.insert(-1, (event.session_id, event.operator))
+                lab = " (lab)" if event.lab else ""
+                self._note(f"session {event.session_id} started by {event.operator}{lab}", at)
+            elif isinstance(event, OperatorMessage):
+                self._note(f"operator: {event.text}", at)
+            elif isinstance(event, ToolCallStarted):
+                started[event.call_id] = event
+                label = _label(event.tool, event.input)
+                who = "operator" if event.manual else "Claude"
+                self._note(f"{who} ran {event.tool} {label}", at)
+                if event.call_id.startswith(self._manual_prefix):
+                    n = event.call_id[len(self._manual_prefix) :]
+                    if n.isdigit():
+                        self._manual_count = max(self._manual_count, int(n))
+            elif isinstance(event, ToolCallEnded):
+                begun = started.pop(event.call_id, None)
+                tool_input = begun.input if begun is not None else {}
+                label = _label(event.tool, tool_input)
+                self._note(f"{event.tool} {label}: {event.summary}", at)
+                self.calls.append(
+                    {
+                        "call_id": event.call_id,
+                        "tool": event.tool,
+                        "label": label,
+                        "summary": event.summary,
+                        "manual": begun.manual if begun is not None else False,
+                        "exit_status": event.exit_status,
+                        "output_id": None,
+                        "ok": event.ok,
+                    }
+                )
+            elif isinstance(event, VerbCompleted):
+                self.verbs.append(event.result)
+            elif isinstance(event, ProbeUpdated):
+                self.last_probe = event.result
+            elif isinstance(event, ModeChanged):
+                mode = "manual mode" if event.manual else "normal mode"
+                self._note(f"{mode}: {event.reason}", at)
+            elif isinstance(event, ApiError):
+                self._note(f"API error ({event.kind}): {event.message}", at)
+            elif isinstance(event, AssistantTextDelta):
+                turn_text.setdefault(event.turn_id, []).append(event.text)
+            elif isinstance(event, AssistantTurnEnded):
+                text = "".join(turn_text.pop(event.turn_id, []))
+                usage = add(usage, event.usage)
+                if text:
+                    if event.stop_reason not in (None, "cancelled", "error", "incomplete"):
+                        self.last_assistant_text = text
+                    self._note(f"Claude: {text}", at)
+            elif isinstance(event, Notice) and event.level != "info":
+                self._note(event.text, at)
+        for begun in started.values():  # its tab closed mid-call
+            label = _label(begun.tool, begun.input)
+            self.calls.append(
+                {
+                    "call_id": begun.call_id,
+                    "tool": begun.tool,
+                    "label": label,
+                    "summary": "interrupted: the tab running it closed",
+                    "manual": begun.manual,
+                    "exit_status": None,
+                    "output_id": None,
+                    "ok": False,
+                }
+            )
+        self.timeline.sort(key=lambda entry: entry[0])
+        self.total_usage = usage
 
     # -- report --------------------------------------------------------------------------------
 
@@ -1213,7 +1350,7 @@ class BreakglassAgent:
         markdown = report.render(self)
         directory = self.state_dir / "reports"
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        filename = f"incident-{self.session_id}.md"
+        filename = f"incident-{self.incident_id or self.session_id}.md"
         path = directory / filename
         path.write_text(self.scrubber.text(markdown))
         self._emit(ReportReady(filename=filename, markdown=self.scrubber.text(markdown)))
@@ -1223,6 +1360,10 @@ class BreakglassAgent:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
+        # Scrubbed here, once, so every sink (the UI, the incident journal it writes, the
+        # transcript) agrees with the audit log. Live output was scrubbed by its recorder.
+        if not isinstance(event, ToolOutput):
+            event = _scrub_event(self.scrubber, event)
         if not isinstance(event, AssistantTextDelta | ToolOutput):
             self.transcript.write("event", event=type(event).__name__, data=_event_dict(event))
         try:
@@ -1244,8 +1385,8 @@ class BreakglassAgent:
             self.audit.write("mode_change", manual=manual, reason=reason)
             self._note(f"{'manual mode' if manual else 'normal mode'}: {reason}")
 
-    def _note(self, text: str) -> None:
-        self.timeline.append((time.time(), self.scrubber.text(text)))
+    def _note(self, text: str, at: float | None = None) -> None:
+        self.timeline.append((time.time() if at is None else at, self.scrubber.text(text)))
 
     def _record_failed(self, name: str, exc: OSError) -> None:
         """The audit log or the transcript could not be written (first time only): say so, and
@@ -1259,7 +1400,7 @@ class BreakglassAgent:
         if name != "audit log":
             self.audit.write("record_write_failed", record=name, error=str(exc))
         with contextlib.suppress(Exception):
-            self._emit_cb(Notice(level="error", text=text))
+            self._emit_cb(Notice(level="error", text=self.scrubber.text(text)))
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -1383,6 +1524,65 @@ def _verb_dict(r: VerbResult) -> dict[str, Any]:
         "refused": r.refused,
         "cold_case": r.cold_case,
     }
+
+
+_MENTIONED_ID = re.compile(r"\bo[0-9]{1,9}(?:-[0-9a-f]{8})?\b")
+_ID_CONTEXT = re.compile(r"output_id[ =:'\"]*(o[0-9]{1,9}(?:-[0-9a-f]{8})?)\b")
+
+
+def _mentioned_output_ids(messages: list[dict[str, Any]]) -> set[str]:
+    """The output ids a conversation names ("output_id o3", read_output inputs)."""
+    found: set[str] = set()
+    for message in messages:
+        content = message.get("content")
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        for block in blocks:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                value = (block.get("input") or {}).get("output_id")
+                if isinstance(value, str) and _MENTIONED_ID.fullmatch(value):
+                    found.add(value)
+                continue
+            text = block.get("content") if block.get("type") == "tool_result" else block.get("text")
+            if isinstance(text, list):
+                text = " ".join(str(b.get("text", "")) for b in text if isinstance(b, dict))
+            if isinstance(text, str) and "output_id" in text:
+                found.update(_ID_CONTEXT.findall(text))
+    return found
+
+
+def _scrub_event(scrubber: Scrubber, event: Event) -> Event:
+    """``event`` with every string in it scrubbed (operator, model and host text can carry a
+    key); the same object when nothing changed."""
+    import dataclasses
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value
+        if isinstance(value, str):
+            return scrubber.text(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes = {}
+            for f in dataclasses.fields(value):
+                if not f.init:
+                    continue
+                old = getattr(value, f.name)
+                new = scrub(old)
+                if new is not old:
+                    changes[f.name] = new
+            return dataclasses.replace(value, **changes) if changes else value
+        if isinstance(value, dict):
+            items = {k: scrub(v) for k, v in value.items()}
+            return value if all(items[k] is value[k] for k in value) else items
+        if isinstance(value, list | tuple):
+            items = [scrub(v) for v in value]
+            if all(a is b for a, b in zip(items, value, strict=True)):
+                return value
+            return type(value)(items) if isinstance(value, tuple) else items
+        return value
+
+    return scrub(event)
 
 
 def _event_dict(event: Event) -> dict[str, Any]:

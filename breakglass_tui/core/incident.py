@@ -11,8 +11,10 @@ incident lives on disk, in ``<state_dir>/incidents/<incident id>/``:
   driver acts; the others watch. Taking over is explicit, and the former driver sees it on its
   next check and becomes read-only. A driver whose process is gone holds nothing.
 
-``<state_dir>/incidents/current`` names the open incident; closing it (after the report, or
-when the operator starts afresh) clears that.
+``<state_dir>/incidents/current`` names the open incident. Closing it (``/close``, or the operator
+starting afresh) and opening the next one happen under one lock, and a new incident is claimed by
+the session that opens it in the same step: an open incident is never driverless for a moment in
+which another tab could judge it abandoned.
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ def _event_types() -> dict[str, type[ev.Event]]:
 
 
 EVENT_TYPES = _event_types()
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes, held while the block runs (``flock`` on ``path``)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def event_to_json(event: ev.Event) -> dict[str, Any]:
@@ -184,40 +197,33 @@ class Incident:
                     by = doc.get(BY_KEY)
                     yield event, offset, by if isinstance(by, str) else None
 
-    def replay(self) -> tuple[list[ev.Event], int]:
-        """Every journaled event so far, and the offset to :meth:`follow` on from."""
+    def replay(self, *, skip_by: str | None = None) -> tuple[list[ev.Event], int]:
+        """Every journaled event so far (but those written ``by`` the session ``skip_by``: a
+        tab's own, already shown), and the offset to :meth:`follow` on from."""
         events: list[ev.Event] = []
         offset = 0
-        for event, end, _ in self._iter_from(0):
-            events.append(event)
+        for event, end, by in self._iter_from(0):
+            if skip_by is None or by != skip_by:
+                events.append(event)
             offset = end
         return events, offset
 
     async def follow(
         self,
         *,
-        from_start: bool = True,
         poll_s: float = 0.2,
         skip_by: str | None = None,
-        offset: int | None = None,
+        offset: int = 0,
     ) -> AsyncIterator[ev.Event]:
         """Yield journaled events as they are written, until cancelled; those written ``by``
         the session ``skip_by`` (a tab's own, already shown) are left out. ``offset`` (from
-        :meth:`replay`) starts right after what was replayed."""
-        if offset is None:
-            offset = 0 if from_start else self._size()
+        :meth:`replay`) starts right after what was replayed; 0, from the start."""
         while True:
             for event, next_offset, by in self._iter_from(offset):
                 offset = next_offset
                 if skip_by is None or by != skip_by:
                     yield event
             await asyncio.sleep(poll_s)
-
-    def _size(self) -> int:
-        try:
-            return self.events_path.stat().st_size
-        except FileNotFoundError:
-            return 0
 
     # -- the model's context --------------------------------------------------------------------
     def save_conversation(self, messages: list[dict[str, Any]]) -> None:
@@ -232,14 +238,8 @@ class Incident:
             return []
 
     # -- the driver lease -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.dir / "driver.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return _flocked(self.dir / "driver.lock")
 
     def driver(self) -> Driver | None:
         """The session that drives now, or None if nobody (alive) does."""
@@ -251,14 +251,18 @@ class Incident:
         return current if current.alive() else None
 
     def claim(self, session_id: str, operator: str, *, take_over: bool = False) -> Driver:
-        """Become the driver if nobody drives (or ``take_over``); return who drives now."""
+        """Become the driver if nobody drives (or ``take_over``); return who drives now. The
+        driver claiming again keeps its ``since`` and records ``operator`` when one is given
+        (a tab learns its operator's name only once its backend is up)."""
         with self._locked():
             current = self.driver()
             if current is not None and current.session_id != session_id and not take_over:
                 return current
             me = Driver(session_id, operator, time.time(), os.getpid())
             if current is not None and current.session_id == session_id:
-                me = current
+                me = dataclasses.replace(current, operator=operator or current.operator)
+                if me == current:
+                    return current
             tmp = self.dir / f".driver.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(dataclasses.asdict(me)))
             tmp.replace(self.dir / "driver.json")
@@ -270,10 +274,6 @@ class Incident:
             if current is not None and current.session_id == session_id:
                 (self.dir / "driver.json").unlink(missing_ok=True)
 
-    def is_driver(self, session_id: str) -> bool:
-        current = self.driver()
-        return current is not None and current.session_id == session_id
-
 
 class IncidentStore:
     """The incidents under a state directory, and which one is open."""
@@ -282,23 +282,56 @@ class IncidentStore:
         self.root = Path(state_dir) / "incidents"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return _flocked(self.root / ".lock")
 
-    def current_or_new(self) -> tuple[Incident, bool]:
-        """The open incident, or a new one if none is open; True when it is new. Atomic across
-        processes: two tabs opened at once join one incident rather than each starting one."""
+    def current_or_new(
+        self, session_id: str, operator: str, *, opening_check: tuple[str, ...] = ()
+    ) -> tuple[Incident, bool]:
+        """The open incident, or a new one driven by ``session_id``; True when it is new.
+
+        Atomic across processes: two tabs opened at once join one incident rather than each
+        starting one, and a new incident is claimed before the lock is let go, so it is never
+        seen without a driver. An open incident nobody drives in which nothing happened beyond
+        the tabs' ``opening_check`` is not worth resuming: it is closed and replaced, under the
+        same lock."""
         with self._locked():
             current = self.current()
-            if current is not None:
+            if current is not None and (
+                current.driver() is not None or worth_resuming(current.read_events(), opening_check)
+            ):
                 return current, False
-            return self.open_new(), True
+            if current is not None:
+                self._close_current()
+            return self._open_claimed(session_id, operator), True
+
+    def claim(
+        self, incident: Incident, session_id: str, operator: str, *, take_over: bool = False
+    ) -> Driver | None:
+        """:meth:`Incident.claim` on ``incident`` if it is still the open incident; None if it
+        was closed meanwhile (its lease is worth nothing then)."""
+        with self._locked():
+            if not self._is_current(incident):
+                return None
+            return incident.claim(session_id, operator, take_over=take_over)
+
+    def replace(
+        self, incident: Incident, session_id: str, operator: str
+    ) -> tuple[Incident, Driver | None]:
+        """Close ``incident`` and open the next one, driven by ``session_id`` (``/close``, or
+        "start a new incident"); one step under the lock. If another tab drives ``incident``
+        now (it answered "resume" first), or it was already closed and another tab opened the
+        next one, that one is joined instead (driven if nobody does); returns the incident
+        joined and who drives it."""
+        with self._locked():
+            driver = incident.driver()
+            if self._is_current(incident) and (driver is None or driver.session_id == session_id):
+                self._close_current()
+            current = self.current()
+            if current is None:
+                new = self._open_claimed(session_id, operator)
+                return new, new.driver()
+            return current, current.claim(session_id, operator)
 
     def current(self) -> Incident | None:
         """The open incident, if any."""
@@ -311,8 +344,18 @@ class IncidentStore:
             return None
         return Incident(directory)
 
+    def _is_current(self, incident: Incident) -> bool:
+        current = self.current()
+        return current is not None and current.id == incident.id
+
+    def _open_claimed(self, session_id: str, operator: str) -> Incident:
+        incident = self.open_new()
+        incident.claim(session_id, operator)
+        return incident
+
     def open_new(self) -> Incident:
-        """Start a new incident and make it the open one."""
+        """Start a new incident and make it the open one (nobody drives it yet: tabs use
+        :meth:`current_or_new` or :meth:`replace`, which claim it at once)."""
         incident_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
         directory = self.root / incident_id
         directory.mkdir(mode=0o700)
@@ -322,11 +365,8 @@ class IncidentStore:
         tmp.replace(self.root / "current")
         return Incident(directory)
 
-    def close(self, incident: Incident) -> None:
-        """The incident is over: the next tab starts a new one."""
-        current = self.current()
-        if current is not None and current.id == incident.id:
-            (self.root / "current").unlink(missing_ok=True)
+    def _close_current(self) -> None:
+        (self.root / "current").unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,27 @@
 """Output budgets: the model sees a head and a tail of each output, the transcript keeps it whole.
 
-Every tool output gets an ``output_id``. Its (scrubbed) text is streamed to a file of its own
-under ``<state_dir>/transcripts/<session_id>/`` as it arrives, so memory stays bounded however much
-a command prints; only a head and a rolling tail are held. The file is the one stored copy of the
-output (the session's transcript refers to it), and it is capped at :data:`MAX_STORED_BYTES`: the
-state volume is small, and one ``cat`` of a huge log must not fill it. Beyond the cap bytes are
-counted and hashed but not written, and the record says it was truncated. The model is shown the
-head and the (real) tail within a budget (bytes and estimated tokens), told what was elided, the
-exit status and the sha256 of the whole; ``read_output`` and ``grep_output`` let it look deeper
-into the stored part without the context growing. ``grep_output`` runs the model's pattern in a
-child process with a deadline: a catastrophic pattern cannot freeze the event loop.
+Every tool output gets an ``output_id``, unique across the sessions that share a state dir (an
+incident driven from several tabs, resumed or taken over, has one session per agent): ``o<n>-<tag>``
+where the tag names the session (:func:`session_tag`). A restored conversation's ids therefore
+never alias the new session's outputs, and an earlier session's output stays readable by its id
+(its file is found under ``<state_dir>/transcripts/<that session>/``).
+
+Its (scrubbed) text is streamed to a file of its own under ``<state_dir>/transcripts/<session_id>/``
+as it arrives, so memory stays bounded however much a command prints; only a head and a rolling tail
+are held. The file is the one stored copy of the output (the session's transcript refers to it), and
+it is capped at :data:`MAX_STORED_BYTES`: the state volume is small, and one ``cat`` of a huge log
+must not fill it. Beyond the cap bytes are counted and hashed but not written, and the record says
+it was truncated. The model is shown the head and the (real) tail within a budget (bytes and
+estimated tokens), told what was elided, the exit status and the sha256 of the whole;
+``read_output`` and ``grep_output`` let it look deeper into the stored part without the context
+growing. ``grep_output`` runs the model's pattern in a child process with a deadline: a catastrophic
+pattern cannot freeze the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +37,11 @@ from breakglass_tui.hosts.types import OutputChunk
 # (hex, base64, non-ASCII) fewer. Dividing by 3 keeps the estimate on the high side.
 BYTES_PER_TOKEN = 3.0
 HEAD_SHARE = 0.4  # of the budget; the rest is the tail, where errors and summaries usually are
-_OUTPUT_ID = re.compile(r"^o[0-9]{1,9}$")
+# o<n>-<session tag>; a bare o<n> is from before ids named their session (a restored conversation).
+_OUTPUT_ID = re.compile(r"^o([0-9]{1,9})(?:-([0-9a-f]{8}))?$")
+_TAG = re.compile(r"-([0-9a-f]{8})$")
+# What one output's facts file (beside its .out file) is called: read by later sessions.
+_FACTS_SUFFIX = ".json"
 # At most this much of one output is written to disk; the rest is counted and hashed only.
 MAX_STORED_BYTES = 16 * 1024 * 1024
 # grep_output: the pattern's deadline (the child running it is killed after), the part of each
@@ -69,6 +80,15 @@ def estimate_tokens(text: str | bytes) -> int:
     """A conservative token estimate for ``text``."""
     size = len(text.encode() if isinstance(text, str) else text)
     return int(size / BYTES_PER_TOKEN) + 1
+
+
+def session_tag(session_id: str) -> str:
+    """The short tag naming a session in its output ids: the random part of a session id
+    (``20261128T162159Z-1a2b3c4d`` -> ``1a2b3c4d``), else 8 hex digits of its sha256."""
+    found = _TAG.search(session_id)
+    if found:
+        return found.group(1)
+    return hashlib.sha256(session_id.encode()).hexdigest()[:8]
 
 
 def _decode(data: bytes) -> str:
@@ -206,7 +226,11 @@ class OutputRecorder:
 
 
 class OutputStore:
-    """The outputs of one session: recorders, the model's budgeted view, read and grep."""
+    """The outputs of one session: recorders, the model's budgeted view, read and grep.
+
+    ``shared_root`` (``<state_dir>/transcripts``) is where the other sessions' output
+    directories are: an id of an earlier session is read from there. ``tag`` defaults to
+    :func:`session_tag` of the directory's name (the session id)."""
 
     def __init__(
         self,
@@ -216,19 +240,49 @@ class OutputStore:
         budget_bytes: int = 8192,
         budget_tokens: int = 2048,
         max_stored_bytes: int = MAX_STORED_BYTES,
+        shared_root: Path | None = None,
+        tag: str | None = None,
     ) -> None:
         self.directory = directory
         self.max_stored_bytes = max_stored_bytes
         self.scrubber = scrubber
         self.budget_bytes = max(256, min(budget_bytes, int(budget_tokens * BYTES_PER_TOKEN)))
-        self._count = 0
+        self.shared_root = shared_root
+        self.tag = tag or session_tag(directory.name)
+        if not re.fullmatch(r"[0-9a-f]{8}", self.tag):
+            raise ValueError(f"session tag {self.tag!r} is not 8 hex digits")
+        # A session id used again (a tab that drives again after a take-over builds a new
+        # agent): go on after the outputs already there, never append to one of them.
+        self._count = self._highest_stored()
         self.records: dict[str, OutputRecord] = {}
+
+    def id_for(self, n: int) -> str:
+        """The output id of this session's ``n``-th output."""
+        return f"o{n}-{self.tag}"
+
+    def _highest_stored(self) -> int:
+        highest = 0
+        with contextlib.suppress(OSError):
+            for path in self.directory.glob(f"o*-{self.tag}.out"):
+                found = _OUTPUT_ID.match(path.stem)
+                if found and found.group(2) == self.tag:
+                    highest = max(highest, int(found.group(1)))
+        return highest
+
+    @staticmethod
+    def is_legacy_id(output_id: str) -> bool:
+        """An id from before ids named their session (``o3``): not readable in a later one."""
+        found = _OUTPUT_ID.match(output_id)
+        return found is not None and found.group(2) is None
 
     def recorder(self) -> OutputRecorder:
         """A recorder for a new output, with the next output_id."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._count += 1
-        output_id = f"o{self._count}"
+        output_id = self.id_for(self._count)
+        while (self.directory / f"{output_id}.out").exists():  # written meanwhile by a twin
+            self._count += 1
+            output_id = self.id_for(self._count)
         head = int(self.budget_bytes * HEAD_SHARE)
         return OutputRecorder(
             output_id=output_id,
@@ -242,6 +296,7 @@ class OutputStore:
     def finish(self, recorder: OutputRecorder) -> tuple[OutputRecord, list[OutputChunk]]:
         record, rest = recorder.finish()
         self.records[record.output_id] = record
+        _write_facts(record)
         return record, rest
 
     def view(self, record: OutputRecord, header: str) -> str:
@@ -285,6 +340,8 @@ class OutputStore:
             data = f.read(length)
         end = offset + len(data)
         note = f"output_id {output_id}: bytes {offset}..{end} of {record.stored_bytes}"
+        if output_id not in self.records:
+            note += " (an earlier session's output)"
         if asked > self.budget_bytes:
             note += f" (length capped at {self.budget_bytes})"
         if record.truncated:
@@ -368,13 +425,103 @@ class OutputStore:
         return "\n".join([head, *found])
 
     def _record(self, output_id: str) -> OutputRecord:
-        if not isinstance(output_id, str) or not _OUTPUT_ID.match(output_id):
-            raise ValueError(f"{output_id!r} is not an output id (they look like 'o12')")
+        found = _OUTPUT_ID.match(output_id) if isinstance(output_id, str) else None
+        if found is None:
+            raise ValueError(
+                f"{output_id!r} is not an output id (they look like {self.id_for(12)!r})"
+            )
         record = self.records.get(output_id)
-        if record is None:
-            known = ", ".join(list(self.records)[-5:]) or "none yet"
-            raise ValueError(f"no output {output_id!r} in this session (latest: {known})")
-        return record
+        if record is not None:
+            return record
+        tag = found.group(2)
+        if tag is None:
+            # From before ids named their session: it cannot be told which session's it was.
+            raise ValueError(
+                f"output {output_id!r} belongs to an earlier tab's session and is not readable"
+                f" here (its id does not say which session; this session's ids look like"
+                f" {self.id_for(1)!r})"
+            )
+        record = self._earlier_record(output_id)
+        if record is not None:
+            return record
+        if tag != self.tag:
+            raise ValueError(
+                f"output {output_id!r} belongs to an earlier tab's session and is not readable"
+                " here (its file is not in this state dir)"
+            )
+        known = ", ".join(list(self.records)[-5:]) or "none yet"
+        raise ValueError(f"no output {output_id!r} in this session (latest: {known})")
+
+    def _earlier_record(self, output_id: str) -> OutputRecord | None:
+        """An earlier session's output (or this session id's earlier agent's), from its file
+        under ``shared_root/<session>/`` and the facts written beside it (a file still being
+        written counts as what it holds now)."""
+        own = self.directory / f"{output_id}.out"  # this session id's earlier agent
+        try:
+            if own.is_file() and not own.is_symlink():
+                paths = [own]
+            elif self.shared_root is None:
+                return None
+            else:
+                paths = [
+                    p
+                    for p in self.shared_root.glob(f"*/{output_id}.out")
+                    if p.is_file() and not p.is_symlink()
+                ]
+        except OSError:
+            return None
+        if len(paths) != 1:  # none, or (an id collision) more than one: never guess
+            return None
+        path = paths[0]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None
+        facts: dict[str, object] = {}
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(path.with_suffix(_FACTS_SUFFIX).read_text())
+            if isinstance(loaded, dict):
+                facts = loaded
+
+        def number(key: str, default: int) -> int:
+            value = facts.get(key)
+            return value if isinstance(value, int) and value >= 0 else default
+
+        error = facts.get("store_error")
+        return OutputRecord(
+            output_id=output_id,
+            path=path,
+            raw_bytes=number("raw_bytes", size),
+            stdout_bytes=number("stdout_bytes", 0),
+            stderr_bytes=number("stderr_bytes", 0),
+            stored_bytes=size,
+            sha256=str(facts.get("sha256", "")),
+            head=b"",
+            tail=b"",
+            scrubbed_bytes=max(size, number("scrubbed_bytes", size)),
+            store_error=error if isinstance(error, str) else None,
+        )
+
+
+def _write_facts(record: OutputRecord) -> None:
+    """The facts of a finished output beside its file, for later sessions that read it."""
+    facts = {
+        "output_id": record.output_id,
+        "raw_bytes": record.raw_bytes,
+        "stdout_bytes": record.stdout_bytes,
+        "stderr_bytes": record.stderr_bytes,
+        "stored_bytes": record.stored_bytes,
+        "scrubbed_bytes": record.scrubbed_bytes,
+        "sha256": record.sha256,
+        "store_error": record.store_error,
+    }
+    with contextlib.suppress(OSError):  # disk full: the output itself is what matters
+        path = record.path.with_suffix(_FACTS_SUFFIX)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(facts).encode())
+        finally:
+            os.close(fd)
 
 
 def _truncation_note(record: OutputRecord) -> str:

@@ -19,12 +19,23 @@ def _cell(text: object) -> str:
 
 
 def render(agent: BreakglassAgent) -> str:
-    """The incident report of ``agent``'s session so far, as Markdown."""
+    """The incident report so far, as Markdown: the whole incident when the agent was given its
+    earlier events (``history``: resume, take-over), else ``agent``'s session."""
     started = agent.timeline[0][0] if agent.timeline else time.time()
+    scope = "incident" if agent.incident_id else "session"
     lines = [
         f"# Incident report — devvm (VM {agent.settings.vmid})",
         "",
-        f"- Session: `{agent.session_id}`{' (lab)' if agent.lab else ''}",
+    ]
+    if agent.incident_id:
+        lines.append(f"- Incident: `{agent.incident_id}`{' (lab)' if agent.lab else ''}")
+    earlier = [(s, op) for s, op in agent.sessions if s != agent.session_id]
+    if earlier:
+        lines.append(
+            "- Earlier sessions: " + ", ".join(f"`{s}` ({_cell(op)})" for s, op in earlier)
+        )
+    lines += [
+        f"- Session: `{agent.session_id}`{' (lab)' if agent.lab and not agent.incident_id else ''}",
         f"- Operator: {agent.operator}",
         f"- Started: {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(started))} UTC",
         f"- Model: {agent.settings.model}",
@@ -37,7 +48,7 @@ def render(agent: BreakglassAgent) -> str:
             f"- Last probe: **{agent.last_probe.reachability.value}** — {agent.last_probe.message}"
         )
     else:
-        lines.append("- The devvm was not probed in this session.")
+        lines.append(f"- The devvm was not probed in this {scope}.")
     if any(v.cold_case for v in agent.verbs):
         lines.append("- The cold case was detected: host-level recovery, out of scope here.")
     if agent.last_assistant_text:

@@ -85,7 +85,8 @@ async def test_one_tool_call_runs_on_the_host_and_is_answered(make_agent, fake_a
     result = second[2]["content"][0]
     assert result["type"] == "tool_result" and result["tool_use_id"] == "toolu_1"
     assert "exit 0" in result["content"] and "Filesystem" in result["content"]
-    assert "sha256" in result["content"] and "output_id o1" in result["content"]
+    assert "sha256" in result["content"]
+    assert f"output_id {h.agent.outputs.id_for(1)} " in result["content"]
     assert_tool_results_first(fake_api.bodies)
 
 
@@ -147,12 +148,11 @@ async def test_ten_megabyte_output_stays_within_budget_and_is_readable(make_agen
     big = big.replace("line 0054321", "line 0054321 NEEDLE", 1)
     host = ScriptedHost(outputs={"cat /var/log/huge": big})
     h = make_agent(host, output_budget_bytes=8192, output_budget_tokens=2048)
+    o1 = h.agent.outputs.id_for(1)
     fake_api.push(
         fm.tool("toolu_1", "devvm_shell", {"command": "cat /var/log/huge"}),
-        fm.tool("toolu_2", "grep_output", {"output_id": "o1", "pattern": "NEEDLE"}),
-        fm.tool(
-            "toolu_3", "read_output", {"output_id": "o1", "offset": 5_000_000, "length": 10**9}
-        ),
+        fm.tool("toolu_2", "grep_output", {"output_id": o1, "pattern": "NEEDLE"}),
+        fm.tool("toolu_3", "read_output", {"output_id": o1, "offset": 5_000_000, "length": 10**9}),
         fm.text("Found it."),
     )
     await h.agent.handle("read the huge log")
@@ -172,7 +172,7 @@ async def test_ten_megabyte_output_stays_within_budget_and_is_readable(make_agen
     read = fake_api.bodies[3]["messages"][6]["content"][0]["content"]
     assert "bytes 5000000.." in read and "capped" in read
     # The transcript keeps the whole output.
-    record = h.agent.outputs.records["o1"]
+    record = h.agent.outputs.records[o1]
     assert record.path.stat().st_size == len(big.encode())
 
 
@@ -208,7 +208,7 @@ async def test_a_long_incident_keeps_the_request_bounded(make_agent, fake_api, s
         b for m in last if m["role"] == "user" for b in m["content"] if b["type"] == "tool_result"
     ]
     assert results[0]["content"].startswith("[older result, shortened]")
-    assert "output_id o1" in results[0]["content"]
+    assert f"output_id {h.agent.outputs.id_for(1)} " in results[0]["content"]
     assert not results[-1]["content"].startswith("[older result")
     assert_tool_results_first(fake_api.bodies)
 

@@ -79,7 +79,10 @@ async def test_what_the_operator_did_manually_reaches_claude_next_turn(make_agen
     await h.agent.handle("what did I find?")
     content = fake_api.bodies[0]["messages"][0]["content"]
     assert content[0]["type"] == "text" and "ran these commands manually" in content[0]["text"]
-    assert "/sh df -h: exit 0" in content[0]["text"] and "output_id o1" in content[0]["text"]
+    assert (
+        "/sh df -h: exit 0" in content[0]["text"]
+        and f"output_id {h.agent.outputs.id_for(1)})" in content[0]["text"]
+    )
     assert "100%" in content[0]["text"] and "/status: ok" in content[0]["text"]
     assert content[1]["text"] == "what did I find?"
     # Told once only.
@@ -129,7 +132,7 @@ async def test_audit_log_holds_every_event_in_order_and_no_key_material(
     assert {r["operator"] for r in records} == {"viktor"}
     assert [r["ts"] for r in records] == sorted(r["ts"] for r in records)
     result = records[6]
-    assert result["exit_status"] == 0 and result["output_id"] == "o1"
+    assert result["exit_status"] == 0 and result["output_id"] == h.agent.outputs.id_for(1)
     assert result["bytes"] == len(PRIVATE_KEY) and len(result["sha256"]) == 64
     assert records[9]["verb"] == "forensics" and "bundle_id" in records[9]
     assert records[11]["text"].startswith("All done") and "[secret elided]" in records[11]["text"]
@@ -160,7 +163,8 @@ async def test_transcript_keeps_full_outputs_and_report_is_written(make_agent, f
     ]
     # The output is stored once, in its own file; the transcript says where and what it holds.
     (stored,) = [r for r in lines if r["kind"] == "output"]
-    assert stored["file"] == f"transcripts/{h.agent.session_id}/o1.out"
+    o1 = h.agent.outputs.id_for(1)
+    assert stored["file"] == f"transcripts/{h.agent.session_id}/{o1}.out"
     assert stored["bytes"] == stored["stored_bytes"] == len(out) and not stored["truncated"]
     assert stored["sha256"] == hashlib.sha256(out.encode()).hexdigest()
     assert "text" not in stored
@@ -176,6 +180,6 @@ async def test_transcript_keeps_full_outputs_and_report_is_written(make_agent, f
         "## Timeline",
     ):
         assert heading in text
-    assert "`'seq 0 49999'`" in text and "| 0 | o1 |" in text
+    assert "`'seq 0 49999'`" in text and f"| 0 | {o1} |" in text
     assert "Cost: $" in text and "Counted." in text
     assert h.of(SessionStarted)[0].operator == "viktor"

@@ -87,14 +87,14 @@ def test_scrubber_removes_the_configured_secret_and_anthropic_keys():
 async def test_read_and_grep_validate_ids_and_patterns(tmp_path):
     store = OutputStore(tmp_path, Scrubber())
     record(store, ["alpha\nbeta\ngamma\n"])
-    assert store.read("o1", 6, 4).endswith("beta")
-    assert "2 @6: beta" in await store.grep("o1", "^b")
+    assert store.read(store.id_for(1), 6, 4).endswith("beta")
+    assert "2 @6: beta" in await store.grep(store.id_for(1), "^b")
     with pytest.raises(ValueError, match="not an output id"):
         store.read("../../etc/passwd", 0, 10)
-    with pytest.raises(ValueError, match="no output 'o9'"):
-        await store.grep("o9", "x")
+    with pytest.raises(ValueError, match=f"no output '{store.id_for(9)}'"):
+        await store.grep(store.id_for(9), "x")
     with pytest.raises(ValueError, match="not a valid regular expression"):
-        await store.grep("o1", "(")
+        await store.grep(store.id_for(1), "(")
 
 
 # -- the per-output storage cap (security review: a huge output filled the state volume) --------
@@ -113,7 +113,7 @@ def test_an_output_past_the_cap_is_counted_and_hashed_but_not_written(tmp_path):
     view = store.view(rec, "devvm_shell: exit 0")
     assert "TRUNCATED: only the first 10000 of 60000 bytes are kept" in view
     assert "line 004999" in view and rec.sha256 in view
-    assert "only these were kept, of 60000" in store.read("o1", 9990, 100)
+    assert "only these were kept, of 60000" in store.read(store.id_for(1), 9990, 100)
     assert len(view.encode()) < 1000 + 1000
 
 
@@ -206,7 +206,7 @@ async def test_a_catastrophic_pattern_times_out_without_freezing_the_loop(tmp_pa
     started = time.monotonic()
     try:
         with pytest.raises(ValueError, match=r"ran longer than 0\.5 s"):
-            await store.grep("o1", r"(a+)+$", timeout_s=0.5)
+            await store.grep(store.id_for(1), r"(a+)+$", timeout_s=0.5)
     finally:
         task.cancel()
     assert time.monotonic() - started < 3.0
@@ -214,6 +214,6 @@ async def test_a_catastrophic_pattern_times_out_without_freezing_the_loop(tmp_pa
     assert gaps and max(gaps) < 0.3, max(gaps)
     # An ordinary pattern still works, and the pattern sees a bounded part of a long line.
     record(store, ["x" * 10_000 + "NEEDLE\n", "NEEDLE here\n"])
-    found = await store.grep("o2", "NEEDLE")
+    found = await store.grep(store.id_for(2), "NEEDLE")
     assert "1 matching line(s)" in found and "2 @10007: NEEDLE here" in found
     assert "longer than 4096 characters" in found

@@ -38,7 +38,7 @@ async def test_a_huge_output_is_stored_once_within_the_cap_and_the_model_is_told
     await h.agent.handle("look at the log")
 
     state = Path(h.agent.settings.state_dir)
-    record = h.agent.outputs.records["o1"]
+    record = h.agent.outputs.records[h.agent.outputs.id_for(1)]
     assert record.path.stat().st_size == outputs.MAX_STORED_BYTES == 16 * MiB
     assert record.raw_bytes == len(huge) and record.truncated
     # Nothing else holds a second copy: the transcript refers to the file.
@@ -57,7 +57,7 @@ async def test_a_huge_output_is_stored_once_within_the_cap_and_the_model_is_told
     assert "THE LAST LINE" in content  # the tail is the real end
     assert any(r["kind"] == "output_truncated" for r in h.audit())
     # read_output still works on what was kept, and the incident report is written.
-    assert h.agent.outputs.read("o1", 0, 10).endswith("y" * 10)
+    assert h.agent.outputs.read(record.output_id, 0, 10).endswith("y" * 10)
     assert h.agent.write_report().exists()
 
 
@@ -180,7 +180,7 @@ async def test_a_catastrophic_grep_pattern_is_a_clear_tool_error(make_agent, fak
     h = make_agent(ScriptedHost(outputs={"cat x": "a" * 40 + "!\n"}))
     fake_api.push(
         fm.tool("t1", "devvm_shell", {"command": "cat x"}),
-        fm.tool("t2", "grep_output", {"output_id": "o1", "pattern": "(a+)+$"}),
+        fm.tool("t2", "grep_output", {"output_id": h.agent.outputs.id_for(1), "pattern": "(a+)+$"}),
         fm.text("Ok."),
     )
     await h.agent.handle("grep it")
