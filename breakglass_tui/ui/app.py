@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import signal
 import time
 import uuid
@@ -56,12 +55,16 @@ FOLLOW_GROUP = "follow"
 OPENING_CHECK = ("/probe", "/status")  # what a driving tab runs by itself once the hosts are up
 BUSY_TEXT = "Still working on the previous request: wait for it, or press Esc to cancel it."
 LEASE_CHECK_S = 1.0  # how often a tab checks who drives (a taken-over driver stops within it)
-# What a read-only tab still accepts.
-READ_ONLY_COMMANDS = ("/takeover", "/help", "/cancel")
+INTERRUPTED = "interrupted: the tab running it closed"
 
 
 def _clock(at: float) -> str:
     return time.strftime("%H:%M:%S UTC", time.gmtime(at))
+
+
+def _who(driver: Driver) -> str:
+    """The driver's operator, or a stand-in while its tab does not know the name yet."""
+    return driver.operator or "another tab"
 
 
 def new_session_id() -> str:
@@ -195,20 +198,24 @@ class BreakglassApp(App[None]):
         """The own breakglass agent's emit callback (same loop): journaled for the other tabs
         (also while the tab shuts down: a cancelled call's end belongs in the record), then
         shown."""
-        incident = self.incident
-        if incident is not None:
-            try:
-                incident.append_event(event, by=self.session_id)
-            except OSError as exc:
-                if not self._journal_failed:  # said once; the session goes on
-                    self._journal_failed = True
-                    self.notify(
-                        f"Could not write the incident journal ({exc}): other tabs will not see"
-                        " this session's events; check the state dir's space and permissions.",
-                        severity="error",
-                    )
+        if self.incident is not None:
+            self._journal(self.incident, event)
         if not self._shutting_down:
             self._render(event, own=True)
+
+    def _journal(self, incident: Incident, event: ev.Event) -> None:
+        """Write one of this tab's events to the incident's journal (for the other tabs and
+        any tab that resumes it)."""
+        try:
+            incident.append_event(event, by=self.session_id)
+        except OSError as exc:
+            if not self._journal_failed:  # said once; the session goes on
+                self._journal_failed = True
+                self.notify(
+                    f"Could not write the incident journal ({exc}): other tabs will not see"
+                    " this session's events; check the state dir's space and permissions.",
+                    severity="error",
+                )
 
     def _render(self, event: ev.Event, *, own: bool) -> None:
         """Show one event. Live output goes straight into the output pane's buffer, which
@@ -233,6 +240,10 @@ class BreakglassApp(App[None]):
         header.keys = backend.keys
         header.operator = backend.operator
         header.targets = backend.targets
+        if self.driving and self.incident is not None:
+            # The lease was claimed before the backend knew the operator's name: record it
+            # (the other tabs' headers say who drives).
+            await asyncio.to_thread(self.incident.claim, self.session_id, backend.operator)
         agent = self._start_agent() if self.driving else None
         manual = getattr(agent, "manual", backend.manual_reason is not None)
         if not (manual and header.claude_ok is False):  # keep a reason the agent already gave
@@ -250,33 +261,57 @@ class BreakglassApp(App[None]):
 
     # -- one incident, many tabs --------------------------------------------------------------
 
-    def _operator_name(self) -> str:
+    def _operator(self) -> str:
+        """This tab's operator: the backend's (``Settings.operator``) once it is up; before
+        that, the settings the CLI validated, if any, else "" (the lease is renamed when the
+        backend is ready)."""
+        if self.backend is not None:
+            return self.backend.operator
         if self.options.settings is not None:
             return self.options.settings.operator
-        # The same sources as Settings.operator, without importing pydantic before the backend.
-        return os.environ.get("BREAKGLASS_OPERATOR") or os.environ.get("USER") or "operator"
+        return ""
 
     async def _open_incident(self, incident_dir: Path) -> None:
         """Join the open incident (offering to resume it when nobody drives it) or open a new
-        one; claim the driver lease; follow the journal (replay first).
+        one, driven by this tab; follow the journal (replay first).
 
         An incident in which nothing happened beyond the opening check is not worth a question:
-        it is closed and a new one opened."""
+        the store closes it and opens a new one, which this tab drives from the same step."""
         store = self._store = await asyncio.to_thread(IncidentStore, incident_dir)
-        incident, new = await asyncio.to_thread(store.current_or_new)
-        if not new and incident.driver() is None:
-            events = await asyncio.to_thread(incident.read_events)
-            resume = False
-            if worth_resuming(events, OPENING_CHECK):
-                resume = await self.push_screen_wait(ResumeScreen(summarize(events, incident.id)))
-            if not resume:
-                await asyncio.to_thread(store.close, incident)
-                incident, _ = await asyncio.to_thread(store.current_or_new)
-        self.incident = incident
-        driver = await asyncio.to_thread(incident.claim, self.session_id, self._operator_name())
-        self._follow(incident)
+        while True:
+            incident, new = await asyncio.to_thread(
+                store.current_or_new, self.session_id, self._operator(), opening_check=OPENING_CHECK
+            )
+            driver = await asyncio.to_thread(incident.driver)
+            if new:
+                break
+            if driver is None:
+                events = await asyncio.to_thread(incident.read_events)
+                resume = False
+                if worth_resuming(events, OPENING_CHECK):
+                    resume = await self.push_screen_wait(
+                        ResumeScreen(summarize(events, incident.id))
+                    )
+                if not resume:
+                    incident, driver = await asyncio.to_thread(
+                        store.replace, incident, self.session_id, self._operator()
+                    )
+                    break
+            driver = await asyncio.to_thread(
+                store.claim, incident, self.session_id, self._operator()
+            )
+            if driver is not None:
+                break
+            # Closed meanwhile (its driver ran /close): join the next one.
+        self._start_following(incident, driver)
         self.set_interval(LEASE_CHECK_S, self._check_lease, name="driver lease")
+
+    def _start_following(self, incident: Incident, driver: Driver | None) -> None:
+        """Make ``incident`` this tab's, driving or read-only as ``driver`` says; show its
+        journal and follow it."""
+        self.incident = incident
         self._set_driving(driver)
+        self._follow(incident)
 
     def _set_driving(self, driver: Driver | None) -> None:
         self.driving = driver is not None and driver.session_id == self.session_id
@@ -291,13 +326,11 @@ class BreakglassApp(App[None]):
     def _driver_text(self, driver: Driver | None) -> str:
         if driver is None:
             return "read-only · nobody drives now: /takeover"
-        return f"read-only · {driver.operator} drives since {_clock(driver.since)} · /takeover"
+        return f"read-only · {_who(driver)} drives since {_clock(driver.since)} · /takeover"
 
     def _read_only_text(self) -> str:
         driver = self.incident.driver() if self.incident is not None else None
-        who = (
-            f"{driver.operator} drives since {_clock(driver.since)}" if driver else "nobody drives"
-        )
+        who = f"{_who(driver)} drives since {_clock(driver.since)}" if driver else "nobody drives"
         return (
             f"This tab is read-only ({who}): it follows the incident live. Type /takeover to"
             " drive from here; the other tab becomes read-only."
@@ -307,23 +340,23 @@ class BreakglassApp(App[None]):
     async def _follow(self, incident: Incident) -> None:
         """Replay the journal, then show what the other tabs' agents do, as it happens (this
         tab's own events are shown directly and skipped here)."""
-        events, offset = await asyncio.to_thread(incident.replay)
+        events, offset = await asyncio.to_thread(incident.replay, skip_by=self.session_id)
         for event in events:
             self._render(event, own=False)
         if self.driving:
             # Nobody else drives, so a call still open in the journal died with its tab (the
             # agent answers it in Claude's context too). A PVE verb finished on the host anyway.
+            # Journaled, so a tab that joins later does not show it running forever.
             for call in unfinished_calls(events):
-                self._render(
-                    ev.ToolCallEnded(
-                        call_id=call.call_id,
-                        tool=call.tool,
-                        ok=False,
-                        summary="interrupted: the tab running it closed",
-                        duration_s=0.0,
-                    ),
-                    own=False,
+                ended = ev.ToolCallEnded(
+                    call_id=call.call_id,
+                    tool=call.tool,
+                    ok=False,
+                    summary=INTERRUPTED,
+                    duration_s=0.0,
                 )
+                self._journal(incident, ended)
+                self._render(ended, own=False)
         async for event in incident.follow(poll_s=0.1, skip_by=self.session_id, offset=offset):
             if self._shutting_down:
                 return
@@ -339,29 +372,51 @@ class BreakglassApp(App[None]):
         is one (resume, take-over)."""
         assert self.backend is not None
         incident = self.incident
-        conversation = incident.load_conversation() if incident is not None else None
+        if incident is None:
+            return self.backend.start_agent(self._emit, session_id=self.session_id)
         return self.backend.start_agent(
             self._emit,
             session_id=self.session_id,
-            conversation=conversation,
-            save_conversation=self._save_conversation if incident is not None else None,
+            conversation=incident.load_conversation(),
+            save_conversation=self._save_conversation,
+            history=incident.replay()[0],
+            incident_id=incident.id,
         )
 
     async def _check_lease(self) -> None:
-        """Every second: a driver that was taken over stops; a read-only tab shows who drives."""
-        incident = self.incident
-        if incident is None or self._shutting_down:
+        """Every second: a driver that was taken over stops; a read-only tab shows who drives,
+        and goes on with the next incident when the one it follows was closed."""
+        incident, store = self.incident, self._store
+        if incident is None or store is None or self._shutting_down:
             return
+        if not self.driving:
+            current = await asyncio.to_thread(store.current)
+            if current is not None and current.id != incident.id:
+                await self._follow_next(incident, current)
+                return
         driver = await asyncio.to_thread(incident.driver)
         if self.driving:
             if driver is None:  # our lease is gone (its file removed): hold it again
                 driver = await asyncio.to_thread(
-                    incident.claim, self.session_id, self._operator_name()
+                    store.claim, incident, self.session_id, self._operator()
                 )
+                if driver is None:  # closed: only this tab's /close does that, which moved on
+                    return
             if driver.session_id != self.session_id:
                 await self._lost_lease(driver)
         else:
             self.header.show_driver(self._driver_text(driver))
+
+    async def _follow_next(self, closed: Incident, incident: Incident) -> None:
+        """The incident this read-only tab followed was closed: follow the next one (its
+        closing tab drives it)."""
+        driver = await asyncio.to_thread(incident.driver)
+        self._start_following(incident, driver)
+        await self.chat.add_notice(
+            f"Incident {closed.id} was closed; this tab now follows the next one ({incident.id}),"
+            " read-only.",
+            "info",
+        )
 
     async def _lost_lease(self, driver: Driver) -> None:
         """Another tab took over: stop the running turn (a PVE verb already begun finishes on
@@ -370,7 +425,7 @@ class BreakglassApp(App[None]):
         self._quiet_cancel = self._agent_running()
         self.workers.cancel_group(self, AGENT_GROUP)
         await self.chat.add_notice(
-            f"{driver.operator} took over at {_clock(driver.since)}; this tab is read-only now.",
+            f"{_who(driver)} took over at {_clock(driver.since)}; this tab is read-only now.",
             "warning",
         )
         if self.backend is not None:
@@ -386,8 +441,8 @@ class BreakglassApp(App[None]):
         await self.submit("/takeover")
 
     async def _take_over(self) -> None:
-        incident = self.incident
-        if incident is None or self.driving:
+        incident, store = self.incident, self._store
+        if incident is None or store is None or self.driving:
             await self.chat.add_notice("This tab already drives the incident.")
             return
         if self.backend is None:
@@ -395,54 +450,62 @@ class BreakglassApp(App[None]):
             return
         before = incident.driver()
         driver = await asyncio.to_thread(
-            incident.claim, self.session_id, self._operator_name(), take_over=True
+            store.claim, incident, self.session_id, self._operator(), take_over=True
         )
+        if driver is None:
+            # Closed meanwhile: its lease is worth nothing, and the closing tab drives the next.
+            current = await asyncio.to_thread(store.current)
+            if current is None:
+                await self.chat.add_notice(
+                    "The incident was closed: reopen the tab to start the next one.", "warning"
+                )
+                return
+            await self._follow_next(incident, current)
+            await self.chat.add_notice("Nothing was taken over: /takeover again to drive this one.")
+            return
         self._set_driving(driver)
         # Others see it in their chat; the former driver also says it itself on its next check.
-        incident.append_event(
-            ev.Notice(
-                level="warning",
-                text=f"{driver.operator} took over at {_clock(driver.since)}.",
-            ),
-            by=self.session_id,
+        self._journal(
+            incident,
+            ev.Notice(level="warning", text=f"{_who(driver)} took over at {_clock(driver.since)}."),
         )
         agent = self._start_agent()
         self.header.show_claude(
             manual=agent.manual, model=self._model, reason=self.backend.manual_reason
         )
-        was = f" from {before.operator}" if before is not None else ""
+        was = f" from {_who(before)}" if before is not None else ""
         await self.chat.add_notice(f"You drive now (took over{was}).", "info")
 
     async def _close_incident(self) -> None:
-        """/close: the incident is over; this tab goes on with a new one (fresh context)."""
+        """/close: the incident is over; this tab drives the next one at once (fresh context),
+        and the read-only tabs follow it there."""
         incident, store = self.incident, self._store
         if incident is None or store is None:
             await self.chat.add_notice("No incident is kept in this session.", "warning")
             return
-        operator = self._operator_name()
-        incident.append_event(
+        operator = self._operator()
+        self._journal(
+            incident,
             ev.Notice(
                 level="warning",
-                text=f"Incident closed by {operator} at {_clock(time.time())}; reopen the tab"
-                " for the next one.",
+                text=f"Incident closed by {operator or 'the driving tab'} at"
+                f" {_clock(time.time())}; the tab that closed it drives the next one.",
             ),
-            by=self.session_id,
         )
-        await asyncio.to_thread(store.close, incident)
+        new, driver = await asyncio.to_thread(store.replace, incident, self.session_id, operator)
         await asyncio.to_thread(incident.release, self.session_id)
-        new, _ = await asyncio.to_thread(store.current_or_new)
-        self.incident = new
-        driver = await asyncio.to_thread(new.claim, self.session_id, operator)
-        self._follow(new)
-        self._set_driving(driver)
+        self._start_following(new, driver)
         if self.backend is not None:
             await self.backend.drop_agent()
             if self.driving:
                 self._start_agent()
+        then = (
+            "this tab drives it; Claude starts without the old context."
+            if self.driving
+            else f"{self._driver_text(driver)}."
+        )
         await self.chat.add_notice(
-            f"Incident {incident.id} closed. This tab now keeps a new incident ({new.id});"
-            " Claude starts without the old context.",
-            "info",
+            f"Incident {incident.id} closed. Next incident: {new.id}; {then}", "info"
         )
 
     # -- the operator's intents -------------------------------------------------------------
@@ -463,11 +526,17 @@ class BreakglassApp(App[None]):
         if command == "/help":
             self.action_help()
             return
+        if self.driving is False and command != "/takeover":
+            text = self._read_only_text()
+            if command == "/cancel":
+                text = (
+                    "Nothing runs in this read-only tab: only the driving tab can cancel."
+                    " /takeover stops its running turn (a PVE verb already begun finishes)."
+                )
+            await self.chat.add_notice(text, "warning")
+            return
         if command == "/cancel":
             self.action_cancel()
-            return
-        if self.driving is False and command not in READ_ONLY_COMMANDS:
-            await self.chat.add_notice(self._read_only_text(), "warning")
             return
         if command == "/takeover":
             await self._take_over()

@@ -53,6 +53,8 @@ class AgentFactory(Protocol):
         session_id: str,
         conversation: Conversation | None,
         save_conversation: Callable[[Conversation], None] | None,
+        history: list[Event] | None = None,
+        incident_id: str | None = None,
     ) -> AgentLike: ...
 
 
@@ -92,9 +94,12 @@ class Backend:
         session_id: str,
         conversation: Conversation | None = None,
         save_conversation: Callable[[Conversation], None] | None = None,
+        history: list[Event] | None = None,
+        incident_id: str | None = None,
     ) -> AgentLike:
-        """The breakglass agent for a driving tab: built now (from a saved conversation when
-        resuming or taking over), or the one the backend came with."""
+        """The breakglass agent for a driving tab: built now (from a saved conversation and the
+        incident's journal when resuming or taking over, so /report covers the whole incident),
+        or the one the backend came with."""
         if self.agent is not None:
             return self.agent
         if self.make_agent is None:
@@ -104,6 +109,8 @@ class Backend:
             session_id=session_id,
             conversation=conversation,
             save_conversation=save_conversation,
+            history=history,
+            incident_id=incident_id,
         )
         self.agent = agent
         self.closers.insert(0, agent.close)  # the agent closes before the hosts it uses
@@ -192,6 +199,8 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
         session_id: str,
         conversation: Conversation | None,
         save_conversation: Callable[[Conversation], None] | None,
+        history: list[Event] | None = None,
+        incident_id: str | None = None,
     ) -> AgentLike:
         return BreakglassAgent(
             settings,
@@ -202,6 +211,8 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
             session_id=session_id,
             conversation=conversation,
             save_conversation=save_conversation,
+            history=history,
+            incident_id=incident_id,
         )
 
     return Backend(

@@ -20,7 +20,7 @@ ENTRIES: tuple[tuple[str, str, str], ...] = (
     ("PVE verb: cycle (mutating)", "/cycle", "stop then start, forensics first"),
     ("Incident report", "/report", "write the report and download it"),
     ("Take over the incident", "/takeover", "drive from this tab; the other becomes read-only"),
-    ("Close the incident", "/close", "the next tab starts a new incident"),
+    ("Close the incident", "/close", "this tab drives the next incident at once"),
 )
 
 

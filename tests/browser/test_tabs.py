@@ -56,6 +56,9 @@ async def test_second_tab_follows_takes_over_and_a_reopened_tab_resumes(
             await wait_for_output_line(first, MARK)
             await wait_for_output_line(second, MARK)  # live, in the read-only tab
 
+            # Taking over needs the tab's hosts up (before that it says "Still starting"): on a
+            # loaded machine the follower shows the journal well before its backend is ready.
+            await second.wait_for_text("keys loaded", timeout_s=20)
             await second.type_line("/takeover")
             await second.wait_for_text("You drive now")
             await first.wait_for_text("this tab is read-only now")

@@ -174,14 +174,26 @@ class TmuxSession:
         )
 
 
-needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+TMUX_HINT = "tmux is missing: apt-get install tmux (scripts/setup.sh test does)"
+
+
+def require_tmux() -> None:
+    """CI installs tmux: a missing one fails with the install hint rather than skipping."""
+    if shutil.which("tmux") is None:
+        pytest.fail(TMUX_HINT)
+
+
+def test_a_missing_tmux_fails_with_the_install_hint(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install tmux"):
+        require_tmux()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-@needs_tmux
 def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
     """The lab shows, /probe and /sh df -h work, and Ctrl+Q leaves no process behind."""
+    require_tmux()
     tmux = TmuxSession(tmp_path)
     try:
         tmux.wait_for("devvm: reachable")
@@ -201,9 +213,9 @@ def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-@needs_tmux
 def test_closing_the_terminal_still_stops_the_lab(tmp_path):
     """SIGHUP (the terminal closed) ends the session properly too."""
+    require_tmux()
     tmux = TmuxSession(tmp_path, "healthy")
     try:
         tmux.wait_for("VM 102: running")

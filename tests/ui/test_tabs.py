@@ -12,7 +12,7 @@ import pytest
 
 from breakglass_tui.config import Settings
 from breakglass_tui.core import events as ev
-from breakglass_tui.core.incident import IncidentStore
+from breakglass_tui.core.incident import Incident, IncidentStore, unfinished_calls
 from breakglass_tui.ui.app import BreakglassApp
 from breakglass_tui.ui.backend import AppOptions
 from breakglass_tui.ui.screens.resume import ResumeScreen
@@ -71,9 +71,11 @@ async def test_second_tab_is_read_only_follows_live_and_takes_over(tmp_path, mon
             assert "read-only · viktor drives since" in second.header.driver
             assert second.incident.id == first.incident.id
 
-            # Read-only: only /takeover and /help are accepted.
+            # Read-only: only /takeover and /help are accepted; /cancel says why it cannot.
             await second.submit("/sh uptime")
             assert "read-only" in notices(second) and "/takeover" in notices(second)
+            await second.submit("/cancel")
+            assert "only the driving tab can cancel" in notices(second)
 
             # What the first tab runs appears in the second, live.
             driver = agents_1[0]
@@ -151,10 +153,90 @@ async def test_close_ends_the_incident_and_the_tab_goes_on_with_a_new_one(tmp_pa
         old = app.incident
         await app.submit("/close")
         assert IncidentStore(tmp_path).current().id == app.incident.id != old.id
-        assert app.driving and app.incident.is_driver(app.session_id)
+        assert app.driving and drives(app.incident) == app.session_id
+        assert old.driver() is None
         assert len(agents) == 2 and agents[0].closed, "a fresh agent for the new incident"
         assert agents[1].setup["conversation"] == []
         assert "closed" in notices(app)
+        await app.shutdown()
+
+
+def drives(incident: Incident) -> str | None:
+    driver = incident.driver()
+    return driver.session_id if driver is not None else None
+
+
+async def test_after_close_a_read_only_tab_follows_the_next_incident(tmp_path, monkeypatch):
+    """/close in the driving tab: the read-only tab moves on to the next incident (driven by
+    the closing tab) instead of following the closed one, and /takeover there takes over the
+    next incident, never the closed one's lease."""
+    agents_1: list[ScriptedAgent] = []
+    agents_2: list[ScriptedAgent] = []
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    first = tab(tmp_path, agents_1, "viktor")
+    async with first.run_test(size=(160, 48)) as pilot_1:
+        await until(pilot_1, lambda: first.backend is not None and agents_1, what="tab 1")
+        second = tab(tmp_path, agents_2, "alice")
+        async with second.run_test(size=(160, 48)) as pilot_2:
+            await until(pilot_2, lambda: second.backend is not None, what="tab 2")
+            assert second.driving is False
+            old = first.incident
+            await first.submit("/close")
+            new = first.incident
+            assert new.id != old.id and first.driving and drives(new) == first.session_id
+            await until(pilot_2, lambda: second.incident.id == new.id, 4, "tab 2 to move on")
+            assert second.driving is False and agents_2 == []
+            await until(
+                pilot_2, lambda: "viktor drives since" in second.header.driver, 3, "the header"
+            )
+            assert f"Incident {old.id} was closed; this tab now follows the next one" in notices(
+                second
+            )
+            # The closing tab's work in the next incident shows in the follower.
+            await first.submit("/status")
+            await until(pilot_2, lambda: second.forensics.results, 5, "the verb row in tab 2")
+
+            await second.submit("/takeover")
+            assert second.driving is True and drives(new) == second.session_id
+            assert old.driver() is None, "the closed incident's lease stays free"
+            await until(pilot_1, lambda: first.driving is False, 4, "tab 1 to see the take-over")
+            await second.shutdown()
+        await first.shutdown()
+
+
+async def test_takeover_of_an_incident_closed_meanwhile_takes_nothing(tmp_path, monkeypatch):
+    """The driving tab closed the incident just before this tab's /takeover (before its lease
+    check noticed): the closed incident's lease is not claimed; the tab follows the next one."""
+    store = IncidentStore(tmp_path)
+    old = store.open_new()
+    old.claim("other-tab", "alice")  # another tab drives (alive: this process)
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    app = tab(tmp_path, [], "viktor")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: app.backend is not None, what="the tab")
+        assert app.driving is False and app.incident.id == old.id
+        new, _ = store.replace(old, "other-tab", "alice")  # the other tab's /close
+        old.release("other-tab")
+        await app.submit("/takeover")
+        assert old.driver() is None, "the closed incident was taken over"
+        assert app.incident.id == new.id and app.driving is False
+        assert drives(new) == "other-tab"
+        assert "/takeover again to drive this one" in notices(app)
+        await until(pilot, lambda: "alice drives since" in app.header.driver, 3, "the header")
+        await app.shutdown()
+
+
+async def test_the_lease_names_the_backends_operator(tmp_path, monkeypatch):
+    """The operator is the backend's (Settings.operator, which also reads the config file),
+    not a second reading of the environment; the lease learns it once the backend is up."""
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "not-from-the-settings")
+    agents: list[ScriptedAgent] = []
+    app = tab(tmp_path, agents, "viktor")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: app.backend is not None and agents, what="the tab")
+        driver = app.incident.driver()
+        assert driver is not None and driver.operator == "viktor"
+        assert app.header.operator == "viktor"
         await app.shutdown()
 
 
@@ -217,6 +299,10 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
             assert "ssh is slow, what is wrong?" in str(sent[0])
             assert any(m["role"] == "assistant" and "toolu_1" in str(m) for m in sent)
             assert "and now?" in str(sent[-1])
+            # The report is the incident's, not just this tab's: it has the first tab's command.
+            path = second.backend.agent.write_report()
+            assert path.name == f"incident-{second.incident.id}.md"
+            assert "df -h" in path.read_text()
             await second.shutdown()
     finally:
         await fake.close()
@@ -250,6 +336,22 @@ async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
             "-failed"
         )
         assert app.incident.id == incident.id and app.driving
+        # Journaled by the tab that drives, so the record (and any tab) shows the call ended.
+        events = incident.read_events()
+        assert unfinished_calls(events) == []
+        ended = [e for e in events if isinstance(e, ev.ToolCallEnded)]
+        assert [(e.call_id, e.ok, e.summary) for e in ended] == [
+            ("c1", False, "interrupted: the tab running it closed")
+        ]
+        later = tab(tmp_path, [], "alice")  # a tab that joins afterwards, read-only
+        async with later.run_test(size=(160, 48)) as pilot_2:
+            await until(pilot_2, lambda: later.query(ToolBlock), 5, "the block in the later tab")
+            await pilot_2.pause(0.1)
+            assert later.driving is False
+            block = later.query(ToolBlock).last()
+            assert block.has_class("-failed") and "interrupted" in block.title
+            assert len(incident.read_events()) == len(events), "a read-only tab journals nothing"
+            await later.shutdown()
         await app.shutdown()
 
 

@@ -31,7 +31,7 @@ SLASH_COMMANDS: tuple[tuple[str, str], ...] = (
     ("/cancel", "cancel the running turn or command (same as Esc)"),
     ("/report", "write the incident report and download it"),
     ("/takeover", "drive the incident from this tab (the driving tab becomes read-only)"),
-    ("/close", "close the incident: the next tab starts a new one"),
+    ("/close", "close the incident: this tab drives the next one at once"),
     ("/help", "list the commands"),
 )
 

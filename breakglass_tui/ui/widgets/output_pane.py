@@ -26,6 +26,9 @@ from breakglass_tui.ui.sanitize import sanitize_line, sanitize_text
 
 FLUSH_INTERVAL_S = 0.08  # within the 50-100 ms window: fast enough to feel live, few renders
 DEFAULT_MAX_LINES = 20_000
+# An unfinished line is written out as a line once it holds this much: output without newlines
+# (a binary, a progress bar) must not grow one line without bound.
+MAX_PARTIAL_CHARS = 64 * 1024
 
 
 class OutputLog(ScrollView, can_focus=True):
@@ -138,7 +141,10 @@ class OutputPane(Vertical):
         super().__init__(**kwargs)
         self._max_lines = max_lines
         self._pending: deque[str | Text] = deque()
-        self._partial: dict[str, str] = {}
+        # Per call, its unfinished line: the chunks so far (joined once, when the line ends, so
+        # a long line costs linear time) and their length.
+        self._partial: dict[str, list[str]] = {}
+        self._partial_chars: dict[str, int] = {}
         self._dropped = 0
         self.ingested = 0  # lines accepted so far (the benchmark reads it)
 
@@ -162,14 +168,35 @@ class OutputPane(Vertical):
         self._queue(rule)
 
     def feed(self, call_id: str, text: str) -> None:
-        """A chunk of output of ``call_id``; complete lines are queued, the rest waits."""
+        """A chunk of output of ``call_id``; complete lines are queued, the rest waits (up to
+        ``MAX_PARTIAL_CHARS``, then it is queued as a line of its own)."""
         if not text:
             return
-        data = self._partial.pop(call_id, "") + text
-        parts = data.split("\n")
+        parts = text.split("\n")
         tail = parts.pop()
+        if parts:  # the unfinished line ends in this chunk
+            held = self._partial.pop(call_id, None)
+            self._partial_chars.pop(call_id, None)
+            if held:
+                held.append(parts[0])
+                parts[0] = "".join(held)
         if tail:
-            self._partial[call_id] = tail
+            held = self._partial.setdefault(call_id, [])
+            held.append(tail)
+            size = self._partial_chars.get(call_id, 0) + len(tail)
+            self._partial_chars[call_id] = size
+            if size >= MAX_PARTIAL_CHARS:
+                data = "".join(held)
+                cut = len(data) - len(data) % MAX_PARTIAL_CHARS
+                parts.extend(
+                    data[i : i + MAX_PARTIAL_CHARS] for i in range(0, cut, MAX_PARTIAL_CHARS)
+                )
+                rest = data[cut:]
+                self._partial[call_id] = [rest] if rest else []
+                self._partial_chars[call_id] = len(rest)
+        self._queue_lines(parts)
+
+    def _queue_lines(self, parts: list[str]) -> None:
         pending = self._pending
         pending.extend(parts)
         self.ingested += len(parts)
@@ -187,9 +214,10 @@ class OutputPane(Vertical):
             self._queue(Text(f"   ↳ {sanitize_text(summary)}", style="dim", no_wrap=True, end=""))
 
     def _end_partial(self, call_id: str) -> None:
-        tail = self._partial.pop(call_id, None)
-        if tail:
-            self._pending.append(tail)
+        held = self._partial.pop(call_id, None)
+        self._partial_chars.pop(call_id, None)
+        if held:
+            self._pending.append("".join(held))
             self.ingested += 1
 
     def _queue(self, line: Text) -> None:
