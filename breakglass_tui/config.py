@@ -90,7 +90,9 @@ class Settings(BaseSettings):
 
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an absolute http(s) URL such as https://breakglass.example.org")
+            raise ValueError(
+                "must be an absolute http(s) URL such as https://breakglass.example.org"
+            )
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError("must be the site's origin only, without a path, query or fragment")
         return value.rstrip("/")
