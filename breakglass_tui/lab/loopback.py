@@ -13,7 +13,7 @@ PVE_HOST_KEY = "lab-pve-host"
 DEVVM_HOST_KEY = "lab-devvm-host"
 
 
-def new_key(comment: str) -> asyncssh.SSHKey:
+def new_key(comment: str = "breakglass-lab") -> asyncssh.SSHKey:
     """A fresh ed25519 key, in memory only."""
     return asyncssh.generate_private_key("ssh-ed25519", comment=comment)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import asyncssh
 
+from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
+
 SSHD = "/usr/sbin/sshd"
 
 
@@ -39,16 +41,6 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
-def new_key(comment: str = "test") -> asyncssh.SSHKey:
-    """A fresh ed25519 key, in memory."""
-    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
-    return key
-
-
-def public_line(key: asyncssh.SSHKey) -> str:
-    return key.export_public_key("openssh").decode().strip()
-
-
 @dataclass
 class Sshd:
     """A running OpenSSH sshd on 127.0.0.1."""
@@ -63,8 +55,7 @@ class Sshd:
     @property
     def known_hosts(self) -> str:
         """known_hosts text pinning this server's host key."""
-        pub = public_line(self.host_key).split()
-        return f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n"
+        return pinned_target(self.port, "root", public_line(self.host_key), "sshd").known_hosts
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
