@@ -137,5 +137,16 @@ def check_real_settings(settings) -> None:
             )
 
 
+def run() -> None:
+    """The console script: main(), then leave at once. Everything the console owns (the lab, the
+    agent, the ssh connections, the temporary incident dir) is closed before main() returns; a
+    helper thread still blocked at interpreter shutdown must not keep a dead console alive (one
+    was seen spinning after its terminal closed)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -3,8 +3,10 @@ started in tmux as a newcomer would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +175,30 @@ class TmuxSession:
             ["tmux", "-S", str(self.sock), "kill-server"], capture_output=True, timeout=10
         )
 
+    def app_pids(self) -> list[int]:
+        """The console processes this session started (their TMPDIR is ours)."""
+        mark = f"TMPDIR={self.private_tmp}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if mark in (entry / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    pass
+        return pids
+
+    def wait_app_gone(self, timeout_s: float = 15) -> list[int]:
+        """Wait for the console to exit; kill (by PID) whatever of ours is left, and return it."""
+        deadline = time.monotonic() + timeout_s
+        while self.app_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = self.app_pids()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return left
+
 
 TMUX_HINT = "tmux is missing: apt-get install tmux (scripts/setup.sh test does)"
 
@@ -207,8 +233,10 @@ def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
         assert "Filesystem" in shown
         _tmux(tmux.sock, "send-keys", "C-q")
         assert tmux.wait_no_lab_processes() == []
+        assert tmux.wait_app_gone() == [], "the console did not exit after Ctrl+Q"
     finally:
         tmux.kill_server()
+        tmux.wait_app_gone(5)
 
 
 @pytest.mark.slow
@@ -223,3 +251,4 @@ def test_closing_the_terminal_still_stops_the_lab(tmp_path):
     finally:
         tmux.kill_server()
     assert tmux.wait_no_lab_processes() == []
+    assert tmux.wait_app_gone() == [], "the console did not exit when its terminal closed"
