@@ -50,6 +50,7 @@ from breakglass_tui.core.events import (
     VerbCompleted,
 )
 from breakglass_tui.core.hostapi import HostSessionLike
+from breakglass_tui.core.ids import new_session_id
 from breakglass_tui.core.outputs import OutputRecord, OutputStore
 from breakglass_tui.core.pricing import add, cost_usd
 from breakglass_tui.core.scrub import Scrubber
@@ -229,9 +230,7 @@ class BreakglassAgent:
         self._emit_cb = emit
         self.operator = operator
         self.lab = lab
-        self.session_id = (
-            session_id or time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + (uuid.uuid4().hex[:8])
-        )
+        self.session_id = session_id or new_session_id()
         self._api_key_arg = api_key
         self._base_url = base_url
         self.stream_read_timeout_s = stream_read_timeout_s

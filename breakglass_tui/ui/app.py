@@ -13,7 +13,6 @@ import io
 import json
 import signal
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from textual.widgets import Footer, Input
 from textual.worker import Worker, WorkerState
 
 from breakglass_tui.core import events as ev
+from breakglass_tui.core.ids import new_session_id
 from breakglass_tui.core.incident import (
     Driver,
     Incident,
@@ -65,11 +65,6 @@ def _clock(at: float) -> str:
 def _who(driver: Driver) -> str:
     """The driver's operator, or a stand-in while its tab does not know the name yet."""
     return driver.operator or "another tab"
-
-
-def new_session_id() -> str:
-    """This tab's session id (the agent's audit and transcripts use it too)."""
-    return time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
 
 
 def _commands() -> type[Provider]:
