@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,8 +65,21 @@ class Settings(BaseSettings):
     agent_socket_dir: Path | None = None  # where a private ssh-agent's socket goes (0700 dir)
 
     # -- the breakglass agent ------------------------------------------------------------------
-    model: str = "claude-sonnet-4-6"  # current Sonnet; 4.5 reaches end of life 2026-11-30
+    # The current Sonnet (README: "Choosing the model"). Its thinking is adaptive and always
+    # asked for with the between-tools text shown (core.agent); effort unset = the API's default
+    # for the model (high on Sonnet 5.5, medium on Opus 5.5).
+    model: str = "claude-sonnet-5-5"
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    # Asked when the model refuses (stop_reason refusal) or stays overloaded past the retries,
+    # before manual mode; for the rest of that operator message.
+    fallback_model: str | None = None
+    # The incident's spend limit: a warning at 80 %, and at 100 % Claude is no longer asked
+    # (manual mode). The cost of the whole incident counts, across tabs and sessions.
+    max_cost_usd: float = Field(20.0, gt=0)
     max_steps: int = Field(40, ge=1)
+    # Thinking counts against max_tokens; a reply cut at it is asked again with twice as much.
+    max_tokens: int = Field(16_000, ge=1024, le=128_000)
+    # The per-turn deadline: this much, plus max_tokens at a slow 80 tokens/s (turn_deadline_s).
     api_deadline_s: float = Field(90.0, gt=0)
 
     # -- breakglass-serve ---------------------------------------------------------------------
@@ -80,6 +94,16 @@ class Settings(BaseSettings):
     # -- records -------------------------------------------------------------------------------
     state_dir: Path = Path("./breakglass-state")  # audit log, transcripts, downloaded bundles
     operator: str = Field(default_factory=lambda: os.environ.get("USER") or "operator")
+
+    def turn_deadline_s(self, max_tokens: int | None = None) -> float:
+        """How long one model turn may take: a thinking model writing ``max_tokens`` (default:
+        the setting) at a slow 80 tokens/s, plus ``api_deadline_s`` for the rest."""
+        return self.api_deadline_s + (max_tokens or self.max_tokens) / 80.0
+
+    @field_validator("effort", "fallback_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("public_url")
     @classmethod

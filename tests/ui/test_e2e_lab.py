@@ -149,6 +149,7 @@ async def test_claude_streams_an_answer_with_tool_blocks_over_the_lab(tmp_path, 
             await app.shutdown()
     finally:
         await fake.close()
+    fake.assert_no_rejections()  # the strict fake refused nothing
     assert os.environ.get("ANTHROPIC_API_KEY") == "sk-ant-test-not-a-secret"  # only monkeypatched
 
 
@@ -172,3 +173,4 @@ async def test_the_api_failing_mid_turn_is_said_and_the_session_goes_on(tmp_path
             await app.shutdown()
     finally:
         await fake.close()
+    fake.assert_no_rejections()  # the strict fake refused nothing
