@@ -1643,7 +1643,7 @@ class BreakglassAgent:
         # transcript) agrees with the audit log. Live output was scrubbed by its recorder.
         if not isinstance(event, ToolOutput):
             event = _scrub_event(self.scrubber, event)
-        if not isinstance(event, AssistantTextDelta | ToolOutput):
+        if not isinstance(event, AssistantTextDelta | AssistantThinkingDelta | ToolOutput):
             self.transcript.write("event", event=type(event).__name__, data=_event_dict(event))
         try:
             self._emit_cb(event)
@@ -1801,6 +1801,7 @@ def _usage_dict(u: Usage) -> dict[str, Any]:
         "cache_creation_input_tokens": u.cache_creation_input_tokens,
         "cache_read_input_tokens": u.cache_read_input_tokens,
         "cost_usd": round(u.cost_usd, 6),
+        "cost_known": u.cost_known,
     }
 
 
