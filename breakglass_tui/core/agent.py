@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breakglass_tui.config import COLD_PATH_POINTER, Settings
+from breakglass_tui.config import Settings
 from breakglass_tui.core import prompt, report
 from breakglass_tui.core.audit import JsonLines, audit_log, transcript
 from breakglass_tui.core.events import (
@@ -671,7 +671,7 @@ class BreakglassAgent:
         params: dict[str, Any] = {
             "model": self.settings.model,
             "max_tokens": max_tokens,
-            "system": prompt.system_prompt(self.settings.vmid),
+            "system": prompt.system_prompt(self.settings.vmid, self.settings.cold_path_pointer),
             "tools": prompt.tool_definitions(),
             "messages": self._request_messages(),
         }
@@ -1111,7 +1111,7 @@ class BreakglassAgent:
             header += f" | refused by policy: {result.refused}"
         if result.cold_case:
             header += " | COLD CASE: host-level recovery is needed, out of scope. " + (
-                COLD_PATH_POINTER
+                self.settings.cold_path_pointer
             )
         content = self.outputs.view(record, header)
         summary = f"{'ok' if result.ok else 'failed'}: {result.message}"
