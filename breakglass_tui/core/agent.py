@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breakglass_tui.config import COLD_PATH_POINTER, Settings
+from breakglass_tui.config import Settings
 from breakglass_tui.core import conversation, forensics, prompt, report
 from breakglass_tui.core.audit import JsonLines, audit_log, transcript
 from breakglass_tui.core.events import (
@@ -817,7 +817,7 @@ class BreakglassAgent:
     ) -> tuple[dict[str, Any], str]:
         """The request for the next turn, and the basis its reply's thinking is bound to."""
         model = self.model
-        system = prompt.system_prompt(self.settings.vmid)
+        system = prompt.system_prompt(self.settings.vmid, self.settings.cold_path_pointer)
         tool_defs = prompt.tool_definitions()
         stored = list(self.messages)
         if extra:
@@ -1338,7 +1338,7 @@ class BreakglassAgent:
             header += f" | refused by policy: {result.refused}"
         if result.cold_case:
             header += " | COLD CASE: host-level recovery is needed, out of scope. " + (
-                COLD_PATH_POINTER
+                self.settings.cold_path_pointer
             )
         text = self.outputs.view(record, header)
         content: str | list[dict[str, Any]] = text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from breakglass_tui.config import COLD_PATH_POINTER
+from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
 from breakglass_tui.hosts.types import VERBS
 
 RUNBOOK = """\
@@ -65,12 +65,14 @@ plainly if it is not proven.
 """
 
 
-def system_prompt(vmid: int) -> list[dict[str, Any]]:
+def system_prompt(
+    vmid: int, cold_path_pointer: str = DEFAULT_COLD_PATH_POINTER
+) -> list[dict[str, Any]]:
     """The system blocks; the last one carries cache_control (prompt caching)."""
     return [
         {
             "type": "text",
-            "text": RUNBOOK.format(vmid=vmid, cold=COLD_PATH_POINTER),
+            "text": RUNBOOK.format(vmid=vmid, cold=cold_path_pointer),
             "cache_control": {"type": "ephemeral"},
         }
     ]

@@ -280,7 +280,7 @@ def test_importing_the_agent_does_not_import_the_sdk():
 
 
 async def test_pve_host_unreachable_is_named_the_cold_case(make_agent, fake_api):
-    from breakglass_tui.config import COLD_PATH_POINTER
+    from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
     from breakglass_tui.hosts.types import VerbResult
 
     class ColdHost(ScriptedHost):
@@ -298,7 +298,7 @@ async def test_pve_host_unreachable_is_named_the_cold_case(make_agent, fake_api)
     await h.agent.handle("the devvm is down")
     result = fake_api.bodies[1]["messages"][2]["content"][0]
     assert result["is_error"] is True
-    assert "COLD CASE" in result["content"] and COLD_PATH_POINTER in result["content"]
+    assert "COLD CASE" in result["content"] and DEFAULT_COLD_PATH_POINTER in result["content"]
     assert "Cold case" in h.agent.write_report().read_text()
 
 
