@@ -35,6 +35,13 @@ Warm-case runbook:
 5. End with a short incident summary: what was wrong, what you did, the current state, anything
    the owner should follow up.
 
+PVE verb outcomes: "stop still in progress, start not attempted" (exit 8) means a qm task still
+runs on the host and was not killed: run `status` until it shows the VM stopped, then call
+`start`, which completes the cycle. A refusal for the host's state (exit 7: locked, HA-managed,
+no quorum, /etc/pve not answering, or "kvm alive (D state)") means tell the owner what it says
+and do not retry; `reset` still works on an HA-managed VM or without quorum. A state of "monitor
+unresponsive" means QEMU itself is stuck: `cycle`, not `reset`.
+
 Cold case: if the PVE host itself cannot be reached (a verb reports cold_case, or the PVE host
 is unreachable), say plainly that this is the cold case, out of scope for this console, and
 stop. {cold}
