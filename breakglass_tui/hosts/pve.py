@@ -112,8 +112,10 @@ class PveClient:
     """Calls breakglass-verb on the PVE host over SSH (forced command, pinned host key)."""
 
     def __init__(
-        self, target: SshTarget, options: ConnectOptions, *, verb_timeout_s: float = 300.0
+        self, target: SshTarget, options: ConnectOptions, *, verb_timeout_s: float = 600.0
     ) -> None:
+        # A cycle's worst case on the host: forensics (20 s) + a stop task's ceiling (240 s) +
+        # verification (30 s) + a start task's ceiling (240 s) + verification: under 10 min.
         self.target = target
         self.options = options
         self.verb_timeout_s = verb_timeout_s

@@ -261,6 +261,10 @@ class StandinRoot:
         """Start the VM's kvm process; its PID (QmError when it cannot)."""
         raise NotImplementedError
 
+    def owns_process(self, pid: int) -> bool:
+        """Whether pid was started for this stand-in (the only processes it may signal)."""
+        return False
+
     def kvm_survives_kill(self, pid: int) -> bool:
         """Whether SIGKILL would leave this kvm alive (a process in D state)."""
         return False
@@ -795,8 +799,12 @@ def task_start(host: StandinRoot, opts: dict[str, str]) -> None:
             host.check_lock()
         if running:
             raise QmError(f"VM {host.vmid} already running")
-        # vm_start_nolock: systemctl stop <vmid>.scope, then wait up to 20 s for the unit to go;
-        # a process that survived in it (D state) keeps it there.
+        # vm_start_nolock: systemctl stop <vmid>.scope (SIGTERM to what is left in it), then
+        # wait up to 20 s for the unit to go; a process stuck in D state keeps it there.
+        for pid in host.scope_live_pids():
+            if host.owns_process(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + float(host.faults()["scope_wait_s"])
         while host.scope_live_pids():
             if time.monotonic() >= deadline:

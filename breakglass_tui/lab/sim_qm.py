@@ -166,6 +166,13 @@ class SimPaths(StandinRoot):
     def start_vm(self) -> int:
         return start_kvm(self)
 
+    def owns_process(self, pid: int) -> bool:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"{ENV_ROOT}={self.root}".encode() in environ
+
     def vm_details(self, pid: int) -> dict[str, Any]:
         booted_at = self.read_vm().get("booted_at")
         return {

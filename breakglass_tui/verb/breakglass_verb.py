@@ -1133,13 +1133,23 @@ class VmProcesses:
 
 
 def scope_processes(cfg: Config) -> list[Kvm]:
-    """Live processes listed in the VM's scope (cgroup v2: qemu.slice/<vmid>.scope)."""
+    """Live kvm processes listed in the VM's scope (cgroup v2: qemu.slice/<vmid>.scope). A helper
+    the scope may also hold (swtpm, say) is not the VM; a command line that cannot be read in
+    time — the read waits on a stuck kvm's memory lock — is taken for the kvm's."""
     try:
         with open(cfg.scope_dir / "cgroup.procs", encoding="ascii", errors="replace") as fh:
             pids = [int(p) for p in fh.read(65536).split() if p.isdigit()]
     except OSError:
         return []
-    return [k for k in (_live(p) for p in pids[:64]) if k is not None]
+    found = []
+    for kvm in (_live(p) for p in pids[:64]):
+        if kvm is None:
+            continue
+        raw = read_with_deadline(f"/proc/{kvm.pid}/cmdline", 0.5)
+        args = raw.split(b"\0") if raw else []
+        if raw is None or (args and re.search(rb"(kvm$|(^|/)qemu-[^/]+$)", args[0])):
+            found.append(kvm)
+    return found
 
 
 def vm_processes(cfg: Config, cmdline_deadline_s: float = 1.0) -> VmProcesses:
@@ -2145,15 +2155,17 @@ def precondition_refusal(
             "--state started), or take the VM out of HA; reset still works here",
         )
     if facts.quorate is False and verb in ("cycle", "start", "stop"):
+        unmounted = "not mounted" in facts.detail
         what = {
             "cycle": "a cycle would stop the VM and could not start it again",
             "start": 'qm start refuses: "cluster not ready - no quorum?"',
             "stop": "the VM could not be started again until quorum returns",
         }[verb]
+        why = facts.detail if unmounted else f"{cfg.pve_dir}/local is read-only"
         return Refusal(
             REFUSED_NO_QUORUM,
-            f"{verb} refused: this node has no quorum ({cfg.pve_dir}/local is read-only), and "
-            f"{what}. Tell the owner (pvecm status); reset still works",
+            f"{verb} refused: this node has no quorum ({why}), and {what}. Tell the owner "
+            "(pvecm status); reset still works",
         )
     return None
 

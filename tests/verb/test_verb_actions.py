@@ -609,3 +609,21 @@ def test_forensics_against_a_real_qemu(real_qemu: Any) -> None:
     assert (bundle / "screendump.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert json.loads((bundle / "qmp_query_status.txt").read_text())["status"] == "prelaunch"
     assert sorted(real_qemu.calls()) == ["config 102", "status 102 --verbose"]
+
+
+def test_a_helper_left_in_the_vm_scope_is_not_taken_for_a_kvm(pve: Any) -> None:
+    """The scope tells whether a kvm outlived its pid file; a helper it may also hold (swtpm,
+    say) is not the VM: the VM is stopped, and start is not refused."""
+    pve.stop_vm()
+    # a process of this simulated host (qm start's "systemctl stop <vmid>.scope" may end it)
+    helper = subprocess.Popen(["sleep", "60"], env={"BREAKGLASS_SIM_PVE_DIR": str(pve.root)})
+    try:
+        procs = Path(pve.root) / "cgroup" / "qemu.slice" / "102.scope" / "cgroup.procs"
+        procs.write_text(f"{helper.pid}\n")
+        doc = run_verb(pve.verb_config_path, "status").doc
+        assert doc["state_after"] == "stopped" and doc["kvm"] is None, doc
+        started = run_verb(pve.verb_config_path, "start")
+        assert started.exit_code == 0, started.doc
+    finally:
+        helper.kill()
+        helper.wait()

@@ -123,6 +123,9 @@ class GuestPaths(StandinRoot):
         self.scope_add(pid)
         return pid
 
+    def owns_process(self, pid: int) -> bool:
+        return is_lab_qemu(pid, self.root)
+
     def kvm_survives_kill(self, pid: int) -> bool:
         return bool(self.faults().get("kvm_survives_kill"))
 
