@@ -761,9 +761,12 @@ def hold_lock_while_task_runs(lock_fd: int, task: TaskResult, cfg: Config) -> No
     if task.pid is None:
         return
     worker = _upid_pid(task.upid)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fork() with threads alive: the child runs no locks
-        pid = os.fork()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fork() with threads alive: the child runs no locks
+            pid = os.fork()
+    except OSError:
+        return  # the lock goes with us; the task still runs, untouched
     if pid != 0:
         return
     try:
@@ -809,10 +812,18 @@ def call_isolated(fn: Any, deadline_s: float) -> tuple[str, Any]:
     (FUSE) under /etc/pve — and would leave a thread stuck in D state, so that the verb could not
     even exit: the child holds none of our file descriptors (stdio to /dev/null, the lock and the
     SSH pipes closed) and is abandoned when it hangs."""
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fork() while forensics threads may be alive
-        pid = os.fork()
+    try:
+        r, w = os.pipe()
+    except OSError as exc:
+        return "error", f"cannot make a pipe: {exc}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fork() while forensics threads may be alive
+            pid = os.fork()
+    except OSError as exc:
+        os.close(r)
+        os.close(w)
+        return "error", f"cannot fork a reader: {exc}"
     if pid == 0:
         code = 0
         try:
