@@ -2,8 +2,9 @@
 
 For `status`, `forensics` and `cycle` on a healthy simulated devvm, run the verb as the real
 subprocess sshd would run, and in the same run the bare calls it makes (the same `qm` commands and
-QMP queries, back to back, no verb); print medians and ratios. Then `forensics` with every probe
-that can hang hung (qm status, qm config, all of QMP), which must stay within forensics_s.
+QMP queries, back to back, no verb); print medians and ratios. Then `status` with QEMU's monitor
+wedged and its listen queue full (EAGAIN), and `forensics` with every probe that can hang hung
+(qm status, qm config, all of QMP), which must stay within forensics_s.
 
     .venv/bin/python bench/bench_verb.py [--rounds N]
 """
@@ -119,10 +120,12 @@ def main() -> None:
             vmid = str(sim.vmid)
             shot = Path(tmp) / "shot.png"
 
+            def bare_status_calls() -> None:
+                qm(sim, "status", vmid, "--verbose")
+                qmp(sim, "query-status")  # the verb's own QMP check
+
             verb_status = median(lambda: run_verb(sim, "status")[0], rounds)
-            bare_status = median(
-                lambda: timed(lambda: qm(sim, "status", vmid, "--verbose")), rounds
-            )
+            bare_status = median(lambda: timed(bare_status_calls), rounds)
             rows.append(("status", bare_status, verb_status))
 
             verb_forensics = median(lambda: run_verb(sim, "forensics")[0], rounds)
@@ -131,7 +134,7 @@ def main() -> None:
 
             def bare_cycle() -> None:
                 bare_forensics(sim, shot)
-                qm(sim, "stop", vmid)
+                qm(sim, "stop", vmid, "--timeout", "10")
                 qm(sim, "start", vmid)
                 wait_running(sim)
 
@@ -153,7 +156,19 @@ def main() -> None:
 
             print(
                 f"(a bare Python interpreter start here: {startup * 1000:.0f}ms, part of 'added';"
-                " the verb runs its forensics probes concurrently, the bare calls one by one)"
+                " the verb also reads /etc/pve in a child it can abandon, and runs its child"
+                " probes concurrently — QMP only after qm status and qm config — the bare calls"
+                " one by one)"
+            )
+            print("\nstatus with QEMU's main loop wedged and its monitor queue full (EAGAIN):")
+            # qm status waits 3 s for QMP on Proxmox: 1 s here, within the sim's probe_s of 2 s
+            sim.set_faults(hang_qmp="all", status_qmp_timeout_s=1.0)
+            sim.pvestatd_polls(2)
+            elapsed, doc = run_verb(sim, "status")
+            said = (doc["qm_status"] or {}).get("qmpstatus")
+            print(
+                f"  took {elapsed:.2f} s; state {doc['state_after']!r}"
+                f" (qm status said qmpstatus {said!r})"
             )
             print("\nforensics with qm status, qm config and all of QMP hung:")
             sim.set_faults(hang_qm=["status", "config"], hang_qmp="all")

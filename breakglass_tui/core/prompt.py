@@ -45,6 +45,13 @@ Warm-case runbook:
 Never: `reboot`, `poweroff`, `halt` or sysrq from the shell (they bypass the forensics and the
 budget: use `pve_verb`); deleting user data, repositories, home directories or volumes.
 
+PVE verb outcomes: "stop still in progress, start not attempted" (exit 8) means a qm task still
+runs on the host and was not killed: run `status` until it shows the VM stopped, then call
+`start`, which completes the cycle. A refusal for the host's state (exit 7: locked, HA-managed,
+no quorum, /etc/pve not answering, or "kvm alive (D state)") means tell the owner what it says
+and do not retry; `reset` still works on an HA-managed VM or without quorum. A state of "monitor
+unresponsive" means QEMU itself is stuck: `cycle`, not `reset`.
+
 Cold case: if the PVE host cannot be reached or a verb says cold_case, say plainly that this is
 the cold case, out of scope for this console, and stop. {cold}
 

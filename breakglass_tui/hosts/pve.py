@@ -8,6 +8,11 @@ cluster (where this runs) works is, most likely, the cold case: we say so, with 
 
 A mutating verb, once begun, finishes on the host even if we disconnect; a timeout or cancel here
 only stops our waiting, and the result says to run ``status``.
+
+The verb is copied to the host by hand, so the host's copy can be older or newer than this
+console: every answer carries the verb's protocol version, compared here with the version of the
+verb module this console ships (one constant, ``breakglass_verb.PROTOCOL_VERSION``), and a
+mismatch is said plainly in the result's message.
 """
 
 from __future__ import annotations
@@ -23,24 +28,64 @@ import asyncssh
 from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
 from breakglass_tui.hosts.ssh import ConnectOptions, SshConnectError, connect
 from breakglass_tui.hosts.types import VERBS, Reachability, SshTarget, VerbResult
+from breakglass_tui.verb import breakglass_verb as verb_protocol
 
 BUNDLE_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}")
 
 # No exit code: the verb never ran, or we stopped waiting for it.
 NO_EXIT_CODE = -1
 
+# The protocol version this console expects; a verb without the field is the first one (1).
+PROTOCOL_VERSION = verb_protocol.PROTOCOL_VERSION
+UNVERSIONED_PROTOCOL = 1
+
 # breakglass-verb's exit codes (its protocol) and what each means to the operator.
 EXIT_MEANINGS: dict[int, str] = {
-    0: "done",
-    2: "the PVE host refused the input as not a verb (bad input; nothing was done)",
-    3: "busy: another mutating verb is running on the PVE host; wait for it, then run status",
-    4: "refused by policy (the hourly budget, the cooldown after a reset, stop or cycle, or a"
-    " ledger the PVE host cannot write); nothing was done — wait, or recover by hand",
-    5: "the action failed on the PVE host",
-    6: "breakglass-verb's config on the PVE host is invalid, so nothing was done; fix"
-    " /etc/breakglass/verb.toml",
-    70: "breakglass-verb hit an internal error; see the PVE host's journal (breakglass-verb)",
+    verb_protocol.EXIT_OK: "done",
+    verb_protocol.EXIT_BAD_INPUT: "the PVE host refused the input as not a verb (bad input;"
+    " nothing was done)",
+    verb_protocol.EXIT_BUSY: "busy: another mutating verb (or a qm task it started, or another"
+    " forensics capture) is running on the PVE host; wait for it, then run status",
+    verb_protocol.EXIT_REFUSED: "refused by policy (the hourly budget, the cooldown after a"
+    " reset, stop or cycle, the forensics budget, or a ledger the PVE host cannot write);"
+    " nothing was done — wait, or recover by hand",
+    verb_protocol.EXIT_ACTION_FAILED: "the action failed on the PVE host",
+    verb_protocol.EXIT_CONFIG_INVALID: "breakglass-verb's config on the PVE host is invalid, so"
+    " nothing was done; fix /etc/breakglass/verb.toml",
+    verb_protocol.EXIT_PRECONDITION: "refused: the host's state forbids it (the VM is locked,"
+    " HA-managed, the node has no quorum, /etc/pve does not answer, or a kvm lives on in D"
+    " state); nothing was done — tell the owner, do not retry",
+    verb_protocol.EXIT_IN_PROGRESS: "still in progress: a qm task the verb started is still"
+    " running on the PVE host (it was not killed); run status to follow it",
+    verb_protocol.EXIT_INTERNAL: "breakglass-verb hit an internal error; see the PVE host's"
+    " journal (breakglass-verb)",
 }
+
+
+def protocol_note(doc: dict[str, Any]) -> tuple[int, str | None]:
+    """(the host verb's protocol version, a sentence when it is not this console's)."""
+    theirs = doc.get("protocol", UNVERSIONED_PROTOCOL)
+    if not isinstance(theirs, int) or isinstance(theirs, bool):
+        return UNVERSIONED_PROTOCOL, (
+            f"breakglass-verb on the PVE host sent a protocol version this console cannot read"
+            f" ({str(theirs)[:20]!r}; it expects {PROTOCOL_VERSION}): reinstall the verb from"
+            " this console's version (docs/pve-host.md §1)"
+        )
+    if theirs < PROTOCOL_VERSION:
+        return theirs, (
+            f"breakglass-verb on the PVE host is OLDER than this console expects (protocol"
+            f" {theirs}, expected {PROTOCOL_VERSION}): its answers may be wrong in ways this"
+            " console fixed (e.g. a wedged QEMU read as running). Copy this console's"
+            " breakglass_tui/verb/breakglass_verb.py to /usr/local/sbin/breakglass-verb on the"
+            " host (docs/pve-host.md §1)"
+        )
+    if theirs > PROTOCOL_VERSION:
+        return theirs, (
+            f"breakglass-verb on the PVE host is NEWER than this console expects (protocol"
+            f" {theirs}, expected {PROTOCOL_VERSION}): this console may misread its answers;"
+            " update the console to the release that ships that verb"
+        )
+    return theirs, None
 
 
 def _unreachable(verb: str, exc: SshConnectError, cold_path_pointer: str) -> VerbResult:
@@ -59,6 +104,10 @@ def _unreachable(verb: str, exc: SshConnectError, cold_path_pointer: str) -> Ver
     )
 
 
+def _text(value: Any) -> str | None:
+    return value[:200] if isinstance(value, str) else None
+
+
 class PveClient:
     """Calls breakglass-verb on the PVE host over SSH (forced command, pinned host key)."""
 
@@ -67,9 +116,11 @@ class PveClient:
         target: SshTarget,
         options: ConnectOptions,
         *,
-        verb_timeout_s: float = 300.0,
+        verb_timeout_s: float = 600.0,
         cold_path_pointer: str = DEFAULT_COLD_PATH_POINTER,
     ) -> None:
+        # A cycle's worst case on the host: forensics (20 s) + a stop task's ceiling (240 s) +
+        # verification (30 s) + a start task's ceiling (240 s) + verification: under 10 min.
         self.target = target
         self.options = options
         self.verb_timeout_s = verb_timeout_s
@@ -156,6 +207,11 @@ class PveClient:
         message = (said or f"{name}: {meaning}") if ok else f"{name}: {meaning}"
         if not ok and said:
             message += f" — {said}"
+        protocol, note = protocol_note(doc)
+        if note:
+            message = f"WARNING: {note}. {message}"
+        ha = doc.get("ha")
+        monitor = doc.get("monitor")
         return VerbResult(
             verb=str(doc.get("verb") or name),
             ok=ok,
@@ -168,6 +224,15 @@ class PveClient:
             refused=doc.get("refused"),
             cold_case=bool(doc.get("cold_case", False)),
             document=doc,
+            protocol=protocol,
+            protocol_note=note,
+            upid=_text(doc.get("upid")),
+            lock=_text(doc.get("lock")),
+            ha_managed=bool(ha.get("managed")) if isinstance(ha, dict) else None,
+            quorum=doc.get("quorum") if isinstance(doc.get("quorum"), bool) else None,
+            monitor_unresponsive=(
+                _text(monitor.get("unresponsive")) if isinstance(monitor, dict) else None
+            ),
         )
 
     async def bundle(self, bundle_id: str) -> dict[str, Any]:

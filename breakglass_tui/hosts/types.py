@@ -115,7 +115,18 @@ class VerbResult:
     state_before: str | None = None
     state_after: str | None = None
     bundle_id: str | None = None
-    # "bad_input" | "busy" | "budget" | "cooldown" | "ledger" when the verb refused to act
+    # Why the verb did nothing: by policy ("bad_input" | "busy" | "budget" | "cooldown" |
+    # "ledger" | "forensics_budget") or by the host's state ("locked" | "ha_managed" |
+    # "no_quorum" | "pmxcfs" | "kvm_alive": tell the owner, do not retry). The names are
+    # breakglass_verb's REFUSED_* constants.
     refused: str | None = None
     cold_case: bool = False  # the PVE host could not be reached, or host-level recovery needed
     document: dict[str, Any] = field(default_factory=dict)  # the verb's whole JSON document
+    protocol: int | None = None  # the host verb's protocol version (1: it sent none)
+    protocol_note: str | None = None  # set when the host's verb is older/newer than expected
+    upid: str | None = None  # the Proxmox task (qm stop/start/reset) the verb started
+    lock: str | None = None  # the VM config's lock (backup, migrate, snapshot, ...)
+    ha_managed: bool | None = None  # whether the HA stack manages the VM (None: not said)
+    quorum: bool | None = None  # whether the PVE node has quorum (None: not said)
+    # "queue full" | "no answer" | "connection refused" | "no socket" when QMP did not answer
+    monitor_unresponsive: str | None = None

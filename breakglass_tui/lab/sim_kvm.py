@@ -1,21 +1,33 @@
 """The simulated kvm process of the devvm: a real long-lived process with a pid file and a QMP
 unix socket in the qemu run dir, one client at a time, like QEMU.
 
-Started by the simulated ``qm start`` (``python -S -m breakglass_tui.lab.sim_kvm <root>``). It
-answers the greeting, ``qmp_capabilities``, ``query-status``, ``query-block``,
-``query-blockstats``, ``screendump`` (a real PNG), ``system_reset``, ``system_powerdown``, ``stop``,
-``cont``, ``quit``, and sends the events QEMU sends (RESET, STOP, RESUME, SHUTDOWN) after the reply.
+Started by the simulated ``qm start`` as ``<root>/bin/kvm -S -m breakglass_tui.lab.sim_kvm <root>
+-id 102 … -pidfile <run>/102.pid …`` (``bin/kvm`` is a symlink to Python: Proxmox only believes a
+pid file whose process is a ``kvm`` started with that ``-pidfile``). It joins the VM's cgroup scope
+(``<root>/cgroup/qemu.slice/<vmid>.scope/cgroup.procs``) and answers the greeting,
+``qmp_capabilities``, ``query-status``, ``query-block``, ``query-blockstats``, ``query-version``,
+``query-machines``, ``query-proxmox-support``, ``query-balloon``, ``screendump`` (a real PNG, or
+QEMU's default PPM), ``system_reset``, ``system_powerdown``, ``stop``, ``cont``, ``quit``, and
+sends the events QEMU sends (RESET, STOP, RESUME, SHUTDOWN) after the reply.
+
+Its QMP socket behaves as QEMU's (``chardev/char-socket.c``): ``listen()`` with a backlog of one
+and one client served at a time; while a client is served, or while the main loop is wedged,
+further clients wait in the kernel's queue (two fit), and once it is full every further connect
+fails at once with EAGAIN — also for clients that have given up and closed, until QEMU accepts.
 
 Faults (``faults.json``, read at each command): a command named in ``hang_qmp`` is logged and
-never answered; ``"all"`` means not even the greeting. The connection is held until the client
-gives up, then the next client is served (a caller must time-box every QMP exchange). SIGUSR1 (sent
-by ``qm stop`` under ``stuck_on_stop``) makes the process "stuck": it ignores SIGTERM and answers
-nothing, like a kvm in D state. SIGKILL still ends it, which a real D-state process would not.
+never answered; the connection is held until the client gives up. ``"all"``: the main loop is
+wedged and no client is accepted at all. SIGUSR1 (sent when the ``kvm_d_state`` fault is set, and
+after ``quit`` under ``stuck_on_stop``) puts the process in real D state: its main thread blocks in
+``vfork()`` (the child never execs), so ``/proc/<pid>/stat`` says ``D``, SIGTERM stays pending and
+nothing is answered. That state is killable, unlike a kvm stuck on its storage, so the simulated
+``qm`` does not send it the SIGKILL a real kernel would ignore (``vm.json`` ``d_state``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -39,19 +51,30 @@ GREETING = {
     }
 }
 DRIVE = "drive-scsi0"
+ACCEPT_POLL_S = 0.05
 
-_stuck = False
+_paths: SimPaths | None = None
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    if not _stuck:
-        raise SystemExit(0)
+    raise SystemExit(0)
+
+
+def enter_d_state() -> None:
+    """Block this process in the kernel for good, in real D state: vfork() a child that never
+    execs (the parent waits uninterruptibly, only a fatal signal ends it). vm.json records it
+    first, so the simulated qm knows SIGKILL would not help."""
+    if _paths is not None:
+        with _paths.vm_update() as vm:
+            vm["d_state"] = True
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.vfork() == 0:  # the child: shares our memory, so it must not return into Python
+        while True:
+            libc.pause()
 
 
 def _on_sigusr1(signum: int, frame: object) -> None:
-    global _stuck
-    _stuck = True
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    enter_d_state()
 
 
 def png(width: int, height: int, rgb_rows: list[bytes]) -> bytes:
@@ -97,7 +120,8 @@ class Kvm:
         with contextlib.suppress(FileNotFoundError):
             self.paths.qmp_socket.unlink()
         self.listener.bind(str(self.paths.qmp_socket))
-        self.listener.listen(8)
+        self.listener.listen(1)  # QEMU's char-socket listener: a backlog of one
+        self.paths.scope_add(os.getpid())
         with self.paths.vm_update() as vm:
             vm.update(
                 status="running",
@@ -121,8 +145,18 @@ class Kvm:
         self.paths.mark_stopped(os.getpid())
 
     def serve_forever(self) -> None:
+        self.listener.settimeout(ACCEPT_POLL_S)  # look at the faults between accepts
         while True:
-            conn, _ = self.listener.accept()
+            if self.paths.faults()["hang_qmp"] == "all":
+                time.sleep(
+                    ACCEPT_POLL_S
+                )  # the main loop is wedged: nobody accepts, the queue fills
+                continue
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
             # A client that leaves with replies unread resets the connection: that is its
             # business, not a reason for the VM to die.
             with conn, contextlib.suppress(ConnectionError):
@@ -130,9 +164,6 @@ class Kvm:
 
     # -- one client ----------------------------------------------------------------------------
     def serve(self, conn: socket.socket) -> None:
-        if _stuck or self.paths.faults()["hang_qmp"] == "all":
-            self.hold(conn)
-            return
         self.send(conn, GREETING)
         negotiated = False
         buf = b""
@@ -156,7 +187,7 @@ class Kvm:
                     f"qmp {execute}" + (f" {json.dumps(args, sort_keys=True)}" if args else "")
                 )
                 hang = self.paths.faults()["hang_qmp"]
-                if _stuck or hang == "all" or execute in hang:
+                if hang == "all" or execute in hang:
                     self.hold(conn)
                     return
                 if not negotiated and execute != "qmp_capabilities":
@@ -181,6 +212,8 @@ class Kvm:
                 self.send(conn, reply)
                 for name, data_ in events:
                     self.send(conn, _event(name, data_))
+                if execute == "quit" and self.paths.faults()["stuck_on_stop"]:
+                    enter_d_state()  # QEMU's teardown drains the block layer: stuck there
                 if execute in ("quit", "system_powerdown") and "return" in reply:
                     raise SystemExit(0)
 
@@ -204,6 +237,23 @@ class Kvm:
             return {"return": {"name": "devvm"}}, []
         if name == "query-version":
             return {"return": GREETING["QMP"]["version"]}, []
+        if name == "query-machines":
+            return {
+                "return": [
+                    {"name": "pc-i440fx-8.1", "is-current": True, "cpu-max": 1024},
+                    {"name": "pc-q35-8.1", "cpu-max": 1024},
+                ]
+            }, []
+        if name == "query-proxmox-support":
+            return {
+                "return": {
+                    "pbs-dirty-bitmap": True,
+                    "query-bitmap-info": True,
+                    "backup-max-workers": True,
+                }
+            }, []
+        if name == "query-balloon":
+            return {"return": {"actual": 17179869184}}, []
         if name == "screendump":
             return self.screendump(args, status, int(vm.get("boot_id", 0))), []
         if name == "system_reset":
@@ -233,6 +283,8 @@ class Kvm:
         filename = args.get("filename")
         if not filename:
             return _error("GenericError", "Parameter 'filename' is missing")
+        if "format" in args and self.paths.faults()["screendump_no_format"]:
+            return _error("GenericError", "Parameter 'format' is unexpected")
         fmt = args.get("format", "ppm")
         image = console_image(status, boot_id)
         if fmt == "ppm":  # QEMU's default format: keep it real, if plain
@@ -310,8 +362,9 @@ def _blockstats(vm: dict[str, Any], status: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Entry point: ``python -m breakglass_tui.lab.sim_kvm <root>``."""
-    paths = SimPaths(Path(sys.argv[1]))
+    """Entry point: ``python -m breakglass_tui.lab.sim_kvm <root> [QEMU-like options]``."""
+    global _paths
+    paths = _paths = SimPaths(Path(sys.argv[1]))
     # Proxmox's kvm is not a child of anything that would pass it SIGHUP/SIGINT: ignore them.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

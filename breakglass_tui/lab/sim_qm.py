@@ -4,15 +4,17 @@ Run per call as ``python -S -m breakglass_tui.lab.sim_qm <subcommand> <vmid> [op
 ``bin/qm`` wrapper that :class:`breakglass_tui.lab.sim_pve.SimPve` lays out. It must start fast,
 so it imports the standard library only; the kvm stand-in (``sim_kvm``) and ``SimPve`` share its
 helpers (paths, faults, VM state) instead of the other way round. What it has in common with the
-real-guest ``qm`` (options, errors, ``qm status``, the call log, a QMP client) is
-:mod:`breakglass_tui.lab.qm_standin`.
+real-guest ``qm`` — every behaviour taken from Proxmox's source: ``qm status`` and its
+``qmpstatus`` fallback, task workers with their UPIDs, config locks, HA redirection, quorum,
+``_do_vm_stop`` — is :mod:`breakglass_tui.lab.qm_standin` (its docstring cites the files).
 
 State lives in the directory named by ``BREAKGLASS_SIM_PVE_DIR`` (``SimPve.root``):
 - ``sim.json``    the vmid and the qemu run dir (written once by ``SimPve.create``)
 - ``vm.json``     the simulated devvm's state, written atomically under ``vm.lock``
-- ``faults.json`` the misbehaviours, read at each call
+- ``faults.json`` the misbehaviours and Proxmox's timings, read at each call
 - ``calls.log``   every qm call and every QMP command received, with ``time.time()``
 - ``sim-pids``    the PIDs of sim processes (kvm, hung qm) so cleanup can find them
+- ``etc-pve/``, ``lock/``, ``pve-log/tasks/``, ``cgroup/``: see ``qm_standin.StandinRoot``
 
 Output and exit codes follow Proxmox's ``qm``: ``status: running``; ``VM 102 not running`` and
 ``VM 102 already running`` exit 255; an unknown VM exits 2.
@@ -25,7 +27,6 @@ import fcntl
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -37,20 +38,24 @@ from typing import Any
 from breakglass_tui.lab.qm_standin import (
     EXIT_ERROR,
     SOURCE_ROOT,
+    TASK_ARG,
+    TASK_OPTIONS,
     LineReader,
     QmError,
     QmpFailed,
     StandinRoot,
     append_line,
+    check_running,
+    cli_task,
     dispatch,
     entry_point,
-    needs_stopped,
     pid_alive,
-    qmp,
-    qmp_subcommand,
+    run_worker,
     status_output,
-    wait_gone,
     write_json_atomic,
+)
+from breakglass_tui.lab.qm_standin import (
+    FAULT_DEFAULTS as STANDIN_FAULT_DEFAULTS,
 )
 
 ENV_ROOT = "BREAKGLASS_SIM_PVE_DIR"
@@ -58,11 +63,17 @@ KVM_MODULE = "breakglass_tui.lab.sim_kvm"
 QM_MODULE = "breakglass_tui.lab.sim_qm"
 
 FAULT_DEFAULTS: dict[str, Any] = {
+    **STANDIN_FAULT_DEFAULTS,
     "hang_qm": [],  # qm subcommands that never answer ("status", "reset", ...)
-    "hang_qmp": [],  # QMP commands that never answer, or "all" (not even the greeting)
+    # QMP commands that never answer; "all": QEMU's main loop is wedged (no client is accepted,
+    # so the listen queue fills and further connects fail with EAGAIN)
+    "hang_qmp": [],
     "io_error_pause": False,  # the VM is paused by an I/O error (applied when set)
-    "stuck_on_stop": False,  # qm stop leaves kvm alive and still says OK: the D-state case
-    "qmp_timeout_s": 5.0,  # how long the simulated qm waits for QMP (Proxmox: ~5 s for reset)
+    # QMP quit answers, then the kvm hangs in D state on its storage: it survives SIGTERM and
+    # SIGKILL, and Proxmox's stop clean-up deletes its pid file anyway
+    "stuck_on_stop": False,
+    "kvm_d_state": False,  # the kvm is in D state now (applied when set): QMP wedged, unkillable
+    "screendump_no_format": False,  # a QEMU before 7.1: screendump has no format (PPM only)
 }
 HANG_CAP_S = 3600.0  # "forever", but a forgotten hung qm still goes away on its own
 
@@ -87,6 +98,14 @@ class SimPaths(StandinRoot):
     """Where one simulated PVE host keeps its files (see the module docstring)."""
 
     FAULT_DEFAULTS = FAULT_DEFAULTS
+    # vmstatus's queue after query-status (query-balloon last: it fails without a balloon)
+    QMP_STATUS_QUEUE = (
+        "query-proxmox-support",
+        "query-blockstats",
+        "query-machines",
+        "query-version",
+        "query-balloon",
+    )
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -100,13 +119,11 @@ class SimPaths(StandinRoot):
         self.vm_json = self.root / "vm.json"
         self.vm_lock = self.root / "vm.lock"
         self.pids_file = self.root / "sim-pids"
+        self.kvm_program = self.root / "bin" / "kvm"
 
     def record_pid(self, kind: str, pid: int) -> None:
         """Remember a sim process so SimPve.cleanup can find it even if it was not its child."""
         append_line(self.pids_file, f"{kind} {pid}")
-
-    def qmp_timeout_s(self) -> float:
-        return float(self.faults()["qmp_timeout_s"])
 
     # -- VM state ------------------------------------------------------------------------------
     def read_vm(self) -> dict[str, Any]:
@@ -125,15 +142,51 @@ class SimPaths(StandinRoot):
         """Record that the kvm process `pid` is gone (only if vm.json still names it)."""
         with self.vm_update() as vm:
             if pid is None or vm.get("pid") in (pid, None):
-                vm.update(status="stopped", qmp_status="prelaunch", pid=None)
+                vm.update(status="stopped", qmp_status="prelaunch", pid=None, d_state=False)
+        if pid is not None:
+            self.scope_remove(pid)
 
     # -- the kvm process -----------------------------------------------------------------------
     def kvm_pid(self) -> int | None:
-        """The PID of this VM's live sim kvm process, from the pid file, or None."""
-        pid = self.pid_from_file()
-        if pid is not None and pid_alive(pid) and is_sim_process(pid, KVM_MODULE, self.root):
+        """Proxmox's check_running (pid file, command line with -pidfile), and the process is
+        this root's sim kvm (guards against PID reuse)."""
+        pid = check_running(self.pid_file)
+        if pid is not None and is_sim_process(pid, KVM_MODULE, self.root):
             return pid
         return None
+
+    def kvm_survives_kill(self, pid: int) -> bool:
+        # A real kvm in D state does not die on SIGKILL; the sim's (a vfork-blocked process,
+        # killable) would, so qm leaves it alone, as the kernel would.
+        with contextlib.suppress(OSError, ValueError):
+            vm = self.read_vm()
+            return bool(vm.get("d_state")) and vm.get("pid") == pid
+        return False
+
+    def start_vm(self) -> int:
+        return start_kvm(self)
+
+    def owns_process(self, pid: int) -> bool:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"{ENV_ROOT}={self.root}".encode() in environ
+
+    def vm_details(self, pid: int) -> dict[str, Any]:
+        booted_at = self.read_vm().get("booted_at")
+        return {
+            "cpus": 4,
+            "disk": 0,
+            "maxdisk": 214748364800,
+            "maxmem": 17179869184,
+            "mem": 8_589_934_592,
+            "name": "devvm",
+            "netin": 0,
+            "netout": 0,
+            "pid": pid,
+            "uptime": int(time.time() - float(booted_at or time.time())),
+        }
 
 
 def is_sim_process(pid: int, module: str, root: Path) -> bool:
@@ -152,11 +205,35 @@ def sim_env(root: Path) -> dict[str, str]:
     return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": SOURCE_ROOT, ENV_ROOT: str(root)}
 
 
+def kvm_argv(paths: SimPaths) -> list[str]:
+    """The sim kvm's command line: argv[0] ends in ``kvm`` (a symlink to this Python) and it
+    carries ``-pidfile <run>/<vmid>.pid``, as Proxmox's check_running requires."""
+    if not paths.kvm_program.is_symlink():
+        paths.kvm_program.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            paths.kvm_program.symlink_to(sys.executable)
+    return [
+        str(paths.kvm_program),
+        "-S",
+        "-m",
+        KVM_MODULE,
+        str(paths.root),
+        "-id",
+        str(paths.vmid),
+        "-name",
+        "devvm",
+        "-pidfile",
+        str(paths.pid_file),
+        "-qmp",
+        f"unix:{paths.qmp_socket},server=on,wait=off",
+    ]
+
+
 def spawn_kvm(paths: SimPaths) -> subprocess.Popen[bytes]:
     """Start a sim kvm process in its own session, detached from our stdio (a caller reading
     qm's stdout to EOF must not wait on the kvm), and return its Popen."""
     return subprocess.Popen(
-        [sys.executable, "-S", "-m", KVM_MODULE, str(paths.root)],
+        kvm_argv(paths),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -176,39 +253,6 @@ def wait_for_kvm(paths: SimPaths, proc: subprocess.Popen[bytes], timeout_s: floa
             return proc.pid
         time.sleep(0.01)
     raise RuntimeError(f"kvm process {proc.pid} did not start within {timeout_s}s")
-
-
-# -- qm subcommands --------------------------------------------------------------------------
-def _hang_forever(paths: SimPaths) -> None:
-    paths.record_pid("qm", os.getpid())
-    deadline = time.monotonic() + HANG_CAP_S
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-
-
-def cmd_status(paths: SimPaths, opts: dict[str, str]) -> str:
-    def details(pid: int) -> dict[str, Any]:
-        booted_at = paths.read_vm().get("booted_at")
-        return {
-            "cpus": 4,
-            "maxdisk": 214748364800,
-            "maxmem": 17179869184,
-            "name": "devvm",
-            "pid": pid,
-            "running-machine": "pc-i440fx-8.1+pve0",
-            "running-qemu": "8.2.2",
-            "status": "running",
-            "uptime": int(time.time() - float(booted_at or time.time())),
-            "vmid": paths.vmid,
-        }
-
-    return status_output(paths, opts, details)
-
-
-def cmd_start(paths: SimPaths, opts: dict[str, str]) -> str:
-    needs_stopped(paths)
-    start_kvm(paths)
-    return ""
 
 
 def start_kvm(paths: SimPaths) -> int:
@@ -233,58 +277,35 @@ def start_kvm(paths: SimPaths) -> int:
         raise QmError(f"start failed: {exc}") from None
 
 
-def cmd_stop(paths: SimPaths, opts: dict[str, str]) -> str:
-    pid = paths.kvm_pid()
-    if pid is None:
-        paths.mark_stopped(None)
-        return ""
-    if paths.faults()["stuck_on_stop"]:
-        # The D-state case: kvm will not die, and qm still reports success.
-        os.kill(pid, signal.SIGUSR1)
-        time.sleep(0.05)
-        os.kill(pid, signal.SIGTERM)
-        return ""
-    timeout = min(float(opts.get("timeout", 10)), 10.0)
-    os.kill(pid, signal.SIGTERM)
-    if not wait_gone(pid, timeout):
-        os.kill(pid, signal.SIGKILL)
-        if not wait_gone(pid, 5.0):
-            raise QmError(f"VM {paths.vmid} stop failed - got timeout")
-    paths.mark_stopped(pid)
-    return ""
+# -- qm subcommands --------------------------------------------------------------------------
+def _hang_forever(paths: SimPaths) -> None:
+    paths.record_pid("qm", os.getpid())
+    deadline = time.monotonic() + HANG_CAP_S
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
-def cmd_shutdown(paths: SimPaths, opts: dict[str, str]) -> str:
-    pid = paths.kvm_pid()
-    if pid is None:
-        return ""
-    timeout = min(float(opts.get("timeout", 10)), 10.0)
-    qmp(paths, "system_powerdown")
-    if not wait_gone(pid, timeout):
-        raise QmError("VM quit/powerdown failed - got timeout")
-    paths.mark_stopped(pid)
-    return ""
+def cmd_status(paths: SimPaths, opts: dict[str, str]) -> str:
+    return status_output(paths, opts)
 
 
 def cmd_config(paths: SimPaths, opts: dict[str, str]) -> str:
-    return QM_CONFIG.format(vmid=paths.vmid)
+    return paths.config_text()
 
 
 COMMANDS = {
     "status": (cmd_status, {"verbose": False}),
-    "start": (cmd_start, {"skiplock": True, "timeout": True}),
-    "stop": (cmd_stop, {"timeout": True, "skiplock": True, "keepActive": True}),
-    "shutdown": (cmd_shutdown, {"timeout": True, "forceStop": True, "skiplock": True}),
-    "reset": (qmp_subcommand("system_reset"), {"skiplock": True}),
-    "resume": (qmp_subcommand("cont"), {"skiplock": True, "nocheck": True}),
     "config": (cmd_config, {"current": False, "snapshot": True}),
 }
+SUBCOMMANDS = (*COMMANDS, *TASK_OPTIONS)
 
 
 def run(argv: list[str], paths: SimPaths) -> int:
     """Run one qm call: log it, honour hang faults, dispatch. Returns the exit code."""
+    if argv[:1] == [TASK_ARG]:
+        run_worker(paths, argv[1:])
     paths.log_call("qm " + shlex.join(argv))
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in SUBCOMMANDS:
         name = argv[0] if argv else ""
         sys.stderr.write(f"unknown command 'qm {name}'\nUSAGE: qm <COMMAND> [ARGS] [OPTIONS]\n")
         return EXIT_ERROR
@@ -295,8 +316,19 @@ def run(argv: list[str], paths: SimPaths) -> int:
     if len(argv) < 2:
         sys.stderr.write(f"400 not enough arguments\nqm {sub} <vmid> [OPTIONS]\n")
         return EXIT_ERROR
+    if sub in TASK_OPTIONS:
+        return cli_task(paths, QM_MODULE, argv)
     func, known = COMMANDS[sub]
     return dispatch(paths, argv[1], func, known, argv[2:])
+
+
+def kvm_alive(paths: SimPaths) -> int | None:
+    """The PID vm.json names if that process still lives (pid file or not), else None."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = paths.read_vm().get("pid")
+        if isinstance(pid, int) and pid_alive(pid) and is_sim_process(pid, KVM_MODULE, paths.root):
+            return pid
+    return None
 
 
 def main() -> None:

@@ -33,6 +33,10 @@ def lab_verb_config(
         qm=str(qm),
         qemu_run_dir=str(qemu_run_dir),
         state_dir=str(state_dir),
+        # The lab PVE host's /etc/pve, cgroup root and /var/log/pve (qm_standin.StandinRoot).
+        pve_dir=str(root / "etc-pve"),
+        cgroup_dir=str(root / "cgroup"),
+        pve_log_dir=str(root / "pve-log"),
         # No syslog in the lab: the verb falls back to <state_dir>/verb.log, which tests can read.
         log={"syslog_socket": str(root / "no-syslog.sock")},
     )

@@ -4,8 +4,11 @@ real QEMU process; and the lab's refusal, with the next step, when QEMU or the i
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +20,13 @@ from breakglass_tui.lab.guest import qm as guest_qm
 from breakglass_tui.lab.guest.build import GuestImage
 from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available, start_real_lab
 from breakglass_tui.lab.guest.qm import QMP_TIMEOUT_S
-from breakglass_tui.lab.qm_standin import QmpClient, pid_alive, write_json_atomic
+from breakglass_tui.lab.qm_standin import (
+    QmpClient,
+    pid_alive,
+    set_quorum,
+    wait_gone,
+    write_json_atomic,
+)
 from tests.support.realparts import free_port
 
 
@@ -61,7 +70,12 @@ def qm(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def verbose(root: Path) -> dict[str, str]:
     done = qm(root, "status", "102", "--verbose")
     assert done.returncode == 0, done.stderr
-    return dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    # top-level "key: value" lines (blockstat's are nested, indented with tabs)
+    return dict(
+        line.split(": ", 1)
+        for line in done.stdout.splitlines()
+        if line[:1].isalpha() and ": " in line
+    )
 
 
 @pytest.mark.slow
@@ -103,16 +117,89 @@ def test_qm_drives_a_real_qemu_like_proxmox(pve_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_qm_status_falls_back_to_running_when_qmp_does_not_answer(pve_root: Path) -> None:
-    """Like Proxmox: QMP busy (one client at a time) -> status running, no qmpstatus."""
+def test_qm_status_says_running_when_qmp_does_not_answer(pve_root: Path) -> None:
+    """Like Proxmox (PVE/QemuServer.pm vmstatus): QMP busy (QEMU serves one client, two more
+    wait in its listen queue, the next gets EAGAIN) -> qmpstatus is the plain status, running;
+    only running-qemu and running-machine are missing."""
     root = pve_root
     assert qm(root, "start", "102").returncode == 0
+    healthy = verbose(root)
+    assert healthy["qmpstatus"] == "running" and healthy["running-qemu"].startswith("7.")
     paths = guest_qm.GuestPaths(root)
     with QmpClient(paths.qmp_socket, QMP_TIMEOUT_S):  # hold QEMU's only QMP client slot
+        queued = [socket.socket(socket.AF_UNIX) for _ in range(3)]
+        for sock in queued:
+            sock.setblocking(False)
+        results = []
+        for sock in queued:
+            try:
+                sock.connect(str(paths.qmp_socket))
+                results.append("queued")
+            except BlockingIOError:
+                results.append("EAGAIN")
+        assert results == ["queued", "queued", "EAGAIN"]  # QEMU's backlog of one, for real
         t0 = time.monotonic()
         info = verbose(root)
         assert time.monotonic() - t0 < 15
-    assert info["status"] == "running" and "qmpstatus" not in info
+        for sock in queued:
+            sock.close()
+    assert info["status"] == "running" and info["qmpstatus"] == "running"
+    assert "running-qemu" not in info and "running-machine" not in info
+    assert qm(root, "stop", "102").returncode == 0
+
+
+@pytest.mark.slow
+def test_qm_over_real_qemu_plays_locks_ha_quorum_and_a_stop_that_leaves_kvm_alive(
+    pve_root: Path,
+) -> None:
+    root = pve_root
+    paths = guest_qm.GuestPaths(root)
+    write_json_atomic(
+        paths.faults_json,
+        {
+            "config_lock_wait_s": 0.5,
+            "quit_timeout_s": 1.0,
+            "sigterm_wait_s": 0.5,
+            "status_qmp_timeout_s": 0.5,
+        },
+    )
+    assert qm(root, "start", "102").returncode == 0
+    pid = int((root / "run" / "102.pid").read_text())
+    # A lock in the VM's config (PVE/AbstractConfig.pm check_lock).
+    paths.set_config_lock("backup")
+    locked = qm(root, "reset", "102")
+    assert (locked.returncode, locked.stderr) == (255, "VM is locked (backup)\n")
+    assert "lock: backup" in qm(root, "config", "102").stdout
+    paths.set_config_lock(None)
+    # HA: stop only asks the HA stack (PVE/API2/Qemu.pm); reset is not redirected.
+    paths.set_ha_state("started")
+    ha_stop = qm(root, "stop", "102")
+    assert (ha_stop.returncode, ha_stop.stdout) == (0, "Requesting HA stop for VM 102\n")
+    assert pid_alive(pid) and paths.ha_resource() == {"state": "stopped"}
+    assert qm(root, "reset", "102").returncode == 0
+    paths.set_ha_state(None)
+    # A QEMU that will not die (SIGSTOPped here, and qm's SIGKILL withheld as the kernel would
+    # ignore it for a process in D state): the stop's clean-up deletes its pid file anyway.
+    os.kill(pid, signal.SIGSTOP)
+    faults = json.loads(paths.faults_json.read_text())
+    write_json_atomic(paths.faults_json, {**faults, "kvm_survives_kill": True})
+    stop = qm(root, "stop", "102", "--timeout", "1")
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout == (
+        "VM quit/powerdown failed - terminating now with SIGTERM\n"
+        "VM still running - terminating now with SIGKILL\n"
+    )
+    assert pid_alive(pid) and not (root / "run" / "102.pid").exists()
+    assert qm(root, "status", "102").stdout == "status: stopped\n"
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid, 10)
+    # No quorum: start fails at once (pve-cluster PVE/Cluster.pm check_cfs_quorum).
+    set_quorum(root, False)
+    no_quorum = qm(root, "start", "102")
+    assert (no_quorum.returncode, no_quorum.stderr) == (255, "cluster not ready - no quorum?\n")
+    set_quorum(root, True)
+    write_json_atomic(paths.faults_json, {})
+    assert qm(root, "start", "102").returncode == 0
     assert qm(root, "stop", "102").returncode == 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
-from breakglass_tui.hosts.pve import PveClient
+from breakglass_tui.hosts.pve import PROTOCOL_VERSION, PveClient
 from breakglass_tui.hosts.session import HostSession
 from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import SshTarget
@@ -50,6 +50,7 @@ FAKE_VERB = textwrap.dedent(
 
 def doc(verb: str | None, code: int, **fields: object) -> dict[str, object]:
     return {
+        "protocol": PROTOCOL_VERSION,
         "verb": verb,
         "vmid": 102,
         "ok": code == 0,
@@ -107,6 +108,9 @@ async def test_status_is_parsed_into_a_verb_result(pve_sshd: Sshd, answers_file:
         ("start", 6, {}, "config on the PVE host is invalid"),
         ("forensics", 70, {}, "internal error"),
         ("status", 2, {"refused": "bad_input", "verb": None}, "refused the input"),
+        ("cycle", 7, {"refused": "locked"}, "tell the owner, do not retry"),
+        ("start", 7, {"refused": "kvm_alive", "cold_case": True}, "D state"),
+        ("cycle", 8, {"upid": "UPID:pve:0001:0002:0003:qmstop:102:root@pam:"}, "still in"),
     ],
 )
 async def test_each_exit_code_gets_a_clear_message(
@@ -124,6 +128,54 @@ async def test_each_exit_code_gets_a_clear_message(
     assert expected in result.message and "the verb's own sentence." in result.message
     assert result.refused == fields.get("refused")
     assert result.cold_case is bool(fields.get("cold_case"))
+
+
+@pytest.mark.parametrize(
+    ("protocol", "says"),
+    [
+        (None, "OLDER than this console expects (protocol 1, expected"),
+        (PROTOCOL_VERSION - 1, "OLDER than this console expects"),
+        (PROTOCOL_VERSION + 1, "NEWER than this console expects"),
+        ("two", "cannot read"),
+    ],
+)
+async def test_a_verb_of_another_protocol_version_is_said_plainly(
+    pve_sshd: Sshd, answers_file: Path, protocol: object, says: str
+):
+    """The verb is copied to the host by hand: an older or newer copy is named, with the fix."""
+    body = doc("status", 0, message="VM 102: running")
+    if protocol is None:
+        del body["protocol"]  # the first verb sent no version
+    else:
+        body["protocol"] = protocol
+    answer(answers_file, {"status": (0, body)})
+    result = await PveClient(target_for(pve_sshd), PVE_LOGIN).verb("status")
+    assert result.message.startswith("WARNING: breakglass-verb on the PVE host")
+    assert says in result.message and result.message.endswith("VM 102: running")
+    assert result.protocol_note and says in result.protocol_note
+    if protocol is None or (isinstance(protocol, int) and protocol < PROTOCOL_VERSION):
+        assert "breakglass_verb.py" in result.message and "/usr/local/sbin" in result.message
+    body["protocol"] = PROTOCOL_VERSION
+    answer(answers_file, {"status": (0, body)})
+    current = await PveClient(target_for(pve_sshd), PVE_LOGIN).verb("status")
+    assert current.protocol_note is None and current.message == "VM 102: running"
+    assert current.protocol == PROTOCOL_VERSION
+
+
+async def test_the_host_s_state_fields_are_typed(pve_sshd: Sshd, answers_file: Path):
+    body = doc(
+        "status",
+        0,
+        lock="backup",
+        ha={"managed": True, "requested": "started", "crm_state": "started"},
+        quorum=False,
+        monitor={"ok": False, "status": None, "unresponsive": "queue full", "detail": "EAGAIN"},
+        upid=None,
+    )
+    answer(answers_file, {"status": (0, body)})
+    result = await PveClient(target_for(pve_sshd), PVE_LOGIN).verb("status")
+    assert (result.lock, result.ha_managed, result.quorum) == ("backup", True, False)
+    assert result.monitor_unresponsive == "queue full" and result.upid is None
 
 
 async def test_an_answer_that_is_not_json_says_so(pve_sshd: Sshd, answers_file: Path):

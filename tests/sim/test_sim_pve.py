@@ -3,8 +3,11 @@ cleanup. The verb's tests (tests/verb) and the lab trust these behaviours."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -75,6 +78,14 @@ class Qmp:
         self.sock.close()
 
 
+def top_level(verbose: str) -> dict[str, str]:
+    """The top-level keys of `qm status --verbose` (nested values are indented with tabs)."""
+    return {
+        k: v.strip()
+        for k, _, v in (ln.partition(":") for ln in verbose.splitlines() if ln[:1].isalpha())
+    }
+
+
 def negotiated(sim: SimPve) -> Qmp:
     client = Qmp(sim.qemu_run_dir / f"{sim.vmid}.qmp")
     assert "QMP" in client.read()
@@ -96,9 +107,17 @@ def test_create_lays_out_what_the_verb_config_points_at(tmp_path: Path) -> None:
         assert sim.state_dir.stat().st_mode & 0o777 == 0o700
         # An override changes one key of a table and keeps the others.
         assert config["deadlines"]["forensics_s"] == 3 and config["deadlines"]["probe_s"] == 2
-        assert config["budget"] == {"max_mutating_per_hour": 4, "cooldown_s": 0}
+        assert config["budget"]["cooldown_s"] == 0
+        assert config["budget"]["max_mutating_per_hour"] == 4
         assert sim.vm_state()["status"] == "stopped" and sim.vm_state()["boot_id"] == 0
         assert qm(sim, "status", "105").stdout == "status: stopped\n"
+        # The rest of the host the verb reads, where its config says: /etc/pve (quorate, the
+        # VM's config), the VM's cgroup scope, Proxmox's task list.
+        pve = Path(config["pve_dir"])
+        assert (pve / "qemu-server" / "105.conf").read_text().startswith("boot:")
+        assert os.lstat(pve / "local").st_mode & 0o200  # quorate
+        assert (Path(config["cgroup_dir"]) / "qemu.slice").is_dir()
+        assert (Path(config["pve_log_dir"]) / "tasks").is_dir()
     finally:
         sim.cleanup()
 
@@ -124,13 +143,20 @@ def test_qm_start_runs_a_real_kvm_process_with_pid_file_and_qmp_socket(sim: SimP
     pid = sim.kvm_pid()
     assert pid is not None
     assert (sim.qemu_run_dir / "102.pid").read_text().strip() == str(pid)
-    assert b"breakglass_tui.lab.sim_kvm" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    # Proxmox believes the pid file only for a kvm started with -pidfile <that file>.
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[0].endswith(b"/kvm") and b"breakglass_tui.lab.sim_kvm" in argv
+    assert argv[argv.index(b"-pidfile") + 1] == str(sim.qemu_run_dir / "102.pid").encode()
+    assert sim.scope_pids() == [pid]  # the VM's cgroup scope
     state = sim.vm_state()
     assert state["status"] == "running" and state["qmp_status"] == "running"
     assert state["boot_id"] == 1 and state["booted_at"] > time.time() - 30
     assert qm(sim, "status", "102").stdout == "status: running\n"
-    verbose = qm(sim, "status", "102", "--verbose").stdout
-    assert f"pid: {pid}\n" in verbose and "qmpstatus: running\n" in verbose
+    fields = top_level(qm(sim, "status", "102", "--verbose").stdout)
+    assert fields["pid"] == str(pid) and fields["qmpstatus"] == "running"
+    # What only a QMP that answered adds (PVE/QemuServer.pm vmstatus):
+    assert fields["running-qemu"] == "8.2.2" and fields["running-machine"] == "pc-i440fx-8.1"
+    assert "blockstat" in fields
 
 
 def test_qm_stop_kills_the_process_and_it_does_not_linger_as_a_zombie(sim: SimPve) -> None:
@@ -143,6 +169,10 @@ def test_qm_stop_kills_the_process_and_it_does_not_linger_as_a_zombie(sim: SimPv
     assert not Path(f"/proc/{pid}").exists(), "the stopped kvm is still in /proc"
     assert not (sim.qemu_run_dir / "102.pid").exists()
     assert sim.vm_state()["status"] == "stopped" and sim.kvm_pid() is None
+    assert sim.scope_pids() == []
+    # qm stop ran as a task worker: its UPID is in Proxmox's task list, ended OK.
+    active = (sim.root / "pve-log" / "tasks" / "active").read_text().splitlines()
+    assert any(":qmstop:102:root@pam: 1 " in line and line.endswith(" OK") for line in active)
     assert qm(sim, "stop", "102").returncode == 0  # stopping a stopped VM is fine, as in Proxmox
 
 
@@ -183,6 +213,8 @@ def test_reset_reboots_in_place_and_a_vm_paused_by_io_error_stays_paused(sim: Si
     sim.set_faults(io_error_pause=True)
     assert sim.vm_state()["qmp_status"] == "io-error"
     assert "qmpstatus: io-error\n" in qm(sim, "status", "102", "--verbose").stdout
+    # Without --verbose qm prints the QMP status too (PVE/CLI/qm.pm status).
+    assert qm(sim, "status", "102").stdout == "status: io-error\n"
     assert qm(sim, "reset", "102").returncode == 0
     state = sim.vm_state()
     assert state["boot_id"] == 3 and state["qmp_status"] == "io-error", "reset must not resume"
@@ -253,18 +285,28 @@ def test_screendump_writes_a_real_png(sim: SimPve, tmp_path: Path) -> None:
     assert len(pixels) == height * (1 + width * 3)
 
 
-def test_qmp_serves_one_client_at_a_time(sim: SimPve) -> None:
+def test_qmp_serves_one_client_and_refuses_more_than_its_backlog_like_qemu(sim: SimPve) -> None:
+    """QEMU's chardev/char-socket.c: listen() with a backlog of one, one client served. Two
+    more connects wait in the kernel's queue; the next fails at once with EAGAIN (what
+    PVE/QMPClient.pm retries on), also once the waiting clients have given up and closed."""
     sim.start_vm()
     first = negotiated(sim)
-    second = Qmp(sim.qemu_run_dir / "102.qmp", timeout=0.5)
+    queued = [Qmp(sim.qemu_run_dir / "102.qmp", timeout=0.5) for _ in range(2)]
     try:
         with pytest.raises(TimeoutError):
-            second.read()  # queued behind the first client: no greeting yet
+            queued[0].read()  # queued behind the first client: no greeting yet
+        third = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        third.setblocking(False)
+        with pytest.raises(BlockingIOError) as refused:
+            third.connect(str(sim.qemu_run_dir / "102.qmp"))
+        assert refused.value.errno == errno.EAGAIN
+        third.close()
         first.close()
-        second.sock.settimeout(3)
-        assert "QMP" in second.read()
+        queued[0].sock.settimeout(5)
+        assert "QMP" in queued[0].read()  # served in turn once the first has left
     finally:
-        second.close()
+        for client in queued:
+            client.close()
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -304,38 +346,187 @@ def test_hang_qmp_on_one_command_holds_only_that_command(sim: SimPve) -> None:
         client.close()
 
 
-def test_hang_qmp_all_sends_no_greeting_and_qm_status_falls_back_to_running(sim: SimPve) -> None:
+def test_a_wedged_main_loop_reads_as_running_to_qm_and_fills_the_queue(sim: SimPve) -> None:
+    """hang_qmp="all": QEMU's main loop is wedged. pvestatd's polls fill the listen queue, every
+    later connect fails with EAGAIN, and qm status says "qmpstatus: running" with only
+    running-qemu, running-machine and blockstat missing (PVE/QemuServer.pm vmstatus)."""
     sim.start_vm()
-    sim.set_faults(hang_qmp="all", qmp_timeout_s=0.5)
-    client = Qmp(sim.qemu_run_dir / "102.qmp", timeout=0.7)
-    try:
-        with pytest.raises(TimeoutError):
-            client.read()
-    finally:
-        client.close()
+    healthy = top_level(qm(sim, "status", "102", "--verbose").stdout)
+    sim.set_faults(hang_qmp="all", status_qmp_timeout_s=0.5, qmp_timeout_s=0.5)
+    assert sim.pvestatd_polls(3) == 2  # two fit in the queue, the third gets EAGAIN
+    late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    late.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        late.connect(str(sim.qemu_run_dir / "102.qmp"))
+    late.close()
     verbose = qm(sim, "status", "102", "--verbose")
     assert verbose.returncode == 0
-    assert "status: running\n" in verbose.stdout and "qmpstatus" not in verbose.stdout
+    wedged = top_level(verbose.stdout)
+    assert wedged["status"] == "running" and wedged["qmpstatus"] == "running"
+    assert set(healthy) - set(wedged) == {
+        "running-qemu",
+        "running-machine",
+        "blockstat",
+        "diskread",
+        "diskwrite",
+        "proxmox-support",
+    }
+    assert qm(sim, "status", "102").stdout == "status: running\n"
     reset = qm(sim, "reset", "102")
     assert reset.returncode == 255
-    assert reset.stderr == "VM 102 qmp command 'system_reset' failed - got timeout\n"
+    assert re.fullmatch(
+        r"VM 102 qmp command 'system_reset' failed - unable to connect to VM 102 qmp socket"
+        r" - timeout after \d+ retries\n",
+        reset.stderr,
+    )
 
 
-def test_stuck_on_stop_leaves_kvm_alive_while_qm_says_ok(sim: SimPve) -> None:
+def test_a_stop_deletes_the_pid_file_while_a_d_state_kvm_lives_on(sim: SimPve) -> None:
+    """_do_vm_stop: quit, wait --timeout, SIGTERM, 10 s, SIGKILL, 1 s, then vm_stop_cleanup
+    unlinks the pid file whatever happened, and the task says OK. Afterwards qm status says
+    stopped, and qm start waits on the VM's scope (wait_for_unit_removed, 20 s) and fails."""
     pid = sim.start_vm()
-    sim.set_faults(stuck_on_stop=True, qmp_timeout_s=0.5)
-    stopped = qm(sim, "stop", "102")
+    sim.set_faults(stuck_on_stop=True, sigterm_wait_s=0.5, scope_wait_s=0.5)
+    stopped = qm(sim, "stop", "102", "--timeout", "1")
     assert stopped.returncode == 0 and stopped.stderr == ""
-    time.sleep(0.3)
-    assert sim.kvm_pid() == pid, "the D-state kvm must survive qm stop"
-    os.kill(pid, signal.SIGTERM)  # ignored now, like a process in D state
-    time.sleep(0.3)
-    assert sim.kvm_pid() == pid
-    assert "qmpstatus" not in qm(sim, "status", "102", "--verbose").stdout  # QMP is dead too
+    assert stopped.stdout == (
+        "VM still running - terminating now with SIGTERM\n"
+        "VM still running - terminating now with SIGKILL\n"
+    )
+    assert not (sim.qemu_run_dir / "102.pid").exists()
+    assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "D"
+    assert sim.scope_pids() == [pid] and sim.vm_state()["kvm_alive"]
+    assert qm(sim, "status", "102").stdout == "status: stopped\n"
     again = qm(sim, "start", "102")
-    assert again.returncode == 255 and "already running" in again.stderr
+    assert (again.returncode, again.stderr) == (255, "timeout waiting on systemd\n")
+    assert sim.live_kvm_pid() == pid
     sim.cleanup()
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_kvm_d_state_wedges_qmp_and_ignores_sigterm(sim: SimPve) -> None:
+    pid = sim.start_vm()
+    sim.set_faults(kvm_d_state=True, status_qmp_timeout_s=0.5)
+    assert sim.vm_state()["kvm_state"] == "D"
+    os.kill(pid, signal.SIGTERM)  # stays pending, like for a process stuck in the kernel
+    time.sleep(0.3)
+    assert sim.kvm_pid() == pid
+    assert "running-qemu" not in qm(sim, "status", "102", "--verbose").stdout
+
+
+def test_a_config_lock_fails_qm_tasks_like_proxmox(sim: SimPve) -> None:
+    """PVE/AbstractConfig.pm check_lock: "VM is locked (backup)" unless --skiplock; and the
+    lock-<vmid>.conf flock another task holds is waited for, then given up."""
+    sim.start_vm()
+    sim.set_lock("backup")
+    for sub in ("reset", "stop"):
+        locked = qm(sim, sub, "102")
+        assert (locked.returncode, locked.stderr) == (255, "VM is locked (backup)\n"), sub
+    assert "lock: backup\n" in qm(sim, "status", "102", "--verbose").stdout
+    assert sim.kvm_pid() is not None
+    assert qm(sim, "stop", "102", "--skiplock", "1", "--timeout", "2").returncode == 0
+    assert sim.kvm_pid() is None
+    sim.set_lock(None)
+    sim.start_vm()
+    sim.set_faults(config_lock_wait_s=0.5)
+    with sim.config_lock_held():
+        t0 = time.monotonic()
+        busy = qm(sim, "reset", "102")
+        waited = time.monotonic() - t0
+    assert busy.returncode == 255 and busy.stdout == "trying to acquire lock...\n"
+    lock_file = sim.root / "lock" / "lock-102.conf"
+    assert busy.stderr == f"can't lock file '{lock_file}' - got timeout\n"
+    assert waited >= 0.5
+
+
+def test_an_ha_managed_vm_start_and_stop_only_request_it(sim: SimPve) -> None:
+    """PVE/API2/Qemu.pm: start and stop of an HA resource become HA requests and return at
+    once; the HA stack acts later. reset is not redirected."""
+    pid = sim.start_vm()
+    sim.set_faults(ha_delay_s=1.0)
+    sim.set_ha("started")
+    stop = qm(sim, "stop", "102")
+    assert (stop.returncode, stop.stdout) == (0, "Requesting HA stop for VM 102\n")
+    assert sim.kvm_pid() == pid and sim.ha_state() == "stopped"  # not yet: requested only
+    wait_until(lambda: sim.kvm_pid() is None, "the HA stack never stopped the VM")
+    start = qm(sim, "start", "102")
+    assert (start.returncode, start.stdout) == (0, "Requesting HA start for VM 102\n")
+    assert sim.kvm_pid() is None and sim.ha_state() == "started"
+    wait_until(lambda: sim.kvm_pid() is not None, "the HA stack never started the VM")
+    boot = sim.vm_state()["boot_id"]
+    assert qm(sim, "reset", "102").returncode == 0  # not redirected
+    assert sim.vm_state()["boot_id"] == boot + 1
+
+
+def test_without_quorum_start_fails_and_stop_works(sim: SimPve) -> None:
+    """pve-cluster PVE/Cluster.pm check_cfs_quorum, called by vm_start only."""
+    sim.start_vm()
+    sim.set_quorum(False)
+    assert qm(sim, "stop", "102", "--timeout", "2").returncode == 0
+    start = qm(sim, "start", "102")
+    assert (start.returncode, start.stderr) == (255, "cluster not ready - no quorum?\n")
+    sim.set_quorum(True)
+    assert qm(sim, "start", "102").returncode == 0
+
+
+def test_qm_tasks_run_in_a_worker_that_dies_half_done_when_qm_is_killed(sim: SimPve) -> None:
+    """pve-common PVE/RESTEnvironment.pm fork_worker: the worker calls setsid(), names itself
+    "task UPID:…" and writes through qm; kill qm's process group and the worker dies at its next
+    write — here before it sends the SIGTERM of _do_vm_stop: the stop is left half done."""
+    pid = sim.start_vm()
+    sim.set_faults(hang_qmp="all", quit_timeout_s=1.0, sigterm_wait_s=1.0)
+    proc = subprocess.Popen(
+        [str(sim.qm_path), "stop", "102"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    try:
+        worker = wait_until(lambda: _task_child(proc.pid), "no task worker")
+        upid = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")[0].decode()
+        assert re.fullmatch(
+            r"task UPID:pve:[0-9A-F]{8}:[0-9A-F]{8}:[0-9A-F]{8}:qmstop:102:root@pam:", upid
+        )
+        assert upid[5:] in (sim.root / "pve-log" / "tasks" / "active").read_text()
+        assert os.getsid(worker) == worker != os.getsid(proc.pid)  # setsid(): its own session
+        os.killpg(proc.pid, signal.SIGKILL)  # what the old verb did at its deadline
+        proc.wait(5)
+        wait_until(lambda: not Path(f"/proc/{worker}").exists() or _zombie(worker), "worker")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    time.sleep(1.5)  # past the SIGTERM the worker would have sent
+    assert sim.kvm_pid() == pid, "the kvm was stopped after all"
+    assert (sim.qemu_run_dir / "102.pid").exists()
+
+
+def _task_child(pid: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid and cmdline.startswith(b"task "):
+                    return int(entry)
+    return None
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return True
+
+
+def wait_until(condition: Any, what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s")
 
 
 def test_set_faults_rejects_unknown_names(sim: SimPve) -> None:
@@ -358,6 +549,11 @@ def test_the_call_log_holds_every_qm_call_and_qmp_command_in_order(sim: SimPve) 
         "qm status 102 --verbose",
         "qmp qmp_capabilities",
         "qmp query-status",
+        "qmp query-proxmox-support",
+        "qmp query-blockstats",
+        "qmp query-machines",
+        "qmp query-version",
+        "qmp query-balloon",
         "qm reset 102",
         "qmp qmp_capabilities",
         "qmp system_reset",

@@ -19,8 +19,9 @@ import pytest_asyncio
 from breakglass_tui.lab.pve_host import LabPveHost
 from breakglass_tui.lab.sim_pve import SimPve
 from tests.support.realparts import new_key, public_line, start_sshd
+from tests.verb.conftest import PROXMOX_TIMINGS, VERB_PATH
 
-VERB_FILE = Path(__file__).resolve().parents[2] / "breakglass_tui" / "verb" / "breakglass_verb.py"
+VERB_FILE = VERB_PATH  # BREAKGLASS_VERB_UNDER_TEST can point it at another copy
 ECHO_MARK = "<unset>"
 
 
@@ -59,6 +60,7 @@ def verb_sim() -> Iterator[SimPve]:
     module's mutating verbs (the budget itself is tested in tests/verb)."""
     root = Path(tempfile.mkdtemp(prefix="bg-sshdverb-"))
     sim = SimPve.create(root / "pve", budget={"max_mutating_per_hour": 1000, "cooldown_s": 0})
+    sim.set_faults(**PROXMOX_TIMINGS)
     try:
         sim.start_vm()
         yield sim

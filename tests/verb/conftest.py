@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 
-VERB_PATH = Path(__file__).resolve().parents[2] / "breakglass_tui" / "verb" / "breakglass_verb.py"
+# The verb under test; BREAKGLASS_VERB_UNDER_TEST points these tests at another copy (e.g. an
+# older verb from git history, to see which tests it fails).
+VERB_PATH = Path(
+    os.environ.get("BREAKGLASS_VERB_UNDER_TEST")
+    or Path(__file__).resolve().parents[2] / "breakglass_tui" / "verb" / "breakglass_verb.py"
+)
 
 
 @dataclass
@@ -89,12 +94,36 @@ def recording_host(tmp_path: Path) -> RecordingHost:
     return RecordingHost(root, config, calls, root / "state")
 
 
+# Proxmox's own timings (a 10 s config-lock wait, 60 s for QMP quit, 10 s after SIGTERM, 20 s
+# for the VM's scope, ...) shrunk, so that no test waits minutes; their order is kept.
+PROXMOX_TIMINGS: dict[str, float] = {
+    "qmp_timeout_s": 1.0,
+    "status_qmp_timeout_s": 0.8,
+    "quit_timeout_s": 2.0,
+    "stop_wait_s": 3.0,
+    "sigterm_wait_s": 1.0,
+    "config_lock_wait_s": 1.0,
+    "ha_delay_s": 1.0,
+    "scope_wait_s": 1.0,
+}
+# The verb's deadlines for tests: the qm task ceiling well above the shrunk Proxmox timings.
+FAST_DEADLINES: dict[str, float] = {
+    "forensics_s": 4,
+    "probe_s": 1.5,
+    "qm_action_s": 15,
+    "qm_stop_timeout_s": 1,
+    "verify_s": 5,
+    "ha_verify_s": 8,
+}
+
+
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[Any]:
     """The simulated Proxmox with VM 102 running; its kvm processes are killed after."""
     from breakglass_tui.lab.sim_pve import SimPve
 
     pve = SimPve.create(tmp_path / "pve", 102)
+    pve.set_faults(**PROXMOX_TIMINGS)
     try:
         pve.start_vm()
         yield pve
@@ -103,7 +132,9 @@ def sim(tmp_path: Path) -> Iterator[Any]:
 
 
 def sim_with(tmp_path: Path, **overrides: Any) -> Any:
-    """A SimPve with verb config overrides (caller cleans up)."""
+    """A SimPve with verb config overrides and Proxmox's timings shrunk (caller cleans up)."""
     from breakglass_tui.lab.sim_pve import SimPve
 
-    return SimPve.create(tmp_path / "pve", 102, **overrides)
+    pve = SimPve.create(tmp_path / "pve", 102, **overrides)
+    pve.set_faults(**PROXMOX_TIMINGS)
+    return pve

@@ -384,8 +384,18 @@ def test_defaults_are_the_documented_ones() -> None:
         "/var/run/qemu-server",
         "/var/lib/breakglass",
     )
-    assert (cfg.max_mutating_per_hour, cfg.cooldown_s) == (4, 300)
-    assert (cfg.forensics_s, cfg.probe_s, cfg.qm_action_s, cfg.verify_s) == (20, 5, 90, 30)
+    assert (cfg.pve_dir, cfg.cgroup_dir, cfg.pve_log_dir) == (
+        "/etc/pve",
+        "/sys/fs/cgroup",
+        "/var/log/pve",
+    )
+    assert (cfg.max_mutating_per_hour, cfg.cooldown_s, cfg.max_forensics_per_hour) == (4, 300, 12)
+    assert (cfg.forensics_s, cfg.probe_s, cfg.verify_s, cfg.ha_verify_s) == (20, 5, 30, 120)
+    # qemu-server 9.2's stop alone may take 10 (lock) + 60 (quit) + --timeout + 10 s: the ceiling
+    # for a qm task is minutes, and qm stop's own --timeout is set deliberately.
+    assert (cfg.qm_action_s, cfg.qm_stop_timeout_s) == (240, 30)
+    assert (cfg.keep_bundles, cfg.keep_action_bundles) == (20, 50)
+    assert cfg.stop_skips_backup_lock is False
     assert cfg.syslog_socket == "/dev/log"
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from breakglass_tui.verb import breakglass_verb as bv
-from tests.verb.conftest import run_verb, sim_with
+from tests.verb.conftest import FAST_DEADLINES, run_verb, sim_with
 
-FAST = {"deadlines": {"forensics_s": 4, "probe_s": 1.5, "qm_action_s": 15, "verify_s": 5}}
+FAST = {"deadlines": FAST_DEADLINES}
 TMPFS_BYTES = 256 * 1024
 
 

@@ -7,14 +7,17 @@ the lab (:func:`write_vm_config`). QEMU runs daemonized with the pid file
 does, so the real ``breakglass-verb`` reads a real ``/proc/<pid>``, real QMP and a real
 ``screendump`` of the guest.
 
-Subcommands, output and exit codes follow Proxmox's ``qm``: ``qm status <vmid> [--verbose]``
-(``status: running``), ``qm start``, ``qm stop [--timeout N]`` (QMP ``quit``, then SIGTERM, then
-SIGKILL by the pid file's PID, and it checks the process is gone), ``qm shutdown`` (ACPI
-powerdown), ``qm reset`` (QMP ``system_reset``: a VM paused by an I/O error stays paused, like
-Proxmox), ``qm resume`` (QMP ``cont``), ``qm suspend`` (QMP ``stop``), ``qm config``. Failures
-print one line on stderr and exit 255; an unknown VM exits 2. What it has in common with the
-simulated ``qm`` (options, errors, ``qm status``, the call log, the QMP client) is
-:mod:`breakglass_tui.lab.qm_standin`.
+Subcommands, output and exit codes follow Proxmox's ``qm``, from its source, shared with the
+simulated ``qm`` in :mod:`breakglass_tui.lab.qm_standin` (whose docstring cites the files):
+``qm status <vmid> [--verbose]`` (``status: running``; ``qmpstatus: running`` when QMP does not
+answer), ``qm start`` (quorum, HA redirection, config locks), ``qm stop [--timeout N]``
+(``_do_vm_stop``: QMP ``quit``, wait, SIGTERM, SIGKILL, then the clean-up deletes the pid file
+whether or not QEMU died), ``qm shutdown`` (ACPI powerdown), ``qm reset`` (QMP
+``system_reset``: a VM paused by an I/O error stays paused, like Proxmox), ``qm resume`` (QMP
+``cont``), ``qm suspend`` (QMP ``stop``), ``qm config``; the mutating ones in a task worker
+with a UPID. Failures print one line on stderr and exit 255; an unknown VM exits 2. The fault
+``kvm_survives_kill`` plays a QEMU in D state (SIGKILL would not end it): stop QEMU with SIGSTOP
+to wedge it, and qm's SIGKILL is then not sent.
 
 Standard library only: it runs under ``python -S``.
 """
@@ -33,18 +36,21 @@ from pathlib import Path
 from typing import Any
 
 from breakglass_tui.lab.qm_standin import (
+    TASK_ARG,
+    TASK_OPTIONS,
     QmError,
     StandinRoot,
     append_line,
+    check_running,
+    cli_task,
     dispatch,
     entry_point,
-    needs_stopped,
-    pid_alive,
     qmp,
-    qmp_subcommand,
+    run_worker,
     status_output,
     wait_gone,
     write_json_atomic,
+    write_pve_layout,
     write_wrapper,
 )
 
@@ -100,12 +106,38 @@ class GuestPaths(StandinRoot):
         return self.run_dir / f"{self.vmid}.qmp"
 
     def qmp_timeout_s(self) -> float:
-        return QMP_TIMEOUT_S
+        return float(self.faults().get("qmp_timeout_s", QMP_TIMEOUT_S))
 
     def kvm_pid(self) -> int | None:
-        """The live QEMU process from the pid file, or None (no file, dead, zombie)."""
-        pid = self.pid_from_file()
-        return pid if pid is not None and pid_alive(pid) else None
+        """The live QEMU process per Proxmox's check_running: the pid file's process, started
+        with ``-pidfile`` naming that file (no file, dead, zombie, another program: None)."""
+        return check_running(self.pid_file)
+
+    def config_text(self) -> str:
+        if not self.config_path.exists():
+            write_pve_layout(self.root, self.vmid, _config_lines(self))
+        return super().config_text()
+
+    def start_vm(self) -> int:
+        pid = start_qemu(self)
+        self.scope_add(pid)
+        return pid
+
+    def owns_process(self, pid: int) -> bool:
+        return is_lab_qemu(pid, self.root)
+
+    def kvm_survives_kill(self, pid: int) -> bool:
+        return bool(self.faults().get("kvm_survives_kill"))
+
+    def vm_details(self, pid: int) -> dict[str, Any]:
+        cfg = self.config()
+        return {
+            "cpus": 1,
+            "maxmem": int(cfg.get("memory_mb", 256)) * 1024 * 1024,
+            "name": cfg.get("name", "devvm"),
+            "pid": pid,
+            "uptime": _uptime_s(pid),
+        }
 
     def started_pids(self) -> list[int]:
         """Every QEMU PID a `qm start` of this root recorded."""
@@ -277,48 +309,10 @@ def _uptime_s(pid: int) -> int:
 
 
 def cmd_status(paths: GuestPaths, opts: dict[str, str]) -> str:
-    def details(pid: int) -> dict[str, Any]:
-        cfg = paths.config()
-        return {
-            "cpus": 1,
-            "maxmem": int(cfg.get("memory_mb", 256)) * 1024 * 1024,
-            "name": cfg.get("name", "devvm"),
-            "pid": pid,
-            "running-machine": "pc",
-            "running-qemu": "7.2",
-            "status": "running",
-            "uptime": _uptime_s(pid),
-            "vmid": paths.vmid,
-        }
-
-    return status_output(paths, opts, details)
+    return status_output(paths, opts)
 
 
-def cmd_start(paths: GuestPaths, opts: dict[str, str]) -> str:
-    needs_stopped(paths)
-    start_qemu(paths)
-    return ""
-
-
-def cmd_stop(paths: GuestPaths, opts: dict[str, str]) -> str:
-    stop_qemu(paths, float(opts.get("timeout", 10)))
-    return ""
-
-
-def cmd_shutdown(paths: GuestPaths, opts: dict[str, str]) -> str:
-    pid = paths.kvm_pid()
-    if pid is None:
-        return ""
-    qmp(paths, "system_powerdown")
-    if not wait_gone(pid, float(opts.get("timeout", 60))):
-        if opts.get("forceStop") in ("1", "true"):
-            stop_qemu(paths)
-            return ""
-        raise QmError("VM quit/powerdown failed - got timeout")
-    return ""
-
-
-def cmd_config(paths: GuestPaths, opts: dict[str, str]) -> str:
+def _config_lines(paths: GuestPaths) -> str:
     cfg = paths.config()
     lines = {
         "boot": "order=virtio0",
@@ -335,28 +329,31 @@ def cmd_config(paths: GuestPaths, opts: dict[str, str]) -> str:
     return "".join(f"{k}: {v}\n" for k, v in sorted(lines.items()))
 
 
+def cmd_config(paths: GuestPaths, opts: dict[str, str]) -> str:
+    lock = paths.config_lock()
+    return (f"lock: {lock}\n" if lock else "") + _config_lines(paths)
+
+
 COMMANDS = {
     "status": (cmd_status, {"verbose": False}),
-    "start": (cmd_start, {"skiplock": False, "timeout": True}),
-    "stop": (cmd_stop, {"timeout": True, "skiplock": False, "keepActive": False}),
-    "shutdown": (cmd_shutdown, {"timeout": True, "forceStop": True, "skiplock": False}),
-    "reset": (qmp_subcommand("system_reset"), {"skiplock": False}),
-    "resume": (qmp_subcommand("cont"), {"skiplock": False, "nocheck": False}),
-    "suspend": (qmp_subcommand("stop"), {"skiplock": False}),
     "config": (cmd_config, {"current": False, "snapshot": True}),
 }
 
 
 def run(argv: list[str], paths: GuestPaths) -> int:
     """Run one qm call: log it, dispatch, print like Proxmox. Returns the exit code."""
+    if argv[:1] == [TASK_ARG]:
+        run_worker(paths, argv[1:])
     paths.log_call("qm " + " ".join(argv))
-    if len(argv) < 2 or argv[0] not in COMMANDS:
+    if len(argv) < 2 or (argv[0] not in COMMANDS and argv[0] not in TASK_OPTIONS):
         print(
             "400 unable to parse command\nqm <status|start|stop|shutdown|reset|resume|suspend|"
             "config> <vmid> [OPTIONS]",
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if argv[0] in TASK_OPTIONS:
+        return cli_task(paths, QM_MODULE, argv)
     func, known = COMMANDS[argv[0]]
     return dispatch(paths, argv[1], func, known, argv[2:], unknown_option_code=EXIT_USAGE)
 
