@@ -75,7 +75,7 @@ async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkey
         assert any(line.startswith("Filesystem") for line in lines)
         assert any("100% /" in line for line in lines), "disk-full shows a full root"
         block = app.query(ToolBlock).last()
-        assert "$ df -h" in block.title and block.has_class("-ok")
+        assert "$ df -h" in block.heading and block.has_class("-ok")
         await pilot.press("ctrl+q")
         await pilot.pause(0.5)
     deadline = time.monotonic() + 10
@@ -98,7 +98,7 @@ async def test_escape_cancels_a_running_lab_command_at_once(tmp_path, monkeypatc
         await until(pilot, lambda: not app._agent_running(), 10, "the cancel")
         await pilot.pause(0.2)
         assert time.monotonic() - started < 5
-        assert "cancelled" in app.query(ToolBlock).last().title
+        assert "cancelled" in app.query(ToolBlock).last().heading
         await pilot.press(*"/sh uptime", "enter")
         await until(pilot, lambda: not app._agent_running(), what="uptime after a cancel")
         assert "-ok" in app.query(ToolBlock).last().classes
@@ -142,7 +142,7 @@ async def test_claude_streams_an_answer_with_tool_blocks_over_the_lab(tmp_path, 
             markdown = " ".join(m.source for m in app.query("Markdown.assistant"))
             assert "Checking the disk." in markdown and "100% full" in markdown
             block = app.query(ToolBlock).last()
-            assert "$ df -h" in block.title and "Claude" in block.title
+            assert "$ df -h" in block.heading and "Claude" in block.heading
             assert block.has_class("-ok")
             assert "tokens" in app.header.usage
             assert len(fake.requests) == 2

@@ -7,6 +7,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 
+from breakglass_tui.ui.guard import Guarded
 from breakglass_tui.ui.widgets.chat import SLASH_COMMANDS
 
 KEYS = (
@@ -35,7 +36,7 @@ def help_markdown() -> str:
     )
 
 
-class HelpScreen(ModalScreen[None]):
+class HelpScreen(Guarded, ModalScreen[None]):
     """Keys and slash commands; Esc, F1 or q closes it."""
 
     BINDINGS = [  # noqa: RUF012 - Textual's convention

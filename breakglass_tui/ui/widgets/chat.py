@@ -12,7 +12,8 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Collapsible, Input, Static
 
 from breakglass_tui.core.events import ToolCallEnded, ToolCallStarted
-from breakglass_tui.ui.sanitize import sanitize_text
+from breakglass_tui.ui.guard import Guarded
+from breakglass_tui.ui.sanitize import literal, one_line, sanitize_text
 
 if TYPE_CHECKING:
     from textual.widgets import Markdown
@@ -49,7 +50,7 @@ def describe_call(tool: str, params: dict[str, Any]) -> str:
     return f"{tool} {json.dumps(params, ensure_ascii=False)[:200]}"
 
 
-class ChatInput(Input):
+class ChatInput(Guarded, Input):
     """The operator's input: slash-command completion (→ accepts) and history (↑/↓)."""
 
     BINDINGS = [  # noqa: RUF012 - Textual's convention
@@ -73,6 +74,11 @@ class ChatInput(Input):
         self._history_index = len(self.history)
 
     def action_history(self, step: int) -> None:
+        if step < 0 and not self.value:
+            # ↑ on an empty input first takes back the newest queued message, to edit it.
+            edit = getattr(self.app, "edit_last_queued", None)
+            if edit is not None and edit():
+                return
         if not self.history:
             return
         self._history_index = max(0, min(len(self.history), self._history_index + step))
@@ -82,20 +88,28 @@ class ChatInput(Input):
         self.cursor_position = len(self.value)
 
 
-class ToolBlock(Collapsible):
-    """A tool call: what ran, exit status, duration; expands to the details."""
+# A heading is one line cut with an ellipsis on screen; this bounds the work behind it.
+HEADING_CHARS = 500
+
+
+class ToolBlock(Guarded, Collapsible):
+    """A tool call: what ran, exit status, duration; expands to the details.
+
+    The heading holds outside text (a command such as ``grep -c '[/]' /etc/fstab``, a summary):
+    it is given as ``Content``, never as a markup string."""
 
     def __init__(self, event: ToolCallStarted) -> None:
         self.call = event
-        self.label = sanitize_text(describe_call(event.tool, event.input)).replace("\n", " ⏎ ")
+        self.label = one_line(describe_call(event.tool, event.input), limit=HEADING_CHARS)
         classes = "tool"
         if event.mutating:
             classes += " -mutating"
         if event.manual:
             classes += " -manual"
-        self._details = Static(self._detail_text(), markup=False, classes="tool-details")
+        self.heading = self._heading("running…")
+        self._details = Static(literal(self._detail_text()), classes="tool-details")
         super().__init__(
-            self._details, title=self._heading("running…"), collapsed=True, classes=classes
+            self._details, title=literal(self.heading), collapsed=True, classes=classes
         )
 
     def _heading(self, status: str) -> str:
@@ -105,26 +119,27 @@ class ToolBlock(Collapsible):
 
     def _detail_text(self) -> str:
         params = json.dumps(self.call.input, indent=2, ensure_ascii=False)
-        return sanitize_text(f"tool {self.call.tool}\ninput {params}")
+        return f"tool {self.call.tool}\ninput {params}"
 
     def finish(self, event: ToolCallEnded) -> None:
+        summary = one_line(event.summary, limit=HEADING_CHARS)
         if event.cancelled:
             status = "cancelled"
             self.add_class("-cancelled")
         elif event.ok:
-            status = f"✓ {sanitize_text(event.summary)}"
+            status = f"✓ {summary}"
             self.add_class("-ok")
         else:
-            status = f"✗ {sanitize_text(event.summary)}"
+            status = f"✗ {summary}"
             self.add_class("-failed")
-        self.title = self._heading(status)
+        self.heading = self._heading(status)
+        self.title = literal(self.heading)
         self._details.update(
-            self._detail_text()
-            + f"\nresult {sanitize_text(event.summary)} ({event.duration_s:.1f} s)"
+            literal(f"{self._detail_text()}\nresult {event.summary} ({event.duration_s:.1f} s)")
         )
 
 
-class ChatPane(Vertical):
+class ChatPane(Guarded, Vertical):
     """Conversation (anchored to the bottom until the operator scrolls) above the input."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -133,7 +148,10 @@ class ChatPane(Vertical):
         self._tools: dict[str, ToolBlock] = {}
 
     def compose(self) -> ComposeResult:
+        from breakglass_tui.ui.widgets.queued import QueuedView
+
         yield VerticalScroll(id="conversation")
+        yield QueuedView(id="queued")
         yield ChatInput(id="chat-input")
 
     @property
@@ -147,17 +165,18 @@ class ChatPane(Vertical):
         await self.conversation.mount(widget)
 
     async def add_operator(self, text: str) -> None:
-        await self._add(Static(sanitize_text(text), markup=False, classes="operator"))
+        await self._add(Static(literal(text), classes="operator"))
 
     async def add_notice(self, text: str, level: str = "info") -> None:
-        await self._add(Static(sanitize_text(text), markup=False, classes=f"notice -{level}"))
+        await self._add(Static(literal(text), classes=f"notice -{level}"))
 
     async def start_turn(self, turn_id: str) -> None:
         # Imported on the first turn, not at start: markdown-it is a noticeable part of the
         # time to the first frame.
         from textual.widgets import Markdown
 
-        markdown = Markdown(classes="assistant")
+        # Links do not open on click: the app shows the URL and asks (LinkScreen).
+        markdown = Markdown(classes="assistant", open_links=False)
         await self._add(markdown)
         stream = Markdown.get_stream(markdown)
         self._turns[turn_id] = (markdown, stream)

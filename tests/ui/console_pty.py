@@ -1,0 +1,233 @@
+"""`breakglass-tui --lab` in a real pseudo-terminal, for the hang-up and stop tests and the bench.
+
+The console runs as the session leader of its own session with the pty as its controlling
+terminal, as under a terminal emulator or sshd. :meth:`PtyConsole.hang_up` closes the master side:
+the kernel then hangs up the terminal and sends SIGHUP to the console, and its reads and writes on
+the terminal fail, exactly as when an SSH session drops or a window closes. The console's state
+dir and TMPDIR are private, so its journal and audit can be read and any process it leaves found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _controlling_terminal() -> None:  # runs in the child, after setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def pids_with_environ(mark: bytes) -> list[int]:
+    """Processes whose environment holds ``mark`` (one ``NAME=value`` entry)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class PtyConsole:
+    """One ``breakglass-tui --lab`` process in a pty of its own."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        scenario: str = "healthy",
+        env: dict[str, str] | None = None,
+        cols: int = 160,
+        rows: int = 48,
+        argv: list[str] | None = None,
+        read: bool = True,
+    ) -> None:
+        self.workdir = workdir
+        self.state = workdir / "state"
+        self.private_tmp = workdir / "tmp"
+        self.private_tmp.mkdir(parents=True, exist_ok=True)
+        base = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(workdir),
+            "TERM": "xterm-256color",
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(self.private_tmp),
+            "BREAKGLASS_STATE_DIR": str(self.state),
+            "BREAKGLASS_OPERATOR": "viktor",
+            "PYTHONPATH": str(ROOT),
+        }
+        base.update(env or {})
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        command = argv or [
+            sys.executable,
+            "-m",
+            "breakglass_tui.cli",
+            "--lab",
+            "--scenario",
+            scenario,
+        ]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            command,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=base,
+            cwd=workdir,
+            start_new_session=True,
+            preexec_fn=_controlling_terminal,
+            close_fds=True,
+        )
+        os.close(slave)
+        self.master: int | None = master
+        self._output = bytearray()
+        self._stop = threading.Event()
+        self.reading = threading.Event()  # cleared: the terminal stops reading (a stalled link)
+        if read:
+            self.reading.set()
+        self._reader = threading.Thread(target=self._read, name="pty-reader", daemon=True)
+        self._reader.start()
+
+    # -- the terminal ---------------------------------------------------------------------------
+    def _read(self) -> None:
+        master = self.master
+        assert master is not None
+        while not self._stop.is_set():
+            if not self.reading.is_set():
+                time.sleep(0.05)
+                continue
+            ready, _, _ = select.select([master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self._output += data
+            if len(self._output) > 4_000_000:
+                del self._output[:2_000_000]
+
+    @property
+    def output(self) -> bytes:
+        return bytes(self._output)
+
+    def type(self, text: str) -> None:
+        """Type ``text`` (``\\r`` is Enter)."""
+        if self.master is not None:
+            os.write(self.master, text.encode())
+
+    def hang_up(self) -> float:
+        """Close the terminal (the master side): the kernel sends SIGHUP. Returns the instant."""
+        self._stop.set()
+        self._reader.join(2)  # a read in flight would keep the terminal open
+        master, self.master = self.master, None
+        at = time.monotonic()
+        if master is not None:
+            os.close(master)
+        return at
+
+    def send(self, signum: int) -> float:
+        at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signum)
+        return at
+
+    # -- the process and what it leaves ---------------------------------------------------------
+    def wait_exit(self, timeout_s: float) -> bool:
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def left_processes(self) -> list[int]:
+        """Live processes started by this console (their TMPDIR is the private one)."""
+        mark = f"TMPDIR={self.private_tmp}".encode()
+        return [pid for pid in pids_with_environ(mark) if alive(pid)]
+
+    def wait_no_processes(self, timeout_s: float) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while (left := self.left_processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+
+    def close(self) -> None:
+        """Kill (by PID) whatever of this console is still alive, and close the terminal."""
+        if self.master is not None:
+            self.hang_up()
+        for pid in [self.proc.pid, *self.left_processes()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    # -- its records ----------------------------------------------------------------------------
+    def audit(self) -> list[dict[str, Any]]:
+        return _json_lines(self.state / "audit.jsonl")
+
+    def journal(self) -> list[dict[str, Any]]:
+        """The events of the incident this console opened (all incidents, in order)."""
+        records: list[dict[str, Any]] = []
+        for path in sorted((self.state / "incidents").glob("*/events.jsonl")):
+            records += _json_lines(path)
+        return records
+
+    def drivers(self) -> list[Path]:
+        """Driver leases still held in the state dir."""
+        return [p for p in (self.state / "incidents").glob("*/driver.json") if p.exists()]
+
+    def wait_for(self, predicate, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the console exited ({self.proc.returncode}) before {what}; its screen"
+                    f" ended with: {self.output[-2000:]!r}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def event_kinds(journal: list[dict[str, Any]]) -> list[str]:
+    return [str(r.get("event") or r.get("type") or r.get("kind")) for r in journal]
