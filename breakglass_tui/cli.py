@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
             check_real_settings(settings)
     except ConfigError as exc:
         return _fail(str(exc))
+    if stopper is not None and stopper.requested.is_set():
+        return stopper.exit_code  # hung up before the screen opened: nothing to undo
     problem = terminal_problem() or state_dir_problem(Path(settings.state_dir))
     if problem:
         return _fail(problem)
-    if stopper is not None and stopper.requested.is_set():
-        return stopper.exit_code  # hung up before the screen opened: nothing to undo
     from breakglass_tui.ui.app import BreakglassApp
     from breakglass_tui.ui.backend import AppOptions
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
 
 
 def _fail(problem: str) -> int:
-    print(f"breakglass-tui: {problem}", file=sys.stderr)
+    with contextlib.suppress(OSError):  # a terminal that is already gone
+        print(f"breakglass-tui: {problem}", file=sys.stderr)
     return 2
 
 

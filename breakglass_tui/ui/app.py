@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from textual import work
+from textual import events, work
+from textual._dispatch_key import dispatch_key
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Markdown
 from textual.worker import Worker, WorkerState
 
@@ -163,6 +164,7 @@ class BreakglassApp(Guarded, App[None]):
         self._errors: deque[float] = deque(maxlen=ERROR_STORM)
         self.unexpected_errors: list[str] = []  # survived, recorded (the tests look here)
         self._unechoed: list[str] = []  # own commands the console ran by itself
+        self._early_keys: list[str] = []  # typed before the message box existed
         self._stop_task: asyncio.Task[None] | None = None
         self._closed_in_time = False
         self._unconfirmed_written = False
@@ -208,7 +210,15 @@ class BreakglassApp(Guarded, App[None]):
                 loop.call_soon_threadsafe(self.begin_stop)
 
         self.stopper.attach(on_request)
-        self.query_one(ChatInput).focus()
+        chat_input = self.query_one(ChatInput)
+        chat_input.focus()
+        if self._early_keys:  # typed before the screen was up: the operator's words, kept
+            typed, self._early_keys = "".join(self._early_keys), []
+            *sent, rest = typed.split("\r")
+            chat_input.value = rest
+            chat_input.cursor_position = len(rest)
+            for text in sent:
+                self.call_later(self.submit, text)
         header = self.header
         header.targets = f"lab · scenario {self.options.scenario}" if self.options.lab else ""
         header.keys = "starting the lab…" if self.options.lab else "loading keys…"
@@ -219,6 +229,8 @@ class BreakglassApp(Guarded, App[None]):
 
     @work(group="backend", exclusive=True, exit_on_error=False, description="build backend")
     async def _build_backend(self) -> None:
+        if self._shutting_down:  # stopped before the first paint: nothing to start
+            return
         # The lab's start (seconds) runs while the operator answers the resume question.
         building = asyncio.ensure_future(self._backend_factory(self.options, self._emit))
         try:
@@ -229,8 +241,14 @@ class BreakglassApp(Guarded, App[None]):
             building.cancel()
             with contextlib.suppress(BaseException):
                 await (await building).close()
+            if self._shutting_down:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._release_lease)
             raise
         if self._shutting_down:
+            # The stop came while this tab was opening its incident: give back what it took.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._release_lease)
             await backend.close()
             return
         self.post_message(BackendReady(backend))
@@ -562,6 +580,41 @@ class BreakglassApp(Guarded, App[None]):
 
     # -- the operator's intents -------------------------------------------------------------
 
+    async def _on_key(self, event: events.Key) -> None:
+        # Textual's own: a binding, else a key_* method. In between, the operator's words.
+        if await self._check_bindings(event.key):
+            return
+        if await self._keep_typed(event):
+            return
+        await dispatch_key(self, event)
+
+    async def _keep_typed(self, event: events.Key) -> bool:
+        """A key no widget took (typed while the console was coming up, or with the focus on
+        a pane that does not take text) is the operator's: it goes to the message box, and
+        Enter sends what is there. True when kept."""
+        if isinstance(self.screen, ModalScreen):
+            return False
+        enter = event.key in ("enter", "ctrl+j")
+        printable = bool(event.is_printable and event.character)
+        if not (printable or enter):
+            return False
+        try:
+            chat_input = self.query_one(ChatInput)
+        except Exception:  # not composed yet: kept until it is
+            self._early_keys.append("\r" if enter else str(event.character))
+            return True
+        if printable:
+            chat_input.value += str(event.character)
+            chat_input.cursor_position = len(chat_input.value)
+            chat_input.focus()
+            return True
+        if chat_input.value.strip():
+            text, chat_input.value = chat_input.value, ""
+            chat_input.focus()
+            await self.submit(text)
+            return True
+        return False
+
     async def on_input_submitted(self, message: Input.Submitted) -> None:
         if not isinstance(message.input, ChatInput):
             return
@@ -832,9 +885,17 @@ class BreakglassApp(Guarded, App[None]):
             )
         else:
             self._record_unconfirmed("the hard deadline passed before the stop finished")
-        incident = self.incident
-        if incident is not None and self.driving:
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):
+            self._release_lease()
+
+    def _release_lease(self) -> None:
+        """Give up the driver lease of this tab's incident, and of the store's open one, if this
+        tab holds it (releasing a lease someone else holds does nothing). Blocking: a thread."""
+        incidents = [self.incident]
+        if self._store is not None:
+            incidents.append(self._store.current())
+        for incident in incidents:
+            if incident is not None:
                 incident.release(self.session_id)
 
     async def _close_backend(self, budget_s: float = CLOSE_BUDGET_S) -> bool:
@@ -847,13 +908,11 @@ class BreakglassApp(Guarded, App[None]):
             return max(0.05, deadline - loop.time())
 
         self._shutting_down = True
-        incident = self.incident
-        if incident is not None and self.driving:
-            # First: a tab reopened at once (the browser's reload) may drive straight away. The
-            # closing agent's last events are still journaled; its context is no longer saved.
-            self.driving = False
-            with contextlib.suppress(OSError):
-                await asyncio.wait_for(asyncio.to_thread(incident.release, self.session_id), left())
+        # First: a tab reopened at once (the browser's reload) may drive straight away. The
+        # closing agent's last events are still journaled; its context is no longer saved.
+        self.driving = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.to_thread(self._release_lease), left())
         running = [w for w in self.workers if w.group == AGENT_GROUP and not w.is_finished]
         self.workers.cancel_group(self, AGENT_GROUP)
         if any(isinstance(screen, ResumeScreen) for screen in self.screen_stack):
@@ -879,6 +938,9 @@ class BreakglassApp(Guarded, App[None]):
             except Exception:  # noqa: S110 - cancelled or failed: either way it ended
                 pass
         self.workers.cancel_group(self, FOLLOW_GROUP)
+        # Again: a tab stopped while it was opening its incident may have claimed it meanwhile.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.to_thread(self._release_lease), left())
         backend, self.backend = self.backend, None
         if backend is not None:
             # Bounded: a hung close (a wedged devvm) must not keep the console from ending.

@@ -17,6 +17,7 @@ import contextlib
 import os
 import queue
 import selectors
+import signal
 import threading
 from codecs import getincrementaldecoder
 from typing import TYPE_CHECKING, Any
@@ -39,16 +40,21 @@ def _stopper_of(app: Any) -> Stopper | None:
 
 
 class _Writer(threading.Thread):
-    """Writes to the terminal in the background; never lets the main thread wait on a dead one."""
+    """Writes to the terminal in the background; never lets the main thread wait on a dead one.
 
-    def __init__(self, file: Any, gone: threading.Event, on_gone: Any) -> None:
+    It writes to its own copy of the terminal's file descriptor with ``os.write``: a write stuck
+    on a stalled terminal then holds no lock that other code writing to ``sys.stderr`` needs."""
+
+    def __init__(self, fd: int, gone: threading.Event, on_gone: Any) -> None:
         super().__init__(daemon=True, name="breakglass-terminal-writer")
         self._queue: queue.Queue[str | None] = queue.Queue(MAX_QUEUED_WRITES)
-        self._file = file
+        self._fd = os.dup(fd)
         self._gone = gone
         self._on_gone = on_gone
 
-    def write(self, text: str, *, stopping: bool) -> None:
+    def write(self, text: str, *, stopping: Any) -> None:
+        """Queue ``text``; wait while the terminal is slow, but never once it is gone, and at
+        most STOPPING_WRITE_WAIT_S once ``stopping()`` says a stop is under way."""
         waited = 0.0
         while not self._gone.is_set():
             try:
@@ -57,23 +63,27 @@ class _Writer(threading.Thread):
             except queue.Full:
                 waited += WRITE_SLICE_S
                 if not self.is_alive():
-                    self._gone.set()
-                elif stopping and waited >= STOPPING_WRITE_WAIT_S:
-                    return  # the terminal is not reading: drop it rather than hold up the stop
+                    self._on_gone("the terminal stopped taking output")
+                elif stopping() and waited >= STOPPING_WRITE_WAIT_S:
+                    # Stopping, and the terminal is not reading: it is as good as gone; nothing
+                    # more is written to it rather than hold up the stop.
+                    self._on_gone("the terminal stopped reading")
 
     def run(self) -> None:
-        write, flush = self._file.write, self._file.flush
+        fd = self._fd
         try:
             while True:
                 text = self._queue.get()
                 if text is None or self._gone.is_set():
                     return
-                write(text)
-                if self._queue.qsize() == 0:
-                    flush()
-        except (OSError, ValueError):  # EIO after a hang-up, or the file closed
-            self._gone.set()
-            self._on_gone()
+                data = memoryview(text.encode("utf-8", "replace"))
+                while data:
+                    data = data[os.write(fd, data) :]
+        except OSError:  # EIO after a hang-up
+            self._on_gone("the terminal hung up")
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def stop(self) -> None:
         with contextlib.suppress(queue.Full):
@@ -89,12 +99,29 @@ class TerminalDriver(LinuxDriver):
         self._writer: _Writer | None = None
         stopper = _stopper_of(app)
         self.gone: threading.Event = stopper.terminal_gone if stopper else threading.Event()
+        self._silenced = False
 
     def _terminal_gone(self, reason: str = "the terminal went away") -> None:
         self.gone.set()
+        self._silence()
         stopper = _stopper_of(self._app)
         if stopper is not None:
-            stopper.request(reason, terminal_gone=True)
+            # A hang-up, whether the kernel's SIGHUP or our own read got there first.
+            stopper.request(reason, signum=signal.SIGHUP, terminal_gone=True)
+
+    def _silence(self) -> None:
+        """Point this process's stdout and stderr at /dev/null: whatever writes to the terminal
+        from now on (an error report, a log line, the interpreter's exit) neither fails nor
+        waits on it."""
+        if self._silenced:
+            return
+        self._silenced = True
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    os.dup2(null, fd)
+            os.close(null)
 
     def _stopping(self) -> bool:
         stopper = _stopper_of(self._app)
@@ -102,21 +129,27 @@ class TerminalDriver(LinuxDriver):
 
     def start_application_mode(self) -> None:
         if self._writer is None or not self._writer.is_alive():
-            self._writer = _Writer(self._file, self.gone, self._terminal_gone)
+            self._writer = _Writer(self._file.fileno(), self.gone, self._terminal_gone)
             self._writer.start()
         super().start_application_mode()
 
     def write(self, data: str) -> None:
         writer = self._writer
-        if writer is None or self.gone.is_set():
+        if self.gone.is_set():
+            self._silence()
             return
-        writer.write(data, stopping=self._stopping())
+        if writer is not None:
+            writer.write(data, stopping=self._stopping)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.stop()
-        super().close()  # Textual's own writer thread idles (every write came here): it stops
+        # Textual's own writer thread idled (every write came here); its last act is a flush of
+        # stderr, which can wait on a stalled terminal: stop it without waiting on it.
+        closer = threading.Thread(target=super().close, name="textual-writer-stop", daemon=True)
+        closer.start()
+        closer.join(CLOSE_JOIN_S)
 
     def run_input_thread(self) -> None:
         """Textual's input loop, except that EOF or an error on the terminal is a hang-up (the
@@ -161,7 +194,7 @@ class WebDriver(_TextualWebDriver):
     def _gone(self, reason: str) -> None:
         stopper = _stopper_of(self._app)
         if stopper is not None:
-            stopper.request(reason, terminal_gone=True)
+            stopper.request(reason, signum=signal.SIGHUP, terminal_gone=True)
 
     def write(self, data: str) -> None:
         try:

@@ -13,6 +13,8 @@ import contextlib
 import fcntl
 import json
 import os
+import random
+import re
 import select
 import signal
 import struct
@@ -21,6 +23,7 @@ import sys
 import termios
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +216,14 @@ class PtyConsole:
                     f" ended with: {self.output[-2000:]!r}"
                 )
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
+                shown = re.sub(rb"\x1b\[[0-9;?<>=]*[ -/]*[@-~]", b"", self.output[-6000:])
+                raise AssertionError(
+                    f"timed out waiting for {what}; journal: "
+                    f"{[r.get('type') for r in self.journal()]}; audit: "
+                    f"{[r.get('kind') for r in self.audit()]}; errors: "
+                    f"{[r for r in self.audit() if r.get('kind') == 'ui_error']}; "
+                    f"screen: {shown[-300:]!r}"
+                )
             time.sleep(0.05)
 
 
@@ -231,3 +241,113 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 
 def event_kinds(journal: list[dict[str, Any]]) -> list[str]:
     return [str(r.get("event") or r.get("type") or r.get("kind")) for r in journal]
+
+
+# -- hang-up and stop trials (tests/ui/test_hangup.py, bench/bench_hangup.py) -------------------
+
+PHASES = ("starting", "idle", "streaming", "command")
+TYPED_FIRST = "the devvm is down, fix it"  # typed at once: queued behind the opening probe
+
+
+@dataclass
+class Trial:
+    """What one console did when it was hung up or told to stop in one phase."""
+
+    phase: str
+    how: str  # "hangup" (the terminal closed) or "sigterm" (the terminal stays)
+    stalled: bool  # the terminal had stopped reading (a stalled link) before the signal
+    exited: bool = False
+    exit_s: float = 0.0  # from the signal to the process gone
+    returncode: int | None = None
+    left: list[int] = field(default_factory=list)  # processes of the console still alive
+    leases: list[str] = field(default_factory=list)  # driver leases still on disk
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    journal: list[dict[str, Any]] = field(default_factory=list)
+    screen_tail: bytes = b""
+
+    def kinds(self) -> list[str]:
+        return [str(r.get("kind")) for r in self.audit]
+
+
+def _journal_has(console: PtyConsole, predicate) -> bool:
+    return any(predicate(r) for r in console.journal())
+
+
+def _opening_check_done(console: PtyConsole) -> bool:
+    return _journal_has(
+        console, lambda r: r.get("type") == "ToolCallEnded" and r.get("tool") == "pve_verb"
+    )
+
+
+def reach_phase(console: PtyConsole, phase: str, rng: random.Random, timeout_s: float) -> None:
+    """Drive the console into ``phase`` (it was started moments ago)."""
+    if phase == "starting":
+        time.sleep(rng.uniform(0.0, 1.2))
+        return
+    if phase == "streaming":
+        console.type(TYPED_FIRST + "\r")  # typed during start-up: queued, never refused
+    console.wait_for(lambda: _opening_check_done(console), timeout_s, "the opening check")
+    if phase == "idle":
+        time.sleep(rng.uniform(0.0, 0.5))
+    elif phase == "streaming":
+        console.wait_for(
+            lambda: _journal_has(console, lambda r: r.get("type") == "AssistantTextDelta"),
+            timeout_s,
+            "Claude's answer to stream",
+        )
+        time.sleep(rng.uniform(0.0, 0.3))
+    elif phase == "command":
+        console.type("/sh sleep 600\r")
+        console.wait_for(
+            lambda: _journal_has(
+                console,
+                lambda r: r.get("type") == "ToolCallStarted" and "sleep 600" in str(r.get("input")),
+            ),
+            timeout_s,
+            "the command to start",
+        )
+        time.sleep(rng.uniform(0.0, 0.3))
+
+
+def stall(console: PtyConsole) -> None:
+    """The terminal stops reading (a stalled SSH link) while the console keeps drawing: keys
+    typed meanwhile make it redraw until its writes back up."""
+    console.reading.clear()
+    for _ in range(60):
+        console.type("x")
+        time.sleep(0.02)
+    time.sleep(0.3)
+
+
+def run_trial(
+    workdir: Path,
+    phase: str,
+    how: str,
+    *,
+    stalled: bool,
+    seed: int,
+    env: dict[str, str] | None = None,
+    exit_timeout_s: float = 15.0,
+    phase_timeout_s: float = 60.0,
+) -> Trial:
+    """Start ``breakglass-tui --lab`` in a pty, bring it to ``phase``, then hang up (close the
+    terminal) or send SIGTERM, and record how it ended."""
+    rng = random.Random(seed)
+    trial = Trial(phase, how, stalled)
+    console = PtyConsole(workdir, env=env)
+    try:
+        reach_phase(console, phase, rng, phase_timeout_s)
+        if stalled:
+            stall(console)
+        at = console.hang_up() if how == "hangup" else console.send(signal.SIGTERM)
+        trial.exited = console.wait_exit(exit_timeout_s)
+        trial.exit_s = time.monotonic() - at
+        trial.returncode = console.proc.returncode
+        trial.left = console.wait_no_processes(5)
+        trial.leases = [str(p) for p in console.drivers()]
+        trial.audit = console.audit()
+        trial.journal = console.journal()
+        trial.screen_tail = console.output[-400:]
+    finally:
+        console.close()
+    return trial

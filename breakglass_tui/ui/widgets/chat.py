@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
@@ -67,6 +68,16 @@ class ChatInput(Guarded, Input):
         )
         self.history: list[str] = []
         self._history_index = 0
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "ctrl+j":
+            # Enter typed before the console set the terminal to raw mode arrives as a line
+            # feed: it sends, as Enter does.
+            event.stop()
+            event.prevent_default()
+            await self.action_submit()
+            return
+        await super()._on_key(event)
 
     def remember(self, text: str) -> None:
         if text and (not self.history or self.history[-1] != text):
