@@ -271,7 +271,7 @@ class BreakglassApp(Guarded, App[None]):
         any tab that resumes it)."""
         try:
             incident.append_event(event, by=self.session_id)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             if not self._journal_failed:  # said once; the session goes on
                 self._journal_failed = True
                 self.notify(
@@ -581,7 +581,9 @@ class BreakglassApp(Guarded, App[None]):
     # -- the operator's intents -------------------------------------------------------------
 
     async def _on_key(self, event: events.Key) -> None:
-        # Textual's own: a binding, else a key_* method. In between, the operator's words.
+        # Instead of Textual's own (prevent_default: it would run the bindings again): a
+        # binding, else the operator's words, else a key_* method.
+        event.prevent_default()
         if await self._check_bindings(event.key):
             return
         if await self._keep_typed(event):

@@ -156,6 +156,7 @@ class ChatPane(Guarded, Vertical):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._turns: dict[str, tuple[Markdown, MarkdownStream]] = {}
+        self._pending_text: dict[str, str] = {}  # a turn's whitespace before its first text
         self._tools: dict[str, ToolBlock] = {}
 
     def compose(self) -> ComposeResult:
@@ -182,6 +183,15 @@ class ChatPane(Guarded, Vertical):
         await self._add(Static(literal(text), classes=f"notice -{level}"))
 
     async def start_turn(self, turn_id: str) -> None:
+        """A turn begins; its Markdown is mounted with its first visible text (a turn with no
+        text — tools only — leaves nothing behind: an empty Markdown removed again was seen to
+        wedge its message pump)."""
+        self._pending_text.setdefault(turn_id, "")
+
+    async def _markdown_for(self, turn_id: str) -> MarkdownStream:
+        turn = self._turns.get(turn_id)
+        if turn is not None:
+            return turn[1]
         # Imported on the first turn, not at start: markdown-it is a noticeable part of the
         # time to the first frame.
         from textual.widgets import Markdown
@@ -191,22 +201,25 @@ class ChatPane(Guarded, Vertical):
         await self._add(markdown)
         stream = Markdown.get_stream(markdown)
         self._turns[turn_id] = (markdown, stream)
+        return stream
 
     async def turn_delta(self, turn_id: str, text: str) -> None:
+        text = sanitize_text(text)
         if turn_id not in self._turns:
-            await self.start_turn(turn_id)
-        await self._turns[turn_id][1].write(sanitize_text(text))
+            text = self._pending_text.pop(turn_id, "") + text
+            if not text.strip():  # nothing to show yet: kept until there is
+                self._pending_text[turn_id] = text
+                return
+        await (await self._markdown_for(turn_id)).write(text)
 
     async def end_turn(self, turn_id: str) -> None:
+        self._pending_text.pop(turn_id, None)
         turn = self._turns.pop(turn_id, None)
         if turn is not None:
-            markdown, stream = turn
-            await stream.stop()
-            if not markdown.source.strip():
-                await markdown.remove()
+            await turn[1].stop()
 
     async def end_all_turns(self) -> None:
-        for turn_id in list(self._turns):
+        for turn_id in list(self._turns) + list(self._pending_text):
             await self.end_turn(turn_id)
 
     async def start_tool(self, event: ToolCallStarted) -> None:
