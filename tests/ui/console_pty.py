@@ -147,6 +147,11 @@ class PtyConsole:
         if self.master is not None:
             os.write(self.master, text.encode())
 
+    def resize(self, cols: int, rows: int) -> None:
+        """The window changes size (the kernel sends SIGWINCH to the console)."""
+        if self.master is not None:
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
     def hang_up(self) -> float:
         """Close the terminal (the master side): the kernel sends SIGHUP. Returns the instant."""
         self._stop.set()
@@ -310,12 +315,17 @@ def reach_phase(console: PtyConsole, phase: str, rng: random.Random, timeout_s: 
 
 
 def stall(console: PtyConsole) -> None:
-    """The terminal stops reading (a stalled SSH link) while the console keeps drawing: keys
-    typed meanwhile make it redraw until its writes back up."""
+    """The terminal stops reading (a stalled SSH link) while the console keeps drawing: the
+    window is resized (a full redraw each time) and keys are typed until its output backs up
+    past the pty's buffer and Textual's writer queue (30 writes) — the state in which the stock
+    writer deadlocked the main thread when the terminal then went away."""
     console.reading.clear()
-    for _ in range(60):
-        console.type("x")
-        time.sleep(0.02)
+    for n in range(12):
+        console.resize(160 + (n % 2) * 20, 48 + (n % 2) * 4)
+        for _ in range(5):
+            console.type("x")
+            time.sleep(0.01)
+        time.sleep(0.05)
     time.sleep(0.3)
 
 
