@@ -31,6 +31,7 @@ SLASH_COMMANDS: tuple[tuple[str, str], ...] = (
     ("/cycle", "PVE verb cycle (mutating): stop then start, forensics first"),
     ("/sh <command>", "run a command on the devvm (sudo shell)"),
     ("/cancel", "cancel the running turn or command (same as Esc)"),
+    ("/drop", "drop the newest queued message (/drop all: every one)"),
     ("/report", "write the incident report and download it"),
     ("/takeover", "drive the incident from this tab (the driving tab becomes read-only)"),
     ("/close", "close the incident: this tab drives the next one at once"),
