@@ -83,6 +83,14 @@ def _who(driver: Driver) -> str:
     return driver.operator or "another tab"
 
 
+def _file_name(name: str) -> str:
+    """A download's file name that stays one name in the download directory: outside text (a
+    bundle id from the PVE host) must not climb out of it or hide in it."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "_").replace("\\", "_"))
+    name = name.lstrip(".") or "download"
+    return name[:120]
+
+
 def _given_session_id() -> str | None:
     """The session id breakglass-serve gave this tab (it tells a tab that drives from one that
     follows by it), if well-formed."""
@@ -984,7 +992,7 @@ class BreakglassApp(Guarded, App[None]):
         self.deliver_text(
             io.StringIO(json.dumps(bundle, indent=2, sort_keys=True)),
             save_directory=self._download_dir,
-            save_filename=f"{bundle_id}.json",
+            save_filename=_file_name(f"{bundle_id}.json"),
             mime_type="application/json",
         )
 
@@ -992,7 +1000,7 @@ class BreakglassApp(Guarded, App[None]):
         self.deliver_text(
             io.StringIO(report.markdown),
             save_directory=self._download_dir,
-            save_filename=report.filename,
+            save_filename=_file_name(report.filename),
             mime_type="text/markdown",
         )
 

@@ -199,3 +199,23 @@ async def test_typing_while_asked_to_resume_goes_to_the_message_box(tmp_path: Pa
             what="the queued message to run",
         )
         await app.shutdown()
+
+
+async def test_typing_while_help_is_open_goes_to_the_message_box(agents):
+    from breakglass_tui.ui.screens.help import HelpScreen
+    from tests.ui.conftest import make_app
+
+    app = make_app(agents, initial_check=False)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("f1")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press(*"quota")  # "q" once closed the help, and was lost
+        assert isinstance(app.screen, HelpScreen)
+        assert app.query_one(ChatInput).value == "quota"
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert agents[0].handled == ["quota"]

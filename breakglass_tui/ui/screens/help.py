@@ -8,6 +8,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 
 from breakglass_tui.ui.guard import Guarded
+from breakglass_tui.ui.screens.question import KeepsTyping
 from breakglass_tui.ui.widgets.chat import SLASH_COMMANDS
 
 KEYS = (
@@ -40,15 +41,17 @@ def help_markdown() -> str:
     )
 
 
-class HelpScreen(Guarded, ModalScreen[None]):
-    """Keys and slash commands; Esc, F1 or q closes it."""
+class HelpScreen(KeepsTyping, Guarded, ModalScreen[None]):
+    """Keys and slash commands; Esc, F1 or ? closes it. Letters typed while it is open go to
+    the message box (no letter closes it: "q" in "quota" must not)."""
 
     BINDINGS = [  # noqa: RUF012 - Textual's convention
-        Binding("escape,f1,q,question_mark", "dismiss", "Close", id="help.close"),
+        Binding("escape,f1,question_mark", "dismiss", "Close", id="help.close"),
     ]
 
     def compose(self) -> ComposeResult:
         from textual.widgets import Markdown  # markdown-it: only when help is first opened
 
         with VerticalScroll(id="help-body"):
+            yield self.typed_line()
             yield Markdown(help_markdown())

@@ -28,13 +28,13 @@ T = TypeVar("T")
 TYPED_HINT = "Typing goes to the message box: "
 
 
-class QuestionScreen(Guarded, ModalScreen[T]):
-    """A modal question whose buttons take ←/→ and Enter; typing goes to the chat input."""
+class KeepsTyping:
+    """Mixin for a modal screen: printable keys and pastes go to the chat input behind it (shown
+    in its ``.question-typed`` line, if it has one), Enter with something typed sends it."""
 
-    BINDINGS = [  # noqa: RUF012 - Textual's convention
-        Binding("left,up", "app.focus_previous", "Previous", show=False, id="question.previous"),
-        Binding("right,down", "app.focus_next", "Next", show=False, id="question.next"),
-    ]
+    def default_button(self) -> Button | None:
+        """The answer Enter gives when nothing has the focus (None: Enter does nothing)."""
+        return None
 
     def typed_line(self) -> Static:
         """Where the text typed meanwhile is shown (put it in the question's box)."""
@@ -63,7 +63,11 @@ class QuestionScreen(Guarded, ModalScreen[T]):
 
     async def on_key(self, event: events.Key) -> None:
         chat = self._chat_input()
-        if chat is None:
+        default = self.default_button() if self.focused is None else None
+        if chat is None:  # no message box behind this question: only the Enter fallback
+            if event.key == "enter" and default is not None:
+                event.stop()
+                default.press()
             return
         if event.key == "enter" and chat.value.strip():
             # The operator was writing a message: Enter sends it (queued), not an answer.
@@ -74,6 +78,12 @@ class QuestionScreen(Guarded, ModalScreen[T]):
             if submit is not None:
                 await submit(text)
             self._show_typed("sent; answer the question with ←/→ and Enter")
+        elif event.key == "enter" and default is not None:
+            # Nothing has the focus (a browser tab that was not focused when the question
+            # came up): Enter gives the answer that would have had it.
+            event.stop()
+            event.prevent_default()
+            default.press()
         elif event.key == "backspace" and chat.value:
             event.stop()
             event.prevent_default()
@@ -95,6 +105,19 @@ class QuestionScreen(Guarded, ModalScreen[T]):
         chat.value += text
         chat.cursor_position = len(chat.value)
         self._show_typed()
+
+
+class QuestionScreen(KeepsTyping, Guarded, ModalScreen[T]):
+    """A modal question whose buttons take ←/→ and Enter; typing goes to the chat input."""
+
+    BINDINGS = [  # noqa: RUF012 - Textual's convention
+        Binding("left,up", "app.focus_previous", "Previous", show=False, id="question.previous"),
+        Binding("right,down", "app.focus_next", "Next", show=False, id="question.next"),
+    ]
+
+    def default_button(self) -> Button | None:
+        auto = self.AUTO_FOCUS
+        return self.query_one(auto, Button) if auto and auto.startswith("#") else None
 
     def focus_button(self, button_id: str) -> None:
         self.query_one(f"#{button_id}", Button).focus()
