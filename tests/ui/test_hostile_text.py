@@ -314,8 +314,19 @@ async def _every_entry_point(texts: list[str], tmp_path: Path) -> None:
         for text, block in zip(texts, blocks, strict=False):
             heading_shows(block, "$ " + text)
         operators = [str(w.render()) for w in app.query(".operator")]
-        for text in texts:
+        shown_notices = [str(w.render()) for w in app.query(".notice")]
+        table = app.forensics.query_one(DataTable)
+        for n, text in enumerate(texts):
             assert clean(text) in operators
+            assert clean(text) in shown_notices  # the Notice
+            assert clean("Claude API: " + text) in shown_notices  # the ApiError
+            cells = [str(c) for c in table.get_row_at(table.row_count - len(texts) + n)]
+            state = text or "?"  # an empty state is shown as unknown
+            assert cells[2] == clean(f"{state} → {state}", newlines=False)
+        for widget in (app.header, app.forensics.query_one("#probes"), table):
+            assert not has_control(rendered(widget))
+        for line in app.output_log().lines:
+            assert not has_control(line)
         screen = app.export_screenshot()
         for marker in ("\x1b]", "cm0gLXJmIC8K", "\ud800"):
             assert marker not in screen
