@@ -25,7 +25,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Input, Markdown
+from textual.widgets import Footer, Input
 from textual.worker import Worker, WorkerState
 
 from breakglass_tui.core import events as ev
@@ -57,6 +57,7 @@ from breakglass_tui.ui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
     from textual.command import Provider
+    from textual.widgets import Markdown  # imported lazily: markdown-it costs first-frame time
 
 BackendFactory = Callable[[AppOptions, Emit], Awaitable[Backend]]
 

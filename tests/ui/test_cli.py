@@ -81,7 +81,7 @@ def test_a_terminal_lab_keeps_its_incident_in_a_temporary_dir_unless_told(monkey
 def test_the_app_import_chain_leaves_the_heavy_sdks_for_later():
     code = (
         "import sys, breakglass_tui.cli, breakglass_tui.ui.app;"
-        "print(','.join(m for m in ('anthropic', 'asyncssh', 'hvac', 'httpx2')"
+        "print(','.join(m for m in ('anthropic', 'asyncssh', 'hvac', 'httpx2', 'markdown_it')"
         " if m in sys.modules))"
     )
     result = subprocess.run(
