@@ -12,6 +12,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from breakglass_tui.startup import state_dir_problem, terminal_problem
+
+if TYPE_CHECKING:
+    from breakglass_tui.ui.stopping import Stopper
 
 SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
 
@@ -47,35 +53,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the arguments, validate real-target settings, run the app; returns the exit code."""
+def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> int:
+    """Parse the arguments, check what the console needs (settings, state dir, terminal), run
+    the app; returns the exit code. ``stopper`` (from :func:`run`) has SIGHUP and SIGTERM."""
     args = build_parser().parse_args(argv)
     if args.scenario != "healthy" and not args.lab:
-        print("breakglass-tui: --scenario needs --lab", file=sys.stderr)
-        return 2
+        return _fail("--scenario needs --lab")
     if args.real_guest and not args.lab:
-        print("breakglass-tui: --real-guest needs --lab", file=sys.stderr)
-        return 2
+        return _fail("--real-guest needs --lab")
     if args.real_guest:
         problem = real_guest_problem()
         if problem:
-            print(f"breakglass-tui: {problem}", file=sys.stderr)
-            return 2
-    settings = None
-    if not args.lab:
-        # Real targets: a missing or invalid setting stops us here, before the screen opens.
-        from breakglass_tui.config import ConfigError, load_settings
+            return _fail(problem)
+    # Settings are validated here for the lab too: a bad value stops us before the screen opens.
+    from breakglass_tui.config import ConfigError, load_settings
 
-        try:
-            settings = load_settings()
+    try:
+        settings = load_settings()
+        if not args.lab:
             check_real_settings(settings)
-        except ConfigError as exc:
-            print(f"breakglass-tui: {exc}", file=sys.stderr)
-            return 2
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if stopper is not None and stopper.requested.is_set():
+        return stopper.exit_code  # hung up before the screen opened: nothing to undo
+    problem = terminal_problem() or state_dir_problem(Path(settings.state_dir))
+    if problem:
+        return _fail(problem)
     from breakglass_tui.ui.app import BreakglassApp
     from breakglass_tui.ui.backend import AppOptions
 
-    with incident_dir(args.lab, settings) as incidents:
+    try:
+        incidents_cm = incident_dir(args.lab, settings)
+        incidents = incidents_cm.__enter__()
+    except OSError as exc:
+        return _fail(
+            f"cannot create the lab's incident directory ({exc.strerror or exc}): check that"
+            " TMPDIR is writable and has space, or set BREAKGLASS_STATE_DIR."
+        )
+    try:
         app = BreakglassApp(
             AppOptions(
                 lab=args.lab,
@@ -84,10 +99,30 @@ def main(argv: list[str] | None = None) -> int:
                 real_guest=args.real_guest,
                 incident_dir=incidents,
             ),
-            handle_signals=True,
+            stopper=stopper,
+            driver_class=terminal_driver(),
         )
         app.run()
+    finally:
+        with contextlib.suppress(OSError):
+            incidents_cm.__exit__(None, None, None)
     return app.return_code or 0
+
+
+def _fail(problem: str) -> int:
+    with contextlib.suppress(OSError):  # a terminal that is already gone
+        print(f"breakglass-tui: {problem}", file=sys.stderr)
+    return 2
+
+
+def terminal_driver():
+    """The driver for a terminal (ui.terminal: never waits on a terminal that is gone), or None
+    when TEXTUAL_DRIVER names one (breakglass-serve's web driver)."""
+    if os.environ.get("TEXTUAL_DRIVER"):
+        return None
+    from breakglass_tui.ui.terminal import TerminalDriver
+
+    return TerminalDriver
 
 
 @contextlib.contextmanager
@@ -141,10 +176,31 @@ def run() -> None:
     """The console script: main(), then leave at once. Everything the console owns (the lab, the
     agent, the ssh connections, the temporary incident dir) is closed before main() returns; a
     helper thread still blocked at interpreter shutdown must not keep a dead console alive (one
-    was seen spinning after its terminal closed)."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    was seen spinning after its terminal closed).
+
+    SIGHUP and SIGTERM are handled from the first moment (ui.stopping): a hang-up during start-up
+    is not lost, and a stop that cannot finish ends at the hard deadline anyway."""
+    from breakglass_tui.ui.stopping import Stopper
+
+    stopper = Stopper()
+    stopper.install()
+    try:
+        code = main(stopper=stopper)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # a bug: one line, no traceback with locals, and out
+        code = 70
+        with contextlib.suppress(Exception):
+            print(
+                f"breakglass-tui: unexpected error ({type(exc).__name__}: {exc}); the audit log"
+                " has what was done. Please report it.",
+                file=sys.stderr,
+            )
+    stopper.done()
+    if not stopper.terminal_gone.is_set():  # flushing to a dead or stalled terminal could block
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
     os._exit(code)
 
 

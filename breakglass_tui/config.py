@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     identity_header: str = "X-authentik-username"
     # Browser tabs served at once (each is one app process).
     max_sessions: int = Field(4, ge=1)
+    # Within max_sessions: one operator's tabs at most; their next tab closes their oldest
+    # read-only one (never the one that drives).
+    max_sessions_per_operator: int = Field(3, ge=1)
     # Set by `breakglass-serve --lab` for its app processes: the targets are the lab's, say so.
     targets_are_lab: bool = False
 

@@ -58,6 +58,7 @@ from breakglass_tui.core.ids import new_session_id
 from breakglass_tui.core.outputs import OutputRecord, OutputStore
 from breakglass_tui.core.pricing import add, cost_usd
 from breakglass_tui.core.scrub import Scrubber
+from breakglass_tui.core.steering import OperatorQueue, steering_blocks
 from breakglass_tui.hosts.types import (
     MUTATING_VERBS,
     VERBS,
@@ -325,6 +326,8 @@ class BreakglassAgent:
         self._sdk_modules: tuple[Any, Any] | None = None
         self._client_key: str | None = None
         self._pending_manual: list[str] = []
+        # The operator's messages queued while this agent works (the UI shares its own queue).
+        self.operator_queue: OperatorQueue | None = None
         # Manual call ids name the session: tabs sharing an incident journal never repeat one.
         self._manual_prefix = f"manual-{self.session_id}-"
         self._manual_count = 0
@@ -490,10 +493,23 @@ class BreakglassAgent:
             # The tool loop's boundary: the next request carries these results. Nothing sent
             # before is edited inside the loop (the thinking blocks are bound to it); the API's
             # context editing clears old results on its side when the context grows.
+            if not (limit_hit or steps >= max_steps):
+                results += self._steering()  # the operator's queued words, after the results
             self._append_user(results)
             if limit_hit or steps >= max_steps:
                 await self._step_limit_summary(max_steps)
                 return
+
+    def _steering(self) -> list[dict[str, Any]]:
+        """Messages the operator queued while Claude worked (core.steering), as text blocks for
+        the next request; each is emitted and audited as a new operator message."""
+        return steering_blocks(self.operator_queue, self._deliver_queued)
+
+    def _deliver_queued(self, text: str) -> str:
+        self._emit(OperatorMessage(text=text))
+        self.audit.write("operator_message", text=text, slash=False, queued=True)
+        self._note(f"operator (while Claude worked): {text}")
+        return self.scrubber.text(text)
 
     async def _step_limit_summary(self, max_steps: int) -> None:
         """One last request without tool use, so the operator gets where things stand."""

@@ -37,7 +37,8 @@ class JsonLines:
             return
         record = {"ts": round(time.time(), 6), "kind": kind, **self._base, **fields}
         line = json.dumps(self._scrubber.value(record), ensure_ascii=False, default=str)
-        os.write(self._fd, (line + "\n").encode())
+        # "replace": a lone surrogate (model JSON may carry one) must not lose the record.
+        os.write(self._fd, (line + "\n").encode("utf-8", "replace"))
 
     def close(self) -> None:
         if self._fd is not None:

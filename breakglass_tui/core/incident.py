@@ -169,7 +169,8 @@ class Incident:
         line = json.dumps(doc, ensure_ascii=False) + "\n"
         fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line.encode())
+            # "replace": a lone surrogate (model JSON may carry one) is never valid UTF-8 text.
+            os.write(fd, line.encode("utf-8", "replace"))
         finally:
             os.close(fd)
 

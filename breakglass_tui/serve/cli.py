@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from breakglass_tui.config import ConfigError, Settings, load_settings
+from breakglass_tui.startup import state_dir_problem
 
 SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
 
@@ -41,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-sessions", type=int, help="open tabs allowed at once (BREAKGLASS_MAX_SESSIONS)"
     )
     parser.add_argument(
+        "--max-sessions-per-operator",
+        type=int,
+        help="open tabs one operator may have (BREAKGLASS_MAX_SESSIONS_PER_OPERATOR); their next"
+        " tab closes their oldest read-only one",
+    )
+    parser.add_argument(
         "--lab", action="store_true", help="serve the embedded lab instead of real targets"
     )
     parser.add_argument("--scenario", choices=SCENARIOS, default="healthy", help="lab scenario")
@@ -60,6 +67,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("public_url", "public_url"),
         ("identity_header", "identity_header"),
         ("max_sessions", "max_sessions"),
+        ("max_sessions_per_operator", "max_sessions_per_operator"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -95,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     from breakglass_tui.serve.server import BreakglassServer, app_command
 
     state_dir = Path(settings.state_dir).absolute()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    problem = state_dir_problem(state_dir)
+    if problem:
+        print(f"breakglass-serve: {problem}", file=sys.stderr)
+        return 2
     backend = ServeBackend(
         settings,
         lab=args.lab,
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         public_url=str(settings.public_url),
         identity_header=settings.identity_header,
         max_sessions=settings.max_sessions,
+        max_sessions_per_operator=settings.max_sessions_per_operator,
         state_dir=state_dir,
         default_operator=settings.operator,
         prepare=backend.prepare,

@@ -7,8 +7,13 @@ child's stderr without bound (DESIGN.md §4). This subclass closes each of those
 - ``/ws`` refuses any ``Origin`` but the public URL's (403, logged, nothing spawned);
 - each app process gets an environment built from an allowlist (never a Vault variable);
 - the proxy's identity header names the operator in the child's environment (for the audit);
-- a session cap, ``/healthz`` and ``/readyz``, no directory listing, self-hosted fonts, a CSP and
-  the usual security headers;
+- a session cap, and within it a cap per operator: a new tab of an operator at their cap evicts
+  their oldest read-only tab (a follower) rather than being refused;
+- ``/healthz`` and ``/readyz``, no directory listing, self-hosted fonts, a CSP and the usual
+  security headers on every response, errors included (a 404 never echoes the request);
+- a malformed frame from the browser (a resize with ``Infinity`` or a huge number) is dropped;
+- a tab whose websocket dropped has its app told to quit and its output drained until it exits
+  (the app stops in order, bounded: ``ui.stopping``), then killed if it will not;
 - children's stderr goes line by line to the server log, bounded;
 - new audit lines (the app writes them to its audit file) are forwarded to stdout as structured
   log lines for the cluster's log pipeline.
@@ -25,7 +30,6 @@ import shlex
 import signal
 import sys
 import time
-import uuid
 from asyncio.subprocess import Process
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +39,12 @@ from urllib.parse import urlsplit
 
 import aiohttp_jinja2
 import jinja2
-from aiohttp import web
+from aiohttp import web, web_server
+from aiohttp.web_protocol import RequestHandler
 from textual_serve.app_service import AppService
 from textual_serve.server import Server
 
+from breakglass_tui.core.ids import new_session_id
 from breakglass_tui.serve.audit_forward import AuditForwarder
 
 log = logging.getLogger("breakglass.serve")
@@ -62,6 +68,19 @@ STDERR_CHUNK = 4096
 # stopped on the devvm; a verb already started on the PVE host finishes there by design).
 QUIT_GRACE_S = 8.0
 OPERATOR_RE_MAX = 128
+# The terminal size the browser may ask for; anything else in a resize frame drops the frame.
+MAX_COLUMNS, MAX_ROWS = 1000, 500
+# Textual's web driver, with the tab's end (quit, a closed pipe) turned into the app's orderly stop.
+WEB_DRIVER = "breakglass_tui.ui.terminal:WebDriver"
+
+ERROR_TEXT = {
+    400: "Bad request.\n",
+    403: "Forbidden.\n",
+    404: "Not found.\n",
+    405: "Method not allowed.\n",
+    413: "Request too large.\n",
+    500: "Internal error: the server log has the details.\n",
+}
 
 CSP = (
     "default-src 'none'; "
@@ -72,6 +91,40 @@ CSP = (
     "connect-src 'self' {ws_origin}; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
+
+
+# What an error response that no route produced (a malformed request line, a header too long)
+# carries: nothing may be framed, run or sniffed from it.
+ERROR_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+class _RequestHandler(RequestHandler):  # type: ignore[misc]
+    """aiohttp's protocol handler, but a request it cannot even parse gets a fixed sentence and
+    the security headers (aiohttp's own answer repeats the offending request line)."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        log.warning(
+            "malformed request refused",
+            extra={"status": status, "error": type(exc).__name__ if exc else None},
+        )
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent; cannot send the error")
+        response = web.Response(status=status, text=ERROR_TEXT.get(status, "Error.\n"))
+        response.headers.update(ERROR_HEADERS)
+        response.force_close()
+        return response
 
 
 def origin_of(url: str) -> str:
@@ -132,17 +185,24 @@ class BreakglassAppService(AppService):
         environment: dict[str, str],
         label: str,
         quit_grace_s: float = QUIT_GRACE_S,
+        operator: str = "",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self._environment = environment
-        self.label = label
+        self.label = label  # also the app's session id (BREAKGLASS_SESSION_ID)
         self.quit_grace_s = quit_grace_s
+        self.operator = operator
+        self.started = time.monotonic()
+        self.evicted = False
+        self.websocket: web.WebSocketResponse | None = None
+        self._peer_gone = False
 
     def _build_environment(self, width: int = 80, height: int = 24) -> dict[str, str]:
         env = dict(self._environment)
         env.update(
-            TEXTUAL_DRIVER="textual.drivers.web_driver:WebDriver",
+            TEXTUAL_DRIVER=WEB_DRIVER,
+            BREAKGLASS_SESSION_ID=self.label,
             TEXTUAL_FPS="60",
             TEXTUAL_COLOR_SYSTEM="truecolor",
             TERM_PROGRAM="textual",
@@ -203,12 +263,19 @@ class BreakglassAppService(AppService):
                 kind = await stdout.readexactly(1)
                 size = int.from_bytes(await stdout.readexactly(4), "big")
                 payload = await stdout.readexactly(size)
-                if kind == b"D":
-                    await self.on_data(payload)
-                elif kind == b"M":
-                    await self.on_meta(payload)
-                elif kind == b"P":
-                    await self.on_packed(payload)
+                if self._peer_gone:
+                    continue  # the tab is gone: keep the app's pipe drained until it exits
+                try:
+                    if kind == b"D":
+                        await self.on_data(payload)
+                    elif kind == b"M":
+                        await self.on_meta(payload)
+                    elif kind == b"P":
+                        await self.on_packed(payload)
+                except (ConnectionError, RuntimeError):
+                    # The websocket closed under us. The app is told to quit (stop()); until it
+                    # exits its output is read and dropped, so a write never blocks its stop.
+                    self._peer_gone = True
         except (asyncio.IncompleteReadError, ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -256,6 +323,7 @@ class BreakglassServer(Server):
         max_sessions: int,
         state_dir: Path,
         default_operator: str,
+        max_sessions_per_operator: int | None = None,
         prepare: Callable[[ServeState], Any] | None = None,
         cleanup: Callable[[], Any] | None = None,
         title: str = "breakglass",
@@ -265,6 +333,9 @@ class BreakglassServer(Server):
         self.public_origin = origin_of(public_url)
         self.identity_header = identity_header
         self.max_sessions = max_sessions
+        self.max_per_operator = min(max_sessions, max_sessions_per_operator or max_sessions)
+        self._background: set[asyncio.Task[None]] = set()
+        self.state_dir = state_dir
         self.default_operator = default_operator
         self.state = ServeState()
         self.sessions: dict[str, BreakglassAppService] = {}
@@ -293,7 +364,11 @@ class BreakglassServer(Server):
 
     # -- application --------------------------------------------------------------------------
     async def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._security_headers])
+        # aiohttp builds its protocol handler by this module-level name: ours answers requests
+        # it cannot parse without echoing them (this process serves nothing else).
+        web_server.RequestHandler = _RequestHandler  # type: ignore[misc]
+        app = web.Application(middlewares=[self._errors])
+        app.on_response_prepare.append(self._security_headers)
         aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(self.templates_path))
         app.add_routes(
             [
@@ -312,8 +387,24 @@ class BreakglassServer(Server):
         return app
 
     @web.middleware
-    async def _security_headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        response = await handler(request)
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Error responses of our own: a fixed sentence per status, never the request echoed
+        back (upstream's download 404 repeats the key it was given), never a traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.Response(status=exc.status, text=ERROR_TEXT.get(exc.status, "Error.\n"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request failed", extra={"path": request.path[:200]})
+            return web.Response(status=500, text=ERROR_TEXT[500])
+
+    async def _security_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """On every response, whatever produced it (a route, an error, a websocket upgrade):
+        called by aiohttp just before the headers are sent."""
         headers = response.headers
         headers.setdefault("Content-Security-Policy", self.csp)
         headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -322,11 +413,14 @@ class BreakglassServer(Server):
         headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
         headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
         headers.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=()")
-        if request.path in ("/", "/healthz", "/readyz") or request.path.startswith("/download"):
+        if (
+            request.path in ("/", "/healthz", "/readyz")
+            or request.path.startswith("/download")
+            or response.status >= 400
+        ):
             headers.setdefault("Cache-Control", "no-store")
         if self.public_url.startswith("https"):
             headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        return response
 
     async def on_startup(self, app: web.Application) -> None:
         log.info("breakglass-serve starting", extra={"public_url": self.public_url})
@@ -362,8 +456,66 @@ class BreakglassServer(Server):
             body["problem"] = self.state.problem
         return web.json_response(body, status=200 if ready else 503)
 
+    # -- admission: the session cap, and a cap per operator within it ------------------------------
+    def _operator_of(self, request: web.Request) -> str:
+        return clean_operator(request.headers.get(self.identity_header)) or self.default_operator
+
+    def _driving_session(self) -> str | None:
+        """The session id of the tab that drives the open incident, if any."""
+        from breakglass_tui.core.incident import IncidentStore
+
+        try:
+            incident = IncidentStore(self.state_dir).current()
+            driver = incident.driver() if incident is not None else None
+        except (OSError, ValueError):
+            return None
+        return driver.session_id if driver is not None else None
+
+    def admission(self, operator: str) -> tuple[bool, BreakglassAppService | None, str]:
+        """Whether a new tab of ``operator`` may open; the tab to evict for it (that operator's
+        oldest follower) when a cap is reached; and, when refused, why (a sentence)."""
+        mine = sorted(
+            (s for s in self.sessions.values() if s.operator == operator and not s.evicted),
+            key=lambda s: s.started,
+        )
+        live = [s for s in self.sessions.values() if not s.evicted]
+        at_own_cap = len(mine) >= self.max_per_operator
+        if not at_own_cap and len(live) < self.max_sessions:
+            return True, None, ""
+        driving = self._driving_session()
+        followers = [s for s in mine if s.label != driving]
+        if followers:
+            return True, followers[0], ""
+        if at_own_cap:
+            return (
+                False,
+                None,
+                f"You have {len(mine)} tabs open (the most one operator may have), and one of them"
+                " drives the incident: close another breakglass tab, or /takeover from it.",
+            )
+        return (
+            False,
+            None,
+            f"All {self.max_sessions} sessions are in use: close another tab and retry.",
+        )
+
+    async def _evict(self, victim: BreakglassAppService, by: str) -> None:
+        """Close an operator's oldest read-only tab for their new one (its app stops in order)."""
+        victim.evicted = True
+        log.info(
+            "session evicted for the operator's newer tab",
+            extra={"session": victim.label, "operator": victim.operator, "new_session": by},
+        )
+        websocket = victim.websocket
+        if websocket is not None:  # its session's loop ends, and stop() tells its app to quit
+            with contextlib.suppress(Exception):
+                await websocket.close(
+                    code=4000, message=b"closed: you opened a newer breakglass tab"
+                )
+
     async def handle_index(self, request: web.Request) -> web.Response:
-        if len(self.sessions) >= self.max_sessions:
+        allowed, _victim, _why = self.admission(self._operator_of(request))
+        if not allowed:
             return aiohttp_jinja2.render_template(
                 "full.html",
                 request,
@@ -396,20 +548,17 @@ class BreakglassServer(Server):
                 extra={"origin": (origin or "<none>")[:200], "expected": self.public_origin},
             )
             return web.Response(status=403, text="Forbidden: this page's origin may not connect.\n")
-        if len(self.sessions) >= self.max_sessions:
-            log.warning("websocket refused: session cap", extra={"cap": self.max_sessions})
-            return web.Response(
-                status=503,
-                text=f"All {self.max_sessions} sessions are in use: close another tab and retry.\n",
-            )
+        operator = self._operator_of(request)
+        allowed, victim, why = self.admission(operator)
+        if not allowed:
+            log.warning("websocket refused: session cap", extra={"operator": operator})
+            return web.Response(status=503, text=why + "\n")
         if not self.state.child_env:
             return web.Response(status=503, text=f"Not ready: {self.state.problem}\n")
 
-        operator = clean_operator(request.headers.get(self.identity_header))
-        operator = operator or self.default_operator
-        width = _clamp(request.query.get("width"), 80, 20, 1000)
-        height = _clamp(request.query.get("height"), 24, 5, 500)
-        label = uuid.uuid4().hex[:12]
+        width = _clamp(request.query.get("width"), 80, 20, MAX_COLUMNS)
+        height = _clamp(request.query.get("height"), 24, 5, MAX_ROWS)
+        label = new_session_id()
         websocket = web.WebSocketResponse(heartbeat=15, max_msg_size=1 << 20)
         environment = child_environment(os.environ, operator=operator, extra=self.state.child_env)
         service = BreakglassAppService(
@@ -421,10 +570,17 @@ class BreakglassServer(Server):
             environment=environment,
             label=label,
             quit_grace_s=self.quit_grace_s,
+            operator=operator,
         )
+        service.websocket = websocket
         # Counted against the cap before the first await: two upgrades arriving together must
         # not both pass the check above.
         self.sessions[label] = service
+        if victim is not None:
+            # Counted already: the old tab's slot is given up now, its app stops meanwhile.
+            task = asyncio.get_running_loop().create_task(self._evict(victim, label))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         started = time.monotonic()
         try:
             await websocket.prepare(request)
@@ -461,10 +617,10 @@ class BreakglassServer(Server):
                 continue
             if kind == "stdin" and isinstance(data, str):
                 await app_service.send_bytes(data.encode("utf-8"))
-            elif kind == "resize" and isinstance(data, dict):
-                await app_service.set_terminal_size(
-                    _clamp(data.get("width"), 80, 20, 1000), _clamp(data.get("height"), 24, 5, 500)
-                )
+            elif kind == "resize":
+                size = resize_size(data)
+                if size is not None:  # malformed (Infinity, huge, not numbers): dropped
+                    await app_service.set_terminal_size(*size)
             elif kind == "ping":
                 await websocket.send_json(["pong", data])
             elif kind == "blur":
@@ -476,9 +632,28 @@ class BreakglassServer(Server):
 def _clamp(value: object, default: int, low: int, high: int) -> int:
     try:
         number = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
     return max(low, min(high, number))
+
+
+def resize_size(data: object) -> tuple[int, int] | None:
+    """The (width, height) of a resize frame, clamped to what a terminal can be; None for a
+    malformed one (not a mapping, not whole numbers, not finite, absurdly large)."""
+    if not isinstance(data, dict):
+        return None
+    size = []
+    for key, low, high in (("width", 20, MAX_COLUMNS), ("height", 5, MAX_ROWS)):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        if isinstance(value, float) and not (value.is_integer() and abs(value) < 1e6):
+            return None  # NaN, Infinity, 1e400, 80.5
+        number = int(value)
+        if not 0 < number <= 100 * high:
+            return None
+        size.append(max(low, min(high, number)))
+    return size[0], size[1]
 
 
 def app_command() -> str:

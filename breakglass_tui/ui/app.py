@@ -11,16 +11,20 @@ import asyncio
 import contextlib
 import io
 import json
-import signal
+import os
+import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from textual import work
+from textual import events, work
+from textual._dispatch_key import dispatch_key
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input
 from textual.worker import Worker, WorkerState
 
@@ -34,18 +38,26 @@ from breakglass_tui.core.incident import (
     unfinished_calls,
     worth_resuming,
 )
+from breakglass_tui.core.steering import OperatorQueue
 from breakglass_tui.ui.backend import AppOptions, Backend, Conversation, Emit, build_backend
+from breakglass_tui.ui.guard import Guarded
 from breakglass_tui.ui.messages import AgentEvent, BackendReady
+from breakglass_tui.ui.records import UiRecord
+from breakglass_tui.ui.sanitize import clean, one_line
 from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
+from breakglass_tui.ui.screens.link import LinkScreen
 from breakglass_tui.ui.screens.resume import ResumeScreen
+from breakglass_tui.ui.stopping import CLOSE_BUDGET_S, Stopper
 from breakglass_tui.ui.widgets.chat import ChatInput, ChatPane, describe_call
 from breakglass_tui.ui.widgets.forensics import ForensicsPane
 from breakglass_tui.ui.widgets.output_pane import OutputLog, OutputPane
+from breakglass_tui.ui.widgets.queued import QueuedView
 from breakglass_tui.ui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
     from textual.command import Provider
+    from textual.widgets import Markdown  # imported lazily: markdown-it costs first-frame time
 
 BackendFactory = Callable[[AppOptions, Emit], Awaitable[Backend]]
 
@@ -53,9 +65,14 @@ _HERE = Path(__file__).resolve().parent
 AGENT_GROUP = "agent"
 FOLLOW_GROUP = "follow"
 OPENING_CHECK = ("/probe", "/status")  # what a driving tab runs by itself once the hosts are up
-BUSY_TEXT = "Still working on the previous request: wait for it, or press Esc to cancel it."
 LEASE_CHECK_S = 1.0  # how often a tab checks who drives (a taken-over driver stops within it)
 INTERRUPTED = "interrupted: the tab running it closed"
+# Commands the console itself answers at once, even while a step runs (never queued).
+CONSOLE_COMMANDS = ("/help", "/cancel", "/takeover", "/drop")
+# More unexpected errors than this within ERROR_STORM_S: the console is broken, so it stops in
+# order (recorded) rather than spin.
+ERROR_STORM = 30
+ERROR_STORM_S = 10.0
 
 
 def _clock(at: float) -> str:
@@ -67,6 +84,21 @@ def _who(driver: Driver) -> str:
     return driver.operator or "another tab"
 
 
+def _file_name(name: str) -> str:
+    """A download's file name that stays one name in the download directory: outside text (a
+    bundle id from the PVE host) must not climb out of it or hide in it."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "_").replace("\\", "_"))
+    name = name.lstrip(".") or "download"
+    return name[:120]
+
+
+def _given_session_id() -> str | None:
+    """The session id breakglass-serve gave this tab (it tells a tab that drives from one that
+    follows by it), if well-formed."""
+    given = os.environ.get("BREAKGLASS_SESSION_ID", "")
+    return given if re.fullmatch(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}", given) else None
+
+
 def _commands() -> type[Provider]:
     """The palette's provider, imported when the palette first opens (first paint is sooner)."""
     from breakglass_tui.ui.commands import BreakglassCommands
@@ -74,7 +106,11 @@ def _commands() -> type[Provider]:
     return BreakglassCommands
 
 
-class BreakglassApp(App[None]):
+class ConsoleScreen(Guarded, Screen[None]):
+    """The default screen, guarded: an error in one of its handlers is reported, not fatal."""
+
+
+class BreakglassApp(Guarded, App[None]):
     """The rescue console for a wedged devvm (warm case)."""
 
     TITLE = "breakglass"
@@ -107,28 +143,46 @@ class BreakglassApp(App[None]):
         backend_factory: BackendFactory = build_backend,
         initial_check: bool = True,
         download_dir: Path | None = None,
-        handle_signals: bool = False,
+        stopper: Stopper | None = None,
+        driver_class: Any = None,
     ) -> None:
-        super().__init__()
-        self._handle_signals = handle_signals
+        super().__init__(driver_class=driver_class)
+        # The CLI's stopper has the signals and ends the process at the hard deadline; an app
+        # run inside another program (the tests) gets one that never exits the process.
+        self.stopper = stopper or Stopper(hard_exit=False)
         self.options = options or AppOptions()
         self.backend: Backend | None = None
         self._backend_factory = backend_factory
         self._initial_check = initial_check
         self._download_dir = download_dir
-        self._queued: list[str] = []
+        # What the operator typed while the console was busy (core.steering).
+        self.queue = OperatorQueue()
+        self.queue.subscribe(self._show_queue)
         self._report: ev.ReportReady | None = None
         self._model = ""
         self._shutting_down = False
-        self.session_id = new_session_id()
+        self.session_id = _given_session_id() or new_session_id()
         self.incident: Incident | None = None
         self._store: IncidentStore | None = None
         # None until the tab knows; then True while it drives the incident, False read-only.
         self.driving: bool | None = None if self.options.incident_dir is not None else True
         self._journal_failed = False
         self._quiet_cancel = False  # the turn was cancelled by a take-over, said otherwise
+        self.record = UiRecord(self.session_id, self.options)
+        self._open_calls: dict[str, ev.ToolCallStarted] = {}  # this tab's calls still running
+        self._errors: deque[float] = deque(maxlen=ERROR_STORM)
+        self.unexpected_errors: list[str] = []  # survived, recorded (the tests look here)
+        self._unechoed: list[str] = []  # own commands the console ran by itself
+        self._early_keys: list[str] = []  # typed before the message box existed
+        self._stop_task: asyncio.Task[None] | None = None
+        self._closed_in_time = False
+        self._unconfirmed_written = False
+        self.stopper.add_last_resort(self._last_resort)
 
     # -- layout -----------------------------------------------------------------------------
+
+    def get_default_screen(self) -> Screen[None]:
+        return ConsoleScreen(id="_default")
 
     def compose(self) -> ComposeResult:
         yield StatusHeader(id="status")
@@ -156,13 +210,24 @@ class BreakglassApp(App[None]):
         return self.query_one(ForensicsPane)
 
     def on_mount(self) -> None:
-        if self._handle_signals:
-            # A closed terminal (SIGHUP) or a stopped pod (SIGTERM) must still end the session:
-            # the audit's session_end, the private ssh-agent and the lab's processes.
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                loop.add_signal_handler(signum, self.exit)
-        self.query_one(ChatInput).focus()
+        # A closed terminal (SIGHUP), a stopped pod (SIGTERM) or a closed tab must still end
+        # the session in order, whatever runs (ui.stopping): from now on a request reaches us.
+        loop = asyncio.get_running_loop()
+
+        def on_request() -> None:  # any thread, or a signal handler
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(self.begin_stop)
+
+        self.stopper.attach(on_request)
+        chat_input = self.query_one(ChatInput)
+        chat_input.focus()
+        if self._early_keys:  # typed before the screen was up: the operator's words, kept
+            typed, self._early_keys = "".join(self._early_keys), []
+            *sent, rest = typed.split("\r")
+            chat_input.value = rest
+            chat_input.cursor_position = len(rest)
+            for text in sent:
+                self.call_later(self.submit, text)
         header = self.header
         header.targets = f"lab · scenario {self.options.scenario}" if self.options.lab else ""
         header.keys = "starting the lab…" if self.options.lab else "loading keys…"
@@ -173,6 +238,8 @@ class BreakglassApp(App[None]):
 
     @work(group="backend", exclusive=True, exit_on_error=False, description="build backend")
     async def _build_backend(self) -> None:
+        if self._shutting_down:  # stopped before the first paint: nothing to start
+            return
         # The lab's start (seconds) runs while the operator answers the resume question.
         building = asyncio.ensure_future(self._backend_factory(self.options, self._emit))
         try:
@@ -183,8 +250,14 @@ class BreakglassApp(App[None]):
             building.cancel()
             with contextlib.suppress(BaseException):
                 await (await building).close()
+            if self._shutting_down:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._release_lease)
             raise
         if self._shutting_down:
+            # The stop came while this tab was opening its incident: give back what it took.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._release_lease)
             await backend.close()
             return
         self.post_message(BackendReady(backend))
@@ -193,6 +266,10 @@ class BreakglassApp(App[None]):
         """The own breakglass agent's emit callback (same loop): journaled for the other tabs
         (also while the tab shuts down: a cancelled call's end belongs in the record), then
         shown."""
+        if isinstance(event, ev.ToolCallStarted):
+            self._open_calls[event.call_id] = event
+        elif isinstance(event, ev.ToolCallEnded):
+            self._open_calls.pop(event.call_id, None)
         if self.incident is not None:
             self._journal(self.incident, event)
         if not self._shutting_down:
@@ -203,7 +280,7 @@ class BreakglassApp(App[None]):
         any tab that resumes it)."""
         try:
             incident.append_event(event, by=self.session_id)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             if not self._journal_failed:  # said once; the session goes on
                 self._journal_failed = True
                 self.notify(
@@ -230,6 +307,9 @@ class BreakglassApp(App[None]):
 
     async def on_backend_ready(self, message: BackendReady) -> None:
         backend = self.backend = message.backend
+        if backend.state_dir is not None:
+            self.record.open(backend.state_dir, backend.operator)
+        self.stopper.add_last_resort(backend.kill_now)
         self._model = self._model or backend.model
         header = self.header
         header.keys = backend.keys
@@ -243,16 +323,15 @@ class BreakglassApp(App[None]):
         manual = getattr(agent, "manual", backend.manual_reason is not None)
         if not (manual and header.claude_ok is False):  # keep a reason the agent already gave
             header.show_claude(manual=manual, model=self._model, reason=backend.manual_reason)
+        self._show_queue()
         if not self.driving:
-            if self._queued:
-                self._queued = []
-                await self.chat.add_notice(self._read_only_text(), "warning")
+            await self._return_queued("This tab is read-only")
             return
-        texts = list(OPENING_CHECK) if self._initial_check else []
-        texts += self._queued
-        self._queued = []
-        if texts:
-            self._run_agent(texts)
+        if self._initial_check:
+            self._unechoed.extend(OPENING_CHECK)  # the console's own: not shown as typed
+            self._run_agent(list(OPENING_CHECK))  # what was typed meanwhile runs after it
+        else:
+            await self._run_next_queued()
 
     # -- one incident, many tabs --------------------------------------------------------------
 
@@ -368,15 +447,19 @@ class BreakglassApp(App[None]):
         assert self.backend is not None
         incident = self.incident
         if incident is None:
-            return self.backend.start_agent(self._emit, session_id=self.session_id)
-        return self.backend.start_agent(
-            self._emit,
-            session_id=self.session_id,
-            conversation=incident.load_conversation(),
-            save_conversation=self._save_conversation,
-            history=incident.replay()[0],
-            incident_id=incident.id,
-        )
+            agent = self.backend.start_agent(self._emit, session_id=self.session_id)
+        else:
+            agent = self.backend.start_agent(
+                self._emit,
+                session_id=self.session_id,
+                conversation=incident.load_conversation(),
+                save_conversation=self._save_conversation,
+                history=incident.replay()[0],
+                incident_id=incident.id,
+            )
+        # Claude reads what the operator queues at its next step boundary (core.steering).
+        agent.operator_queue = self.queue
+        return agent
 
     async def _check_lease(self) -> None:
         """Every second: a driver that was taken over stops; a read-only tab shows who drives,
@@ -423,6 +506,7 @@ class BreakglassApp(App[None]):
             f"{_who(driver)} took over at {_clock(driver.since)}; this tab is read-only now.",
             "warning",
         )
+        await self._return_queued("This tab is read-only now")
         if self.backend is not None:
             self.run_worker(
                 self.backend.drop_agent(),
@@ -505,6 +589,43 @@ class BreakglassApp(App[None]):
 
     # -- the operator's intents -------------------------------------------------------------
 
+    async def _on_key(self, event: events.Key) -> None:
+        # Instead of Textual's own (prevent_default: it would run the bindings again): a
+        # binding, else the operator's words, else a key_* method.
+        event.prevent_default()
+        if await self._check_bindings(event.key):
+            return
+        if await self._keep_typed(event):
+            return
+        await dispatch_key(self, event)
+
+    async def _keep_typed(self, event: events.Key) -> bool:
+        """A key no widget took (typed while the console was coming up, or with the focus on
+        a pane that does not take text) is the operator's: it goes to the message box, and
+        Enter sends what is there. True when kept."""
+        if isinstance(self.screen, ModalScreen):
+            return False
+        enter = event.key in ("enter", "ctrl+j")
+        printable = bool(event.is_printable and event.character)
+        if not (printable or enter):
+            return False
+        try:
+            chat_input = self.query_one(ChatInput)
+        except Exception:  # not composed yet: kept until it is
+            self._early_keys.append("\r" if enter else str(event.character))
+            return True
+        if printable:
+            chat_input.value += str(event.character)
+            chat_input.cursor_position = len(chat_input.value)
+            chat_input.focus()
+            return True
+        if chat_input.value.strip():
+            text, chat_input.value = chat_input.value, ""
+            chat_input.focus()
+            await self.submit(text)
+            return True
+        return False
+
     async def on_input_submitted(self, message: Input.Submitted) -> None:
         if not isinstance(message.input, ChatInput):
             return
@@ -512,7 +633,8 @@ class BreakglassApp(App[None]):
         await self.submit(message.value)
 
     async def submit(self, text: str) -> None:
-        """Send an operator message or slash command to the breakglass agent."""
+        """Send an operator message or slash command to the breakglass agent: at once when the
+        console is idle, else queued (core.steering) and delivered at the next turn boundary."""
         text = text.strip()
         if not text:
             return
@@ -521,14 +643,11 @@ class BreakglassApp(App[None]):
         if command == "/help":
             self.action_help()
             return
+        if command == "/drop":
+            await self._drop_command(text)
+            return
         if self.driving is False and command != "/takeover":
-            text = self._read_only_text()
-            if command == "/cancel":
-                text = (
-                    "Nothing runs in this read-only tab: only the driving tab can cancel."
-                    " /takeover stops its running turn (a PVE verb already begun finishes)."
-                )
-            await self.chat.add_notice(text, "warning")
+            await self._refuse_read_only(text, command)
             return
         if command == "/cancel":
             self.action_cancel()
@@ -536,18 +655,124 @@ class BreakglassApp(App[None]):
         if command == "/takeover":
             await self._take_over()
             return
-        if self._agent_running():
-            await self.chat.add_notice(BUSY_TEXT, "warning")
+        if self._busy():
+            self.queue.add(text)
+            self.record.write("operator_message_queued", text=text)
             return
-        if command == "/close":
+        await self._dispatch(text)
+
+    async def _refuse_read_only(self, text: str, command: str) -> None:
+        """A read-only tab does not queue: it says how to drive, and keeps the words."""
+        notice = self._read_only_text()
+        if command == "/cancel":
+            notice = (
+                "Nothing runs in this read-only tab: only the driving tab can cancel."
+                " /takeover stops its running turn (a PVE verb already begun finishes)."
+            )
+        else:
+            chat_input = self.query_one(ChatInput)
+            if not chat_input.value:
+                chat_input.value = text
+                chat_input.cursor_position = len(text)
+                notice += " Your message was not sent: it is back in the message box."
+        await self.chat.add_notice(notice, "warning")
+
+    def _busy(self) -> bool:
+        """Something runs, or waits to: a new message queues behind it."""
+        return (
+            self.backend is None
+            or self.driving is None
+            or self._agent_running()
+            or bool(self.queue)
+            or any(isinstance(s, ResumeScreen) for s in self.screen_stack)
+        )
+
+    async def _dispatch(self, text: str) -> None:
+        """Run one message or slash command now (the console is idle)."""
+        if text.split()[0].lower() == "/close":
             await self._close_incident()
-            return
-        await self.chat.add_operator(text)
-        if self.backend is None:
-            self._queued.append(text)
-            await self.chat.add_notice("Still starting; it runs as soon as the hosts are ready.")
+            await self._run_next_queued()
             return
         self._run_agent([text])
+
+    async def _run_next_queued(self) -> None:
+        """The running turn or command ended: run what the operator queued next, if anything."""
+        if self._shutting_down or not self.driving or self.backend is None or self._agent_running():
+            return
+        item = self.queue.next()
+        if item is not None:
+            await self._dispatch(item.text)
+
+    async def _return_queued(self, why: str) -> None:
+        """This tab cannot run what was queued (it is read-only): the words go back to the
+        message box, never lost."""
+        items = self.queue.take_all()
+        if not items:
+            return
+        chat_input = self.query_one(ChatInput)
+        texts = [item.text for item in items]
+        if not chat_input.value:
+            chat_input.value = " ".join(texts)
+            chat_input.cursor_position = len(chat_input.value)
+        for text in texts:
+            chat_input.remember(text)
+        await self.chat.add_notice(
+            f"{why}: {len(texts)} queued message(s) were not sent and are back in the message"
+            " box (↑ recalls each). /takeover to drive from here, then Enter.",
+            "warning",
+        )
+
+    def _show_queue(self) -> None:
+        with contextlib.suppress(Exception):  # not mounted (yet, or any more)
+            self.query_one(QueuedView).show(
+                self.queue.items, starting=self.backend is None or self.driving is None
+            )
+
+    def edit_last_queued(self) -> bool:
+        """↑ on an empty input: the newest queued message comes back into the input."""
+        item = self.queue.take_last()
+        if item is None:
+            return False
+        self._into_input(item.text)
+        return True
+
+    def action_edit_queued(self, item_id: int) -> None:
+        """✎ on a queued message: take it back into the input (Enter queues it again)."""
+        chat_input = self.query_one(ChatInput)
+        if chat_input.value.strip():
+            self.notify("Send or clear the message box first, then edit the queued message.")
+            return
+        item = self.queue.take(item_id)
+        if item is not None:
+            self._into_input(item.text)
+
+    def _into_input(self, text: str) -> None:
+        chat_input = self.query_one(ChatInput)
+        chat_input.value = text
+        chat_input.cursor_position = len(text)
+        chat_input.focus()
+
+    async def action_drop_queued(self, item_id: int) -> None:
+        item = self.queue.get(item_id)
+        if item is not None and self.queue.drop(item_id):
+            await self._dropped([item.text])
+
+    async def _drop_command(self, text: str) -> None:
+        """/drop: the newest queued message; /drop all: every one."""
+        if text.split()[1:2] == ["all"]:
+            items = self.queue.take_all()
+        else:
+            last = self.queue.items[-1:] if self.queue else ()
+            items = [item for item in last if self.queue.drop(item.id)]
+        if not items:
+            await self.chat.add_notice("Nothing is queued.")
+            return
+        await self._dropped([item.text for item in items])
+
+    async def _dropped(self, texts: list[str]) -> None:
+        self.record.write("operator_message_dropped", texts=texts)
+        shown = "; ".join(one_line(t, limit=80) for t in texts)
+        await self.chat.add_notice(f"Dropped from the queue (↑ history still has it): {shown}")
 
     @work(group=AGENT_GROUP, exclusive=True, exit_on_error=False, description="agent turn")
     async def _run_agent(self, texts: list[str]) -> None:
@@ -566,7 +791,7 @@ class BreakglassApp(App[None]):
 
     def action_cancel(self) -> None:
         """Esc: cancel the running turn or command (the agent stops the stream and the
-        remote command)."""
+        remote command). Queued messages stay queued and go next."""
         if self._agent_running():
             self.workers.cancel_group(self, AGENT_GROUP)
             self.notify("Cancelled.", timeout=3)
@@ -580,10 +805,13 @@ class BreakglassApp(App[None]):
         self.query_one(f"#{widget_id}").focus()
 
     async def action_quit(self) -> None:
-        """Ctrl+Q: quit at once when idle; ask first while an action runs."""
+        """Ctrl+Q: quit at once when idle; ask first while an action runs (Ctrl+Q again, or
+        the Quit button, confirms)."""
+        if isinstance(self.screen, ConfirmQuitScreen):
+            self.screen.dismiss(True)
+            return
         if self._agent_running():
-            if not isinstance(self.screen, ConfirmQuitScreen):
-                self.push_screen(ConfirmQuitScreen("A turn or command"), self._quit_answer)
+            self.push_screen(ConfirmQuitScreen("A turn or command"), self._quit_answer)
             return
         await self.shutdown()
 
@@ -592,40 +820,155 @@ class BreakglassApp(App[None]):
             # Not awaited here: the modal's dismissal must complete before the app exits.
             self.run_worker(self.shutdown(), group="shutdown", description="shutdown")
 
-    async def shutdown(self) -> None:
-        """Cancel what runs, close the backend (the lab's processes with it), exit."""
-        await self._close_backend()
-        self.exit()
+    def on_markdown_link_clicked(self, message: Markdown.LinkClicked) -> None:
+        """A link in Claude's answer: show the whole URL and ask before opening it."""
+        message.stop()
+        href = message.href
 
-    async def _close_backend(self) -> None:
-        self._shutting_down = True
-        incident = self.incident
-        if incident is not None and self.driving:
-            # First: a tab reopened at once (the browser's reload) may drive straight away. The
-            # closing agent's last events are still journaled; its context is no longer saved.
-            self.driving = False
-            with contextlib.suppress(OSError):
+        def answered(open_: bool | None) -> None:
+            if open_:
+                self.record.write("link_opened", url=href)
+                self.open_url(href, new_tab=True)
+
+        self.push_screen(LinkScreen(href), answered)
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Quit (Ctrl+Q, and the tests): the same orderly, bounded stop as a signal."""
+        self.stopper.request("the operator quit")
+        self.begin_stop()
+        task = self._stop_task
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+
+    def begin_stop(self) -> None:
+        """Start the orderly stop once (called on the loop by the stopper)."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self._stop())
+
+    async def _stop(self) -> None:
+        stopper = self.stopper
+        self.record.write(
+            "stop_requested", reason=stopper.reason, signal=stopper.signal_name, phase=self._phase()
+        )
+        self._closed_in_time = await self._close_backend(stopper.remaining(CLOSE_BUDGET_S))
+        if not self._closed_in_time:
+            self._record_unconfirmed("the orderly stop ran out of time")
+        self.exit(return_code=stopper.exit_code)
+        if not stopper.hard_exit:
+            stopper.done()  # inside another program: nothing more to watch (the CLI does it)
+
+    def _phase(self) -> str:
+        if self.backend is None:
+            return "starting"
+        if self._open_calls:
+            return "running a command"
+        if self._agent_running():
+            return "running a turn"
+        return "idle"
+
+    def _record_unconfirmed(self, why: str) -> None:
+        """The audit's last word when the stop could not finish: what may still run."""
+        if self._unconfirmed_written:
+            return
+        self._unconfirmed_written = True
+        calls = [
+            {"call_id": c.call_id, "tool": c.tool, "input": c.input}
+            for c in list(self._open_calls.values())
+        ]
+        self.record.write(
+            "session_end",
+            forced=True,
+            reason=why,
+            kill_confirmed=not calls,
+            unconfirmed_calls=calls,
+        )
+
+    def _last_resort(self) -> None:
+        """The watchdog's steps at the hard deadline (another thread; the loop may be stuck):
+        say so in the audit, give up the lease. The backend adds its own (the lab's processes
+        killed by PID)."""
+        if self._closed_in_time:
+            self.record.write(
+                "exit_forced", reason="the console did not exit in time after closing everything"
+            )
+        else:
+            self._record_unconfirmed("the hard deadline passed before the stop finished")
+        with contextlib.suppress(Exception):
+            self._release_lease()
+
+    def _release_lease(self) -> None:
+        """Give up the driver lease of this tab's incident, and of the store's open one, if this
+        tab holds it (releasing a lease someone else holds does nothing). Blocking: a thread."""
+        incidents = [self.incident]
+        if self._store is not None:
+            incidents.append(self._store.current())
+        for incident in incidents:
+            if incident is not None:
                 incident.release(self.session_id)
+
+    async def _close_backend(self, budget_s: float = CLOSE_BUDGET_S) -> bool:
+        """Cancel what runs, release the lease, close the agent (its audit's session_end), the
+        hosts and the lab, within ``budget_s``; True when all of it finished in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+
+        def left() -> float:
+            return max(0.05, deadline - loop.time())
+
+        self._shutting_down = True
+        # First: a tab reopened at once (the browser's reload) may drive straight away. The
+        # closing agent's last events are still journaled; its context is no longer saved.
+        self.driving = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.to_thread(self._release_lease), left())
+        running = [w for w in self.workers if w.group == AGENT_GROUP and not w.is_finished]
         self.workers.cancel_group(self, AGENT_GROUP)
         if any(isinstance(screen, ResumeScreen) for screen in self.screen_stack):
             # Nobody will answer the resume question now.
             self.workers.cancel_group(self, "backend")
+        in_time = True
         for worker in list(self.workers):
             if worker.group == "backend" and worker.state is WorkerState.RUNNING:
                 # Let a half-built backend finish: it closes itself on seeing _shutting_down.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(worker.wait(), timeout=20)
+                try:
+                    await asyncio.wait_for(worker.wait(), left())
+                except TimeoutError:
+                    in_time = False
+                    worker.cancel()
+                except Exception:  # noqa: S110 - its failure is reported where it happened
+                    pass
+        for worker in running:
+            # The cancelled step ends: the remote command is stopped, its end recorded.
+            try:
+                await asyncio.wait_for(worker.wait(), left())
+            except TimeoutError:
+                in_time = False
+            except Exception:  # noqa: S110 - cancelled or failed: either way it ended
+                pass
         self.workers.cancel_group(self, FOLLOW_GROUP)
+        # Again: a tab stopped while it was opening its incident may have claimed it meanwhile.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.to_thread(self._release_lease), left())
         backend, self.backend = self.backend, None
         if backend is not None:
-            # Bounded: a hung close must not keep the operator from quitting.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(backend.close(), timeout=15)
+            # Bounded: a hung close (a wedged devvm) must not keep the console from ending.
+            try:
+                await asyncio.wait_for(backend.close(), left())
+            except TimeoutError:
+                in_time = False
         self.incident = None
+        return in_time
 
     async def on_unmount(self) -> None:
-        """Any other way out (the browser tab closed, SIGTERM, an error): the session is still
-        ended properly, the private ssh-agent and the lab's processes stopped."""
+        """Any other way out (an error, the app told to exit): the session is still ended
+        properly, the private ssh-agent and the lab's processes stopped."""
+        if self._stop_task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._stop_task)
+            return
         await self._close_backend()
 
     # -- downloads --------------------------------------------------------------------------
@@ -650,7 +993,7 @@ class BreakglassApp(App[None]):
         self.deliver_text(
             io.StringIO(json.dumps(bundle, indent=2, sort_keys=True)),
             save_directory=self._download_dir,
-            save_filename=f"{bundle_id}.json",
+            save_filename=_file_name(f"{bundle_id}.json"),
             mime_type="application/json",
         )
 
@@ -658,7 +1001,7 @@ class BreakglassApp(App[None]):
         self.deliver_text(
             io.StringIO(report.markdown),
             save_directory=self._download_dir,
-            save_filename=report.filename,
+            save_filename=_file_name(report.filename),
             mime_type="text/markdown",
         )
 
@@ -679,8 +1022,13 @@ class BreakglassApp(App[None]):
                     self.header.operator = event.operator
                 self._model = event.model
                 self.header.spend_limit = event.spend_limit_usd
-            case ev.OperatorMessage() if not message.own:
-                await chat.add_operator(event.text)
+            case ev.OperatorMessage():
+                # Own ones too: a queued message shows here when it is delivered. The opening
+                # check was not typed by the operator: not shown as if it were.
+                if message.own and self._unechoed and self._unechoed[0] == event.text:
+                    self._unechoed.pop(0)
+                else:
+                    await chat.add_operator(event.text)
             case ev.AssistantTurnStarted():
                 await chat.start_turn(event.turn_id)
             case ev.AssistantTextDelta():
@@ -725,7 +1073,7 @@ class BreakglassApp(App[None]):
                 else:  # downloaded in the tab that asked for it
                     await chat.add_notice(f"Incident report {event.filename} was written.")
             case _:
-                pass  # an own OperatorMessage is echoed at submit; SessionEnded needs nothing
+                pass  # SessionEnded needs nothing
 
     # -- worker outcomes, in one place ------------------------------------------------------
 
@@ -733,24 +1081,32 @@ class BreakglassApp(App[None]):
         worker, state = message.worker, message.state
         if self._shutting_down:
             return  # the widgets are going away: nothing to update
-        if worker.group == AGENT_GROUP and state in (
-            WorkerState.SUCCESS,
-            WorkerState.ERROR,
-            WorkerState.CANCELLED,
-        ):
+        ended = state in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED)
+        if state is WorkerState.ERROR:
+            await self._worker_failed(worker)
+        if worker.group == AGENT_GROUP and ended:
             await self.chat.end_all_turns()
             if state is WorkerState.CANCELLED and self._quiet_cancel:
                 self._quiet_cancel = False
             elif state is WorkerState.CANCELLED and not self._shutting_down:
                 await self.chat.add_notice("Cancelled by the operator.", "warning")
-        if state is not WorkerState.ERROR:
-            return
+            await self._run_next_queued()  # a turn boundary: what was queued goes next
+
+    async def _worker_failed(self, worker: Worker[Any]) -> None:
+        """One place for worker errors: recorded in the audit, said on screen; the session
+        goes on."""
         error = worker.error
-        reason = str(error) or type(error).__name__
+        reason = clean(str(error) or type(error).__name__, newlines=False, limit=500)
+        self.record.write(
+            "ui_error",
+            where=f"worker {worker.description}",
+            error=f"{type(error).__name__}: {error}"[:2000],
+        )
         if worker.group == "backend":
             self.header.keys = "not connected"
             self.header.show_claude(manual=True, model="", reason="no backend")
             await self.chat.add_notice(f"Could not start: {reason}", "error")
+            await self._return_queued("The console could not start")
         elif worker.group == AGENT_GROUP:
             await self.chat.add_notice(
                 f"The breakglass agent failed: {reason}. The session is still usable: try"
@@ -759,6 +1115,73 @@ class BreakglassApp(App[None]):
             )
         else:
             self.notify(f"{worker.description} failed: {reason}", severity="error")
+
+    # -- unexpected errors: recorded, shown, survived -------------------------------------------
+
+    def report_error(self, error: BaseException, where: str) -> bool:
+        """An unexpected exception in a handler (ui.guard) or anywhere Textual would end the app
+        for it: record it in the audit, show it, go on. False when the app is not running (then
+        Textual's own handling applies)."""
+        if not self.is_running or self._exit:
+            return False
+        now = time.monotonic()
+        self._errors.append(now)
+        summary = f"{type(error).__name__}: {error}"
+        self.unexpected_errors.append(f"{where}: {summary}")
+        self.record.write("ui_error", where=where, error=summary[:2000])
+        if len(self._errors) == self._errors.maxlen and now - self._errors[0] < ERROR_STORM_S:
+            self.stopper.request("the console kept failing (see ui_error in the audit)")
+            return True
+        text = (
+            f"Something went wrong in the console ({where}: {summary}). It was recorded in the"
+            " audit log; the session goes on. If a pane stopped updating, reopen the console:"
+            " the incident resumes."
+        )
+        with contextlib.suppress(Exception):
+            self.call_later(self._error_notice, text)
+        return True
+
+    async def _error_notice(self, text: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.chat.add_notice(text, "error")
+
+    def _handle_exception(self, error: Exception) -> None:
+        # Textual's last stop for an exception (a stock widget's handler, a timer): survived
+        # like ours while the console runs; otherwise Textual ends the app (without locals).
+        if not self.report_error(error, "the console"):
+            super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        """Textual's crash report, without local variables (they could hold a secret, and
+        under breakglass-serve stderr goes to the server's log)."""
+        import rich
+        from rich.segment import Segments
+        from rich.traceback import Traceback
+
+        self.bell()
+        traceback = Traceback(show_locals=False, width=None, suppress=[rich])
+        self._exit_renderables.append(
+            Segments(self.console.render(traceback, self.console.options))
+        )
+        self._close_messages_no_wait()
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: Any = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Every toast is literal text: its message may hold outside text (an error, a path)."""
+        super().notify(
+            clean(str(message), limit=2000),
+            title=clean(str(title), newlines=False, limit=200),
+            severity=severity,
+            timeout=timeout,
+            markup=False,
+        )
 
     def output_log(self) -> OutputLog:
         """The live output widget (tests and the benchmark read it)."""

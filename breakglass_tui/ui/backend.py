@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from breakglass_tui.core.events import Event
 
 if TYPE_CHECKING:
     from breakglass_tui.config import Settings
+    from breakglass_tui.core.steering import OperatorQueue
 
 Emit = Callable[[Event], None]
 Conversation = list[dict[str, Any]]
@@ -29,6 +31,7 @@ class AgentLike(Protocol):
     """What the UI needs of ``core.agent.BreakglassAgent``."""
 
     manual: bool
+    operator_queue: OperatorQueue | None  # the tab's queue, read at each step boundary
 
     async def handle(self, text: str) -> None: ...
 
@@ -86,6 +89,7 @@ class Backend:
     lab: Any = None  # the lab.Lab behind --lab (tests look at its processes)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     make_agent: AgentFactory | None = None  # None: ``agent`` was built with the backend
+    state_dir: Path | None = None  # where the audit log is (the app writes its own lines there)
 
     def start_agent(
         self,
@@ -130,6 +134,30 @@ class Backend:
         """Close agent, sessions, lab and key agent, in that order; never raises."""
         closers, self.closers = self.closers, []
         await _close_all(closers)
+
+    def kill_now(self) -> None:
+        """Last resort at the stop's hard deadline (any thread, the loop may be stuck): kill the
+        lab's processes by PID. Real targets leave nothing to kill: the private ssh-agent's
+        keeper ends it when this process is gone."""
+        if self.lab is not None:
+            kill_lab_processes(self.lab)
+
+
+def kill_lab_processes(lab: Any) -> None:
+    """SIGKILL the processes a lab started (its kvm, verbs still running on its PVE host)."""
+    pids: set[int] = set()
+    sim = getattr(lab, "sim", None)
+    with contextlib.suppress(Exception):
+        pid = sim.kvm_pid() if sim is not None else None
+        if pid:
+            pids.add(int(pid))
+    for owner, name in ((sim, "_children"), (getattr(lab, "pve_host", None), "_children")):
+        children = getattr(owner, name, None) or ()
+        with contextlib.suppress(Exception):
+            pids.update(getattr(child, "pid", child) for child in list(children))
+    for pid in pids:
+        with contextlib.suppress(Exception):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 async def _close_all(closers: list[Callable[[], Awaitable[None]]]) -> None:
@@ -226,6 +254,7 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
         lab=lab,
         closers=closers,
         make_agent=make_agent,
+        state_dir=Path(settings.state_dir),
     )
 
 

@@ -73,7 +73,7 @@ async def test_second_tab_follows_takes_over_and_a_reopened_tab_resumes(
             screen = await third.wait_for_text("Resume the incident", timeout_s=25)
             assert "events, last:" in screen, screen
             await third.page.focus(".xterm-helper-textarea")
-            await third.page.keyboard.press("r")
+            await third.page.keyboard.press("Enter")  # Resume has the focus
             await third.wait_for_text_gone("Resume the incident")
             screen = await wait_for_output_line(third, MARK)  # the output came back
             assert f"$ echo {MARK}" in screen, screen  # and the chat's tool block

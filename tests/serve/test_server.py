@@ -49,6 +49,7 @@ async def serve(
     ready: bool = True,
     command: str | None = None,
     quit_grace_s: float = 8.0,
+    max_per_operator: int | None = None,
 ) -> Served:
     port = free_port()
     out = tmp_path / "env.json"
@@ -69,6 +70,7 @@ async def serve(
         public_url=f"http://127.0.0.1:{port}",
         identity_header="X-authentik-username",
         max_sessions=max_sessions,
+        max_sessions_per_operator=max_per_operator,
         state_dir=tmp_path,
         default_operator="local-operator",
         prepare=prepare,
@@ -165,24 +167,120 @@ async def test_closing_the_tab_ends_the_app_process(served: Served) -> None:
     await wait_for(gone, 10)
 
 
-async def test_session_cap_holds(tmp_path: Path) -> None:
+async def test_session_cap_holds_for_other_operators(tmp_path: Path) -> None:
     s = await serve(tmp_path, max_sessions=1)
     try:
         async with aiohttp.ClientSession() as http:
-            first = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+            viktor = {"Origin": s.base, "X-authentik-username": "viktor"}
+            alice = {"Origin": s.base, "X-authentik-username": "alice"}
+            first = await http.ws_connect(s.ws_url, headers=viktor)
             await wait_for(lambda: len(s.server.sessions) == 1)
             with pytest.raises(aiohttp.WSServerHandshakeError) as err:
-                await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+                await http.ws_connect(s.ws_url, headers=alice)
             assert err.value.status == 503
-            async with http.get(s.base + "/") as page:
+            async with http.get(s.base + "/", headers=alice) as page:
                 assert page.status == 503
                 assert "All 1 sessions are in use" in await page.text()
             await first.close()
             await wait_for(lambda: s.server.sessions == {})
-            async with http.get(s.base + "/") as page:
+            async with http.get(s.base + "/", headers=alice) as page:
                 assert page.status == 200
     finally:
         await s.runner.cleanup()
+
+
+def drive(state_dir: Path, session_id: str) -> None:
+    """Make ``session_id`` the driver of a new open incident (as its tab would)."""
+    from breakglass_tui.core.incident import IncidentStore
+
+    store = IncidentStore(state_dir)
+    store.current_or_new(session_id, "viktor")
+
+
+async def test_a_new_tab_of_an_operator_at_their_cap_evicts_their_oldest_follower(
+    tmp_path: Path,
+) -> None:
+    s = await serve(tmp_path, max_sessions=3, max_per_operator=2)
+    try:
+        async with aiohttp.ClientSession() as http:
+            viktor = {"Origin": s.base, "X-authentik-username": "viktor"}
+            alice = {"Origin": s.base, "X-authentik-username": "alice"}
+            first = await http.ws_connect(s.ws_url, headers=viktor)
+            await wait_for(lambda: len(s.server.sessions) == 1)
+            first_id = next(iter(s.server.sessions))
+            drive(tmp_path, first_id)  # the first tab drives the incident
+            second = await http.ws_connect(s.ws_url, headers=viktor)
+            await wait_for(lambda: len(s.server.sessions) == 2)
+            second_id = next(k for k in s.server.sessions if k != first_id)
+            # At viktor's cap: his third tab evicts his oldest *follower* (the second), never
+            # the tab that drives; alice is not affected.
+            third = await http.ws_connect(s.ws_url, headers=viktor)
+            await wait_for(lambda: second_id not in s.server.sessions, 15)
+            assert first_id in s.server.sessions
+            msg = await second.receive(timeout=10)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert second.closed or second.close_code is not None
+            other = await http.ws_connect(s.ws_url, headers=alice)
+            await wait_for(lambda: len([v for v in s.server.sessions.values()]) == 3)
+            # Only the driving tab left besides the newest: with no follower to close, the
+            # operator is told why instead (and the driving tab is never closed).
+            s.server.max_per_operator = 1
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(s.ws_url, headers={"Origin": s.base})
+            assert err.value.status == 503
+            for ws in (first, third, other):
+                await ws.close()
+            await wait_for(lambda: s.server.sessions == {}, 15)
+    finally:
+        await s.runner.cleanup()
+
+
+async def test_a_malformed_resize_frame_is_dropped_and_the_session_goes_on(served: Served) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
+        try:
+            await wait_for(served.out.exists)
+            for frame in (
+                '["resize", {"width": Infinity, "height": 24}]',
+                '["resize", {"width": 1e400, "height": -Infinity}]',
+                '["resize", {"width": NaN, "height": 40}]',
+                '["resize", {"width": 99999999999999999999999, "height": 40}]',
+                '["resize", {"width": "80", "height": true}]',
+                '["resize", [80, 24]]',
+                '["resize"]',
+                "[]",
+                "not json",
+            ):
+                await ws.send_str(frame)
+            await ws.send_str('["ping", "still-alive"]')
+            while True:
+                msg = await ws.receive(timeout=10)
+                if msg.type == aiohttp.WSMsgType.TEXT and "still-alive" in msg.data:
+                    break
+                assert msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY), msg
+            assert len(served.server.sessions) == 1
+        finally:
+            await ws.close()
+
+
+def test_resize_frames_are_checked() -> None:
+    from breakglass_tui.serve.server import resize_size
+
+    assert resize_size({"width": 120, "height": 40}) == (120, 40)
+    assert resize_size({"width": 120.0, "height": 4}) == (120, 5)
+    assert resize_size({"width": 5000, "height": 40}) == (1000, 40)
+    for bad in (
+        {"width": float("inf"), "height": 40},
+        {"width": float("nan"), "height": 40},
+        {"width": 10**30, "height": 40},
+        {"width": 80.5, "height": 40},
+        {"width": True, "height": 40},
+        {"width": 0, "height": 40},
+        {"width": "80", "height": 40},
+        [80, 24],
+        None,
+    ):
+        assert resize_size(bad) is None, bad
 
 
 async def test_health_and_readiness(tmp_path: Path) -> None:
@@ -231,6 +329,53 @@ async def test_page_is_self_contained_and_headers_are_hardened(served: Served) -
             assert js.status == 200
         async with http.get(served.base + "/assets/breakglass.css") as css:
             assert "RobotoMono" in await css.text()
+
+
+async def test_every_response_has_the_headers_and_no_error_echoes_the_request(
+    served: Served,
+) -> None:
+    probe = "<script>alert(1)</script>"
+    async with aiohttp.ClientSession() as http:
+        for method, path in (
+            ("GET", "/no-such-page-" + probe),
+            ("GET", "/download/" + probe),  # upstream's 404 repeats the key it was given
+            ("GET", "/static/../../etc/passwd"),
+            ("GET", "/static/"),
+            ("POST", "/"),
+            ("GET", "/ws"),  # no Origin: 403
+        ):
+            async with http.request(method, served.base + path) as r:
+                body = await r.text()
+                assert r.status >= 400, (method, path, r.status)
+                assert "script" not in body and "passwd" not in body and "no-such" not in body
+                assert len(body) < 200, body
+                headers = r.headers
+                assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+                assert headers["X-Content-Type-Options"] == "nosniff", path
+                assert headers["X-Frame-Options"] == "DENY", path
+                assert headers["Cache-Control"] == "no-store", path
+        async with http.get(served.base + "/healthz") as r:
+            assert r.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_a_request_that_cannot_be_parsed_is_refused_without_echo(served: Served) -> None:
+    for raw in (
+        b"GET /\x00<script>alert(1)</script> HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: <script>" + b"a" * 20000 + b"\r\n\r\n",
+        b"<script> / HTTP/1.1\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        try:
+            writer.write(raw)
+            await writer.drain()
+            answer = (await asyncio.wait_for(reader.read(65536), 10)).decode("latin-1")
+        finally:
+            writer.close()
+        head, _, body = answer.partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.") and " 400 " in head.splitlines()[0], head
+        assert "script" not in body and "aaaa" not in body, body
+        assert "X-Frame-Options: DENY" in head and "nosniff" in head
+        assert "frame-ancestors 'none'" in head
 
 
 def test_child_environment_is_an_allowlist() -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from breakglass_tui.core import events as ev
+from breakglass_tui.core.steering import OperatorQueue, steering_blocks
 from breakglass_tui.hosts.types import (
     OutputChunk,
     ProbeResult,
@@ -47,6 +49,8 @@ class ScriptedAgent:
         self.closed = False
         self.script: dict[str, Callable[[], Any]] = {}
         self.setup: dict[str, Any] = {}  # how the app built it: session_id, conversation, ...
+        self.operator_queue: OperatorQueue | None = None
+        self.steered: list[str] = []  # queued messages taken at a step boundary, as Claude would
         self._n = 0
 
     def _id(self) -> str:
@@ -80,6 +84,17 @@ class ScriptedAgent:
                 ev.VerbCompleted(at=T0, result=result),
             )
 
+    def step_boundary(self) -> None:
+        """After a tool call of Claude's: take the operator's queued messages, as the real
+        agent does (core.steering), emitting each as an operator message."""
+
+        def deliver(text: str) -> str:
+            self.emit(ev.OperatorMessage(at=T0, text=text))
+            self.steered.append(text)
+            return text
+
+        steering_blocks(self.operator_queue, deliver)
+
     def tool(
         self,
         tool: str,
@@ -105,6 +120,8 @@ class ScriptedAgent:
                 at=T0, call_id=call, tool=tool, ok=ok, summary=summary, duration_s=duration_s
             )
         )
+        if not manual:
+            self.step_boundary()
 
     async def shell(self, command: str, output: str = "", *, hang: bool = False) -> None:
         call = self._id()
@@ -170,7 +187,12 @@ def verb(name: str, before: str, after: str, **kw: Any) -> VerbResult:
 
 
 def fake_backend_factory(
-    *, manual: bool = True, agents: list | None = None, lazy: bool = False, operator: str = "viktor"
+    *,
+    manual: bool = True,
+    agents: list | None = None,
+    lazy: bool = False,
+    operator: str = "viktor",
+    state_dir: Path | None = None,
 ):
     """A backend factory for BreakglassApp that builds a ScriptedAgent over FakeHosts; ``lazy``:
     the agent is built only when the tab drives (as the real backend does)."""
@@ -202,6 +224,7 @@ def fake_backend_factory(
             manual_reason="no ANTHROPIC_API_KEY set, slash commands only" if manual else None,
             closers=[agent.close, hosts.close] if agent is not None else [hosts.close],
             make_agent=make_agent if lazy else None,
+            state_dir=state_dir,
         )
 
     return factory

@@ -42,26 +42,32 @@ async def test_escape_cancels_the_running_command(agents):
         assert agents[0].cancelled == 1
         assert not app._agent_running()
         block = app.query_one(ToolBlock)
-        assert "cancelled" in block.title
+        assert "cancelled" in block.heading
         # The session stays usable after a cancel.
         await pilot.press(*"/sh uptime", "enter")
         await settle(app, pilot)
         assert agents[0].handled[-1] == "/sh uptime"
 
 
-async def test_a_second_request_while_busy_is_refused_not_queued(agents):
+async def test_a_second_request_while_busy_is_queued_then_run_in_order(agents):
     app = make_app(agents, initial_check=False)
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press(*"/sh sleep 600", "enter")
         await pilot.pause(0.1)
         await pilot.press(*"/status", "enter")
+        await pilot.press(*"/sh uptime", "enter")
         await pilot.pause(0.1)
-        assert agents[0].handled == ["/sh sleep 600"]
-        notices = [str(n.render()) for n in app.query(".notice")]
-        assert any("Esc to cancel" in n for n in notices)
-        await pilot.press("escape")
+        assert agents[0].handled == ["/sh sleep 600"], "nothing jumps the running command"
+        assert [i.text for i in app.queue.items] == ["/status", "/sh uptime"]
+        shown = str(app.query_one("#queued").render())
+        assert "Queued" in shown and "/status" in shown and "/sh uptime" in shown
+        assert not [n for n in app.query(".notice") if "Esc to cancel" in str(n.render())]
+        await pilot.press("escape")  # Esc still cancels the running step; the queue goes next
         await settle(app, pilot)
+        assert agents[0].cancelled == 1
+        assert agents[0].handled == ["/sh sleep 600", "/status", "/sh uptime"]
+        assert not app.queue and not app.query_one("#queued").display
 
 
 async def test_quit_while_an_action_runs_asks_first(agents):
@@ -73,13 +79,17 @@ async def test_quit_while_an_action_runs_asks_first(agents):
         await pilot.press("ctrl+q")
         await pilot.pause(0.1)
         assert isinstance(app.screen, ConfirmQuitScreen)
-        await pilot.press("n")
+        await pilot.press("escape")  # stays
         await pilot.pause(0.1)
         assert not isinstance(app.screen, ConfirmQuitScreen)
         assert app._agent_running() and app.is_running
         await pilot.press("ctrl+q")
         await pilot.pause(0.1)
-        await pilot.press("y")
+        await pilot.press("y", "n")  # letters are not answers: they go to the message box
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, ConfirmQuitScreen) and app._agent_running()
+        assert app.query_one(ChatInput).value == "yn"
+        await pilot.press("ctrl+q")  # Ctrl+Q again confirms
         await pilot.pause(0.3)
     assert agents[0].cancelled == 1
     assert agents[0].closed
@@ -223,7 +233,7 @@ async def test_events_render_tool_blocks_turns_and_forensics(agents, tmp_path: P
         await settle(app, pilot)
         block = app.query_one(ToolBlock)
         assert block.has_class("-mutating") and block.has_class("-ok")
-        assert "pve reset" in block.title
+        assert "pve reset" in block.heading
         assert "1,234 tokens" in app.header.usage
         assert app.header.vm_state == "VM 102: running"
         # Download the bundle from the forensics pane.

@@ -81,7 +81,7 @@ def test_a_terminal_lab_keeps_its_incident_in_a_temporary_dir_unless_told(monkey
 def test_the_app_import_chain_leaves_the_heavy_sdks_for_later():
     code = (
         "import sys, breakglass_tui.cli, breakglass_tui.ui.app;"
-        "print(','.join(m for m in ('anthropic', 'asyncssh', 'hvac', 'httpx2')"
+        "print(','.join(m for m in ('anthropic', 'asyncssh', 'hvac', 'httpx2', 'markdown_it')"
         " if m in sys.modules))"
     )
     result = subprocess.run(
@@ -252,3 +252,97 @@ def test_closing_the_terminal_still_stops_the_lab(tmp_path):
         tmux.kill_server()
     assert tmux.wait_no_lab_processes() == []
     assert tmux.wait_app_gone() == [], "the console did not exit when its terminal closed"
+
+
+# -- bad start-up conditions: one clear sentence before the screen opens ----------------------
+
+
+def _run_in_pty(tmp_path: Path, env: dict[str, str], wrap: list[str] | None = None) -> tuple:
+    """`breakglass-tui --lab` in a real terminal (optionally inside a bwrap sandbox); its exit
+    code and what it printed."""
+    from tests.ui.console_pty import PtyConsole
+
+    argv = [*(wrap or []), sys.executable, "-m", "breakglass_tui.cli", "--lab"]
+    console = PtyConsole(tmp_path, env=env, argv=argv)
+    try:
+        assert console.wait_exit(30), "the console started instead of refusing"
+        time.sleep(0.2)  # the last output through the pty
+        return console.proc.returncode, console.output.decode(errors="replace")
+    finally:
+        console.close()
+
+
+def _one_sentence(output: str, *needles: str) -> None:
+    assert "\x1b[?1049h" not in output, "the screen opened"
+    assert "Traceback" not in output
+    lines = [line for line in output.replace("\r", "").splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("breakglass-tui: "), output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_a_state_dir_that_is_a_file_is_named_with_the_fix(tmp_path):
+    blocker = tmp_path / "state-is-a-file"
+    blocker.write_text("not a directory")
+    code, out = _run_in_pty(tmp_path, {"BREAKGLASS_STATE_DIR": str(blocker)})
+    assert code == 2
+    _one_sentence(out, str(blocker), "not a directory", "BREAKGLASS_STATE_DIR")
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (scripts/setup.sh)")
+def test_a_full_state_disk_is_named_with_the_fix(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    fill = f'dd if=/dev/zero of={state}/fill bs=4k >/dev/null 2>&1; exec "$@"'
+    wrap = ["bwrap", "--bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    wrap += ["--size", "262144", "--tmpfs", str(state), "sh", "-c", fill, "sh"]
+    code, out = _run_in_pty(tmp_path, {"BREAKGLASS_STATE_DIR": str(state)}, wrap)
+    assert code == 2
+    _one_sentence(out, str(state), "is full", "Free space", "BREAKGLASS_STATE_DIR")
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (scripts/setup.sh)")
+def test_a_read_only_state_dir_is_named_with_the_fix(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    wrap = ["bwrap", "--bind", "/", "/", "--ro-bind", str(state), str(state)]
+    wrap += ["--dev", "/dev", "--proc", "/proc"]
+    code, out = _run_in_pty(tmp_path, {"BREAKGLASS_STATE_DIR": str(state)}, wrap)
+    assert code == 2
+    _one_sentence(out, str(state), "read-only", "BREAKGLASS_STATE_DIR")
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"TERM": "dumb"}, ("TERM=dumb", "TERM=xterm-256color")),
+        ({"PYTHONIOENCODING": "latin-1"}, ("not UTF-8", "LANG=C.UTF-8")),
+    ],
+)
+def test_a_terminal_that_cannot_draw_the_console_is_named_with_the_fix(tmp_path, env, needles):
+    env = {"BREAKGLASS_STATE_DIR": str(tmp_path / "state"), **env}
+    code, out = _run_in_pty(tmp_path, env)
+    assert code == 2
+    _one_sentence(out, *needles)
+
+
+def test_no_terminal_at_all_is_said_before_anything_starts(tmp_path):
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "TERM": "xterm-256color",
+        "PYTHONPATH": str(ROOT),
+        "BREAKGLASS_STATE_DIR": str(tmp_path / "state"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "breakglass_tui.cli", "--lab"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("breakglass-tui: this is not a terminal"), result.stderr
+    assert "breakglass-serve" in result.stderr and "Traceback" not in result.stderr

@@ -75,7 +75,7 @@ async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkey
         assert any(line.startswith("Filesystem") for line in lines)
         assert any("100% /" in line for line in lines), "disk-full shows a full root"
         block = app.query(ToolBlock).last()
-        assert "$ df -h" in block.title and block.has_class("-ok")
+        assert "$ df -h" in block.heading and block.has_class("-ok")
         await pilot.press("ctrl+q")
         await pilot.pause(0.5)
     deadline = time.monotonic() + 10
@@ -98,7 +98,7 @@ async def test_escape_cancels_a_running_lab_command_at_once(tmp_path, monkeypatc
         await until(pilot, lambda: not app._agent_running(), 10, "the cancel")
         await pilot.pause(0.2)
         assert time.monotonic() - started < 5
-        assert "cancelled" in app.query(ToolBlock).last().title
+        assert "cancelled" in app.query(ToolBlock).last().heading
         await pilot.press(*"/sh uptime", "enter")
         await until(pilot, lambda: not app._agent_running(), what="uptime after a cancel")
         assert "-ok" in app.query(ToolBlock).last().classes
@@ -142,7 +142,7 @@ async def test_claude_streams_an_answer_with_tool_blocks_over_the_lab(tmp_path, 
             markdown = " ".join(m.source for m in app.query("Markdown.assistant"))
             assert "Checking the disk." in markdown and "100% full" in markdown
             block = app.query(ToolBlock).last()
-            assert "$ df -h" in block.title and "Claude" in block.title
+            assert "$ df -h" in block.heading and "Claude" in block.heading
             assert block.has_class("-ok")
             assert "tokens" in app.header.usage
             assert len(fake.requests) == 2
@@ -215,6 +215,58 @@ async def test_the_api_failing_mid_turn_is_said_and_the_session_goes_on(tmp_path
             await pilot.press(*"/sh uptime", "enter")
             await until(pilot, lambda: not app._agent_running(), 20, "a manual command")
             assert app.query(ToolBlock).last().has_class("-ok")
+            await app.shutdown()
+    finally:
+        await fake.close()
+    fake.assert_no_rejections()  # the strict fake refused nothing
+
+
+async def test_claudes_bracket_commands_run_and_a_queued_message_steers_the_next_step(
+    tmp_path, monkeypatch
+):
+    """Issue 12: a model's `awk -F'[/]'` ended the console (MarkupError in the tool heading);
+    and what the operator types while Claude works reaches Claude before its next step."""
+    fake = await FakeMessagesApi().start()
+    try:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-secret")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        awk = "sleep 3; awk -F'[/]' '{print $2}' /etc/fstab"
+        grep = "grep -v '[/]usr' /etc/fstab"
+        fake.push(
+            api.tool("toolu_1", "devvm_shell", {"command": awk}, text="Reading fstab."),
+            api.tool("toolu_2", "devvm_shell", {"command": grep}, text="Noted."),
+            api.text("Done; I will not reboot it."),
+        )
+        app = lab_app(tmp_path)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await ready(app, pilot)
+            await pilot.press(*"check the mounts", "enter")
+            await until(
+                pilot,
+                lambda: any("awk" in b.heading for b in app.query(ToolBlock)),
+                30,
+                "Claude's first command",
+            )
+            await app.submit("do not reboot it, it runs a migration")  # as Enter does
+            assert [i.text for i in app.queue.items] == ["do not reboot it, it runs a migration"]
+            assert "Queued" in str(app.query_one("#queued").render())
+            await until(pilot, lambda: not app._agent_running(), 60, "the turn")
+            await pilot.pause(0.3)
+            assert app.is_running and not app.unexpected_errors
+            first, second = list(app.query(ToolBlock))[-2:]
+            assert f"$ {awk}" in first.heading and f"$ {grep}" in second.heading
+            # Claude read the queued message after the first command's result, before its
+            # next step; the chat shows it there, as a message of the operator's.
+            body = fake.requests[1].body["messages"][-1]["content"]
+            assert [b["type"] for b in body] == ["tool_result", "text"]
+            assert "runs a migration" in body[1]["text"]
+            conversation = list(app.query_one("#conversation").children)
+            operator = [w for w in conversation if w.has_class("operator")]
+            delivered = operator[-1]
+            assert "runs a migration" in str(delivered.render())
+            assert conversation.index(first) < conversation.index(delivered)
+            assert conversation.index(delivered) < conversation.index(second)
+            assert not app.queue
             await app.shutdown()
     finally:
         await fake.close()

@@ -90,7 +90,7 @@ async def test_second_tab_is_read_only_follows_live_and_takes_over(tmp_path, mon
             await until(pilot_2, shown_in_second, 5, "tab 1's output in tab 2")
             await until(pilot_2, lambda: len(second.query(ToolBlock)) == 1, 5, "the tool block")
             block = second.query(ToolBlock).last()
-            assert f"$ echo {line}" in block.title and block.has_class("-ok")
+            assert f"$ echo {line}" in block.heading and block.has_class("-ok")
             operator_lines = [str(w.render()) for w in second.query(".operator")]
             assert "/sh echo " + line in operator_lines
 
@@ -136,7 +136,7 @@ async def test_starting_a_new_incident_closes_the_old_one(tmp_path, monkeypatch)
         text = str(second.screen.query_one("#resume-text").render())
         assert "Resume the incident started" in text and "by viktor" in text
         assert "last: devvm_shell: exit 0" in text
-        await pilot.press("n")
+        await pilot.press("right", "enter")  # ←/→ and Enter answer: letters go to the input
         await until(pilot, lambda: second.backend is not None and second.driving, what="tab 2")
         assert second.incident.id != old
         assert IncidentStore(tmp_path).current().id == second.incident.id
@@ -277,7 +277,7 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
             await until(pilot, lambda: offered(second), 10, "the offer")
             offer = str(second.screen.query_one("#resume-text").render())
             assert "events, last: devvm_shell: exit 0" in offer, offer
-            await pilot.press("r")
+            await pilot.press("enter")  # Resume has the focus
             await ready(second, pilot)
             await until(pilot, lambda: second.query("Markdown.assistant"), 5, "the replay")
             await pilot.pause(0.3)
@@ -287,7 +287,7 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
                 str(w.render()) for w in second.query(".operator")
             ]
             block = second.query(ToolBlock).first()
-            assert "$ df -h" in block.title and block.has_class("-ok")
+            assert "$ df -h" in block.heading and block.has_class("-ok")
             second.output.flush()
             assert any("100% /" in line for line in second.output_log().lines)
             assert second.driving is True
@@ -329,11 +329,11 @@ async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
     app = tab(tmp_path, [], "viktor")
     async with app.run_test(size=(160, 48)) as pilot:
         await until(pilot, lambda: offered(app), 5, "the offer")
-        await pilot.press("r")
+        await pilot.press("enter")  # Resume has the focus
         await until(pilot, lambda: app.query(ToolBlock), 5, "the replayed block")
         await pilot.pause(0.1)
         block = app.query(ToolBlock).last()
-        assert "interrupted: the tab running it closed" in block.title and block.has_class(
+        assert "interrupted: the tab running it closed" in block.heading and block.has_class(
             "-failed"
         )
         assert app.incident.id == incident.id and app.driving
@@ -350,7 +350,7 @@ async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
             await pilot_2.pause(0.1)
             assert later.driving is False
             block = later.query(ToolBlock).last()
-            assert block.has_class("-failed") and "interrupted" in block.title
+            assert block.has_class("-failed") and "interrupted" in block.heading
             assert len(incident.read_events()) == len(events), "a read-only tab journals nothing"
             await later.shutdown()
         await app.shutdown()

@@ -5,17 +5,18 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from breakglass_tui.ui.screens.question import QuestionScreen
 
-class ConfirmQuitScreen(ModalScreen[bool]):
-    """Dismisses with True to quit, False to stay."""
+
+class ConfirmQuitScreen(QuestionScreen[bool]):
+    """Dismisses with True to quit, False to stay. Ctrl+Q again quits; Esc stays."""
 
     BINDINGS = [  # noqa: RUF012 - Textual's convention
-        Binding("y", "choose(True)", "Quit", id="confirm_quit.yes"),
-        Binding("n,escape", "choose(False)", "Stay", id="confirm_quit.no"),
+        Binding("escape", "choose(False)", "Stay", id="confirm_quit.stay"),
     ]
+    AUTO_FOCUS = "#stay"
 
     def __init__(self, running: str) -> None:
         super().__init__()
@@ -25,19 +26,17 @@ class ConfirmQuitScreen(ModalScreen[bool]):
         with Vertical(id="confirm-box"):
             yield Static(
                 f"{self.running} is still running. Quitting cancels it (a PVE verb already"
-                " begun finishes on the host). Quit anyway?",
+                " begun finishes on the host). Quit anyway? Ctrl+Q again quits, Esc stays.",
                 markup=False,
                 id="confirm-text",
             )
+            yield self.typed_line()
             with Horizontal(id="confirm-buttons"):
-                yield Button("Quit (y)", id="quit", variant="error")
-                yield Button("Stay (n)", id="stay", variant="primary")
-
-    def on_mount(self) -> None:
-        self.query_one("#stay", Button).focus()
+                yield Button("Quit", id="quit", variant="error")
+                yield Button("Stay", id="stay", variant="primary")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "quit")
+        self.dismiss(self.button_pressed(event) == "quit")
 
     def action_choose(self, quit_: bool) -> None:
         self.dismiss(quit_)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
 from breakglass_tui.core.incident import IncidentSummary
-from breakglass_tui.ui.sanitize import sanitize_text
+from breakglass_tui.ui.sanitize import literal
+from breakglass_tui.ui.screens.question import QuestionScreen
 
 
 def resume_text(summary: IncidentSummary) -> str:
@@ -23,18 +22,11 @@ def resume_text(summary: IncidentSummary) -> str:
     )
     who = f" by {summary.operator}" if summary.operator else ""
     last = f", last: {summary.last}" if summary.last else ""
-    return sanitize_text(
-        f"Resume the incident started {when}{who} ({summary.events} events{last})?"
-    )
+    return f"Resume the incident started {when}{who} ({summary.events} events{last})?"
 
 
-class ResumeScreen(ModalScreen[bool]):
+class ResumeScreen(QuestionScreen[bool]):
     """Dismisses with True to resume the open incident, False to start a new one."""
-
-    BINDINGS = [  # noqa: RUF012 - Textual's convention
-        Binding("r", "choose(True)", "Resume", id="resume.resume"),
-        Binding("n", "choose(False)", "New incident", id="resume.new"),
-    ]
 
     AUTO_FOCUS = "#resume"
 
@@ -44,19 +36,17 @@ class ResumeScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="resume-box"):
-            yield Static(resume_text(self.summary), markup=False, id="resume-text")
+            yield Static(literal(resume_text(self.summary)), id="resume-text")
             yield Static(
                 "Resuming restores the chat, outputs and bundles and Claude's context. A new"
-                " incident closes this one.",
+                " incident closes this one. ←/→ choose, Enter answers.",
                 markup=False,
                 id="resume-hint",
             )
+            yield self.typed_line()
             with Horizontal(id="resume-buttons"):
-                yield Button("Resume (r)", id="resume", variant="primary")
-                yield Button("Start a new incident (n)", id="new", variant="default")
+                yield Button("Resume", id="resume", variant="primary")
+                yield Button("Start a new incident", id="new", variant="default")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "resume")
-
-    def action_choose(self, resume: bool) -> None:
-        self.dismiss(resume)
+        self.dismiss(self.button_pressed(event) == "resume")

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
@@ -15,7 +16,8 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Collapsible, Input, Static
 
 from breakglass_tui.core.events import ToolCallEnded, ToolCallStarted
-from breakglass_tui.ui.sanitize import sanitize_text
+from breakglass_tui.ui.guard import Guarded
+from breakglass_tui.ui.sanitize import literal, one_line, sanitize_text
 
 if TYPE_CHECKING:
     from textual.widgets import Markdown
@@ -32,6 +34,7 @@ SLASH_COMMANDS: tuple[tuple[str, str], ...] = (
     ("/cycle", "PVE verb cycle (mutating): stop then start, forensics first"),
     ("/sh <command>", "run a command on the devvm (sudo shell)"),
     ("/cancel", "cancel the running turn or command (same as Esc)"),
+    ("/drop", "drop the newest queued message (/drop all: every one)"),
     ("/report", "write the incident report and download it"),
     ("/takeover", "drive the incident from this tab (the driving tab becomes read-only)"),
     ("/close", "close the incident: this tab drives the next one at once"),
@@ -52,7 +55,7 @@ def describe_call(tool: str, params: dict[str, Any]) -> str:
     return f"{tool} {json.dumps(params, ensure_ascii=False)[:200]}"
 
 
-class ChatInput(Input):
+class ChatInput(Guarded, Input):
     """The operator's input: slash-command completion (→ accepts) and history (↑/↓)."""
 
     BINDINGS = [  # noqa: RUF012 - Textual's convention
@@ -70,12 +73,27 @@ class ChatInput(Input):
         self.history: list[str] = []
         self._history_index = 0
 
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "ctrl+j":
+            # Enter typed before the console set the terminal to raw mode arrives as a line
+            # feed: it sends, as Enter does.
+            event.stop()
+            event.prevent_default()
+            await self.action_submit()
+            return
+        await super()._on_key(event)
+
     def remember(self, text: str) -> None:
         if text and (not self.history or self.history[-1] != text):
             self.history.append(text)
         self._history_index = len(self.history)
 
     def action_history(self, step: int) -> None:
+        if step < 0 and not self.value:
+            # ↑ on an empty input first takes back the newest queued message, to edit it.
+            edit = getattr(self.app, "edit_last_queued", None)
+            if edit is not None and edit():
+                return
         if not self.history:
             return
         self._history_index = max(0, min(len(self.history), self._history_index + step))
@@ -85,20 +103,28 @@ class ChatInput(Input):
         self.cursor_position = len(self.value)
 
 
-class ToolBlock(Collapsible):
-    """A tool call: what ran, exit status, duration; expands to the details."""
+# A heading is one line cut with an ellipsis on screen; this bounds the work behind it.
+HEADING_CHARS = 500
+
+
+class ToolBlock(Guarded, Collapsible):
+    """A tool call: what ran, exit status, duration; expands to the details.
+
+    The heading holds outside text (a command such as ``grep -c '[/]' /etc/fstab``, a summary):
+    it is given as ``Content``, never as a markup string."""
 
     def __init__(self, event: ToolCallStarted) -> None:
         self.call = event
-        self.label = sanitize_text(describe_call(event.tool, event.input)).replace("\n", " ⏎ ")
+        self.label = one_line(describe_call(event.tool, event.input), limit=HEADING_CHARS)
         classes = "tool"
         if event.mutating:
             classes += " -mutating"
         if event.manual:
             classes += " -manual"
-        self._details = Static(self._detail_text(), markup=False, classes="tool-details")
+        self.heading = self._heading("running…")
+        self._details = Static(literal(self._detail_text()), classes="tool-details")
         super().__init__(
-            self._details, title=self._heading("running…"), collapsed=True, classes=classes
+            self._details, title=literal(self.heading), collapsed=True, classes=classes
         )
 
     def _heading(self, status: str) -> str:
@@ -108,26 +134,27 @@ class ToolBlock(Collapsible):
 
     def _detail_text(self) -> str:
         params = json.dumps(self.call.input, indent=2, ensure_ascii=False)
-        return sanitize_text(f"tool {self.call.tool}\ninput {params}")
+        return f"tool {self.call.tool}\ninput {params}"
 
     def finish(self, event: ToolCallEnded) -> None:
+        summary = one_line(event.summary, limit=HEADING_CHARS)
         if event.cancelled:
             status = "cancelled"
             self.add_class("-cancelled")
         elif event.ok:
-            status = f"✓ {sanitize_text(event.summary)}"
+            status = f"✓ {summary}"
             self.add_class("-ok")
         else:
-            status = f"✗ {sanitize_text(event.summary)}"
+            status = f"✗ {summary}"
             self.add_class("-failed")
-        self.title = self._heading(status)
+        self.heading = self._heading(status)
+        self.title = literal(self.heading)
         self._details.update(
-            self._detail_text()
-            + f"\nresult {sanitize_text(event.summary)} ({event.duration_s:.1f} s)"
+            literal(f"{self._detail_text()}\nresult {event.summary} ({event.duration_s:.1f} s)")
         )
 
 
-class ThinkingBlock(Collapsible):
+class ThinkingBlock(Guarded, Collapsible):
     """What Claude thinks before and between its tool calls, dimmed, under its turn: open while
     it streams (the operator never sits in silence), with how long Claude has been thinking;
     folded once the turn answered in words. Model text: never markup."""
@@ -185,17 +212,21 @@ class ThinkingBlock(Collapsible):
             self.collapsed = True
 
 
-class ChatPane(Vertical):
+class ChatPane(Guarded, Vertical):
     """Conversation (anchored to the bottom until the operator scrolls) above the input."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._turns: dict[str, tuple[Markdown, MarkdownStream]] = {}
+        self._pending_text: dict[str, str] = {}  # a turn's whitespace before its first text
         self._tools: dict[str, ToolBlock] = {}
         self._thinking: dict[str, ThinkingBlock] = {}
 
     def compose(self) -> ComposeResult:
+        from breakglass_tui.ui.widgets.queued import QueuedView
+
         yield VerticalScroll(id="conversation")
+        yield QueuedView(id="queued")
         yield ChatInput(id="chat-input")
 
     @property
@@ -209,27 +240,43 @@ class ChatPane(Vertical):
         await self.conversation.mount(widget)
 
     async def add_operator(self, text: str) -> None:
-        await self._add(Static(sanitize_text(text), markup=False, classes="operator"))
+        await self._add(Static(literal(text), classes="operator"))
 
     async def add_notice(self, text: str, level: str = "info") -> None:
-        await self._add(Static(sanitize_text(text), markup=False, classes=f"notice -{level}"))
+        await self._add(Static(literal(text), classes=f"notice -{level}"))
 
     async def start_turn(self, turn_id: str) -> None:
+        """A turn begins; its Markdown is mounted with its first visible text (a turn with no
+        text — tools only — leaves nothing behind: an empty Markdown removed again was seen to
+        wedge its message pump)."""
+        self._pending_text.setdefault(turn_id, "")
+
+    async def _markdown_for(self, turn_id: str) -> MarkdownStream:
+        turn = self._turns.get(turn_id)
+        if turn is not None:
+            return turn[1]
         # Imported on the first turn, not at start: markdown-it is a noticeable part of the
         # time to the first frame.
         from textual.widgets import Markdown
 
-        markdown = Markdown(classes="assistant")
+        # Links do not open on click: the app shows the URL and asks (LinkScreen).
+        markdown = Markdown(classes="assistant", open_links=False)
         await self._add(markdown)
         stream = Markdown.get_stream(markdown)
         self._turns[turn_id] = (markdown, stream)
+        return stream
 
     async def turn_delta(self, turn_id: str, text: str) -> None:
+        text = sanitize_text(text)
         if turn_id not in self._turns:
-            await self.start_turn(turn_id)
-        await self._turns[turn_id][1].write(sanitize_text(text))
+            text = self._pending_text.pop(turn_id, "") + text
+            if not text.strip():  # nothing to show yet: kept until there is
+                self._pending_text[turn_id] = text
+                return
+        await (await self._markdown_for(turn_id)).write(text)
 
     async def end_turn(self, turn_id: str) -> None:
+        self._pending_text.pop(turn_id, None)
         turn = self._turns.pop(turn_id, None)
         answered = False
         if turn is not None:
@@ -267,7 +314,7 @@ class ChatPane(Vertical):
             block.end_block(duration_s)
 
     async def end_all_turns(self) -> None:
-        for turn_id in list(self._turns):
+        for turn_id in list(self._turns) + list(self._pending_text):
             await self.end_turn(turn_id)
 
     async def start_tool(self, event: ToolCallStarted) -> None:

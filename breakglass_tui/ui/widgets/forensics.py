@@ -13,14 +13,15 @@ from textual.message import Message
 from textual.widgets import DataTable, Static
 
 from breakglass_tui.hosts.types import MUTATING_VERBS, ProbeResult, Reachability, VerbResult
-from breakglass_tui.ui.sanitize import sanitize_text
+from breakglass_tui.ui.guard import Guarded
+from breakglass_tui.ui.sanitize import clean, literal_text
 
 
 def _clock(at: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(at))
 
 
-class ForensicsPane(Vertical):
+class ForensicsPane(Guarded, Vertical):
     """Verbs of this incident (time, verb, state before → after, bundle) and probe results."""
 
     BINDINGS = [  # noqa: RUF012 - Textual's convention
@@ -43,32 +44,44 @@ class ForensicsPane(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("Forensics · Enter or d downloads a bundle", classes="pane-title")
         table: DataTable[Any] = DataTable(id="verbs", cursor_type="row", zebra_stripes=True)
-        table.add_columns("time (UTC)", "verb", "state", "bundle")
+        table.add_columns(*(Text(c) for c in ("time (UTC)", "verb", "state", "bundle")))
         yield table
         yield Static("no verb or probe yet", id="probes", markup=False)
 
     def add_verb(self, result: VerbResult, at: float) -> None:
         self.results.append(result)
-        state = f"{result.state_before or '?'} → {result.state_after or '?'}"
-        verb = Text(result.verb, style="bold yellow" if result.verb in MUTATING_VERBS else "")
+        # Every cell is a Text: a str cell would be parsed as markup, and these come from the
+        # PVE host.
+        state = literal_text(
+            f"{result.state_before or '?'} → {result.state_after or '?'}", newlines=False
+        )
+        mutating = result.verb in MUTATING_VERBS
+        verb = literal_text(result.verb, "bold yellow" if mutating else "", newlines=False)
         if result.refused:
-            verb.append(f" refused ({result.refused})", style="bold red")
+            verb.append(
+                f" refused ({clean(str(result.refused), newlines=False)})", style="bold red"
+            )
         elif result.cold_case:
             verb.append(" cold case", style="bold red")
         elif not result.ok:
             verb.append(" failed", style="red")
-        bundle = result.bundle_id or "—"
+        bundle = literal_text(result.bundle_id or "—", newlines=False)
         table = self.query_one("#verbs", DataTable)
-        table.add_row(_clock(at), verb, state, bundle, key=str(len(self.results) - 1))
+        table.add_row(Text(_clock(at)), verb, state, bundle, key=str(len(self.results) - 1))
         table.move_cursor(row=table.row_count - 1)
         self._show_details(result)
 
     def _show_details(self, result: VerbResult) -> None:
         """The verb's sentence and its forensics probes (timeouts marked) above the probe log."""
-        lines = [Text(sanitize_text(f"{result.verb}: {result.message}"), style="bold")]
+        lines = [literal_text(f"{result.verb}: {result.message}", "bold")]
         if result.bundle_id:
-            lines.append(Text(f"bundle {result.bundle_id} (Enter or d downloads it)", style="dim"))
-        probes = result.document.get("probes") or []
+            lines.append(
+                literal_text(f"bundle {result.bundle_id} (Enter or d downloads it)", "dim")
+            )
+        document = result.document if isinstance(result.document, dict) else {}
+        probes = document.get("probes")
+        # The PVE host's document is outside data: only well-formed probe entries are shown.
+        probes = [p for p in probes if isinstance(p, dict)] if isinstance(probes, list) else []
         if probes:
             lines.append(self._verb_probes(result, probes))
         self._details = Text("\n").join(lines)
@@ -86,8 +99,8 @@ class ForensicsPane(Vertical):
         for i, probe in enumerate(probes):
             if i:
                 line.append(" · ")
-            status = str(probe.get("status", "?"))
-            name = sanitize_text(str(probe.get("name", "?")))
+            status = clean(str(probe.get("status", "?")), newlines=False, limit=40)
+            name = clean(str(probe.get("name", "?")), newlines=False, limit=80)
             style = {"ok": "green", "timeout": "bold yellow", "error": "red"}.get(status, "")
             mark = {"ok": "✓", "timeout": "TIMED OUT", "error": "✗"}.get(status, status)
             line.append(f"{name} {mark}", style=style)
@@ -101,7 +114,7 @@ class ForensicsPane(Vertical):
         line.append(result.reachability.value.replace("_", " "), style=style)
         if timeout:
             line.append(" (timed out)", style="yellow")
-        line.append(f" — {sanitize_text(result.message)}", style="dim")
+        line.append(f" — {clean(result.message)}", style="dim")
         self._probes.append(line)
         self._show_probes()
 

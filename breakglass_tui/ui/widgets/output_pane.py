@@ -22,7 +22,8 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widgets import Static
 
-from breakglass_tui.ui.sanitize import sanitize_line, sanitize_text
+from breakglass_tui.ui.guard import Guarded
+from breakglass_tui.ui.sanitize import clean, one_line, sanitize_line
 
 FLUSH_INTERVAL_S = 0.08  # within the 50-100 ms window: fast enough to feel live, few renders
 DEFAULT_MAX_LINES = 20_000
@@ -31,7 +32,7 @@ DEFAULT_MAX_LINES = 20_000
 MAX_PARTIAL_CHARS = 64 * 1024
 
 
-class OutputLog(ScrollView, can_focus=True):
+class OutputLog(Guarded, ScrollView, can_focus=True):
     """A bounded, scrollable list of lines that follows the tail unless scrolled up. Raw lines
     are sanitised when rendered; ``Text`` lines are the app's own (separators, summaries)."""
 
@@ -134,7 +135,7 @@ class OutputLog(ScrollView, can_focus=True):
         return strip.crop_extend(scroll_x, scroll_x + width, style).apply_offsets(scroll_x, index)
 
 
-class OutputPane(Vertical):
+class OutputPane(Guarded, Vertical):
     """The pane around :class:`OutputLog`: buffers chunks per call and flushes them on a timer."""
 
     def __init__(self, *, max_lines: int = DEFAULT_MAX_LINES, **kwargs) -> None:
@@ -162,7 +163,7 @@ class OutputPane(Vertical):
     def begin(self, call_id: str, label: str) -> None:
         """A separator naming the command whose output follows."""
         self._end_partial(call_id)
-        title = sanitize_text(label).replace("\n", " ⏎ ")
+        title = one_line(label, limit=500)
         rule = Text(f"── {title} ", style="bold cyan", no_wrap=True, end="")
         rule.append("─" * max(3, 60 - rule.cell_len), style="dim cyan")
         self._queue(rule)
@@ -211,7 +212,8 @@ class OutputPane(Vertical):
         """The call finished: its last partial line is written, then a one-line summary."""
         self._end_partial(call_id)
         if summary:
-            self._queue(Text(f"   ↳ {sanitize_text(summary)}", style="dim", no_wrap=True, end=""))
+            shown = clean(summary, newlines=False, limit=2000)
+            self._queue(Text(f"   ↳ {shown}", style="dim", no_wrap=True, end=""))
 
     def _end_partial(self, call_id: str) -> None:
         held = self._partial.pop(call_id, None)

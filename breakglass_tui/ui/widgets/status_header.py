@@ -8,9 +8,16 @@ from textual.widget import Widget
 
 from breakglass_tui.core.events import Usage
 from breakglass_tui.hosts.types import ProbeResult, Reachability, VerbResult
+from breakglass_tui.ui.guard import Guarded
+from breakglass_tui.ui.sanitize import clean
 
 
-class StatusHeader(Widget):
+def _shown(text: str) -> str:
+    # Header fields hold outside text (the operator's name, targets, the API's reason).
+    return clean(text, newlines=False, limit=300)
+
+
+class StatusHeader(Guarded, Widget):
     """Two lines: devvm reachability, VM state, Claude; keys, operator, targets."""
 
     devvm: reactive[str] = reactive("devvm: not probed yet")
@@ -34,24 +41,24 @@ class StatusHeader(Widget):
 
         first = Text(no_wrap=True, overflow="ellipsis")
         first.append("● ", style=mark(self.devvm_ok))
-        first.append(self.devvm)
+        first.append(_shown(self.devvm))
         first.append("   ● ", style=mark(self.vm_ok))
-        first.append(self.vm_state)
+        first.append(_shown(self.vm_state))
         first.append("   ● ", style=mark(self.claude_ok))
-        first.append(self.claude)
+        first.append(_shown(self.claude))
         if self.usage:
             style = {"warning": "bold yellow", "error": "bold red"}.get(self.usage_level, "dim")
-            first.append(f" · {self.usage}", style=style)
+            first.append(f" · {_shown(self.usage)}", style=style)
         second = Text(no_wrap=True, overflow="ellipsis", style="dim")
         if self.driver:
-            second.append(self.driver, style="not dim bold yellow")
+            second.append(_shown(self.driver), style="not dim bold yellow")
             second.append(" · ")
-        second.append(self.keys)
+        second.append(_shown(self.keys))
         if self.operator:
-            second.append(f" · operator {self.operator}")
+            second.append(f" · operator {_shown(self.operator)}")
         if self.targets:
             second.append(" · ")
-            second.append(self.targets, style="bold" if "lab" not in self.targets else "")
+            second.append(_shown(self.targets), style="bold" if "lab" not in self.targets else "")
         joined = Text("\n").join([first, second])
         joined.no_wrap, joined.overflow = True, "ellipsis"  # join() drops both
         return joined
