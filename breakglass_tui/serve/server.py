@@ -483,7 +483,9 @@ class BreakglassServer(Server):
         if not at_own_cap and len(live) < self.max_sessions:
             return True, None, ""
         driving = self._driving_session()
-        followers = [s for s in mine if s.label != driving]
+        # Only a tab known to follow another may be closed: while no tab has claimed the
+        # incident yet (a tab that just opened has not), each may be the one about to drive.
+        followers = [s for s in mine if driving is not None and s.label != driving]
         if followers:
             return True, followers[0], ""
         if at_own_cap:

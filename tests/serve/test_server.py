@@ -235,6 +235,29 @@ async def test_a_new_tab_of_an_operator_at_their_cap_evicts_their_oldest_followe
         await s.runner.cleanup()
 
 
+async def test_no_tab_is_evicted_while_none_drives_yet(tmp_path: Path) -> None:
+    """A tab that has opened but not yet claimed the incident (its app still starting) may be
+    about to drive it: an operator's new tab at their cap is refused, never closing it."""
+    s = await serve(tmp_path, max_sessions=1)
+    try:
+        async with aiohttp.ClientSession() as http:
+            viktor = {"Origin": s.base, "X-authentik-username": "viktor"}
+            first = await http.ws_connect(s.ws_url, headers=viktor)
+            await wait_for(lambda: len(s.server.sessions) == 1)
+            first_id = next(iter(s.server.sessions))
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(s.ws_url, headers=viktor)
+            assert err.value.status == 503
+            async with http.get(s.base + "/", headers=viktor) as page:
+                assert page.status == 503
+            assert list(s.server.sessions) == [first_id]
+            assert not first.closed
+            await first.close()
+            await wait_for(lambda: s.server.sessions == {}, 15)
+    finally:
+        await s.runner.cleanup()
+
+
 async def test_a_malformed_resize_frame_is_dropped_and_the_session_goes_on(served: Served) -> None:
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
