@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     # Seconds each Vault request may take.
     vault_timeout_s: float = Field(10.0, gt=0)
     agent_socket_dir: Path | None = None  # where a private ssh-agent's socket goes (0700 dir)
+    # SHA256 fingerprint (as `ssh-add -l` prints it) of the devvm key in the operator's own
+    # ssh-agent: required without Vault, since that agent may hold other keys. It is the only key
+    # ever offered to the devvm. breakglass-serve sets it for its app processes.
+    devvm_key_fingerprint: str | None = Field(None, pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
+    # SHA256 fingerprint of the PVE key in the operator's own ssh-agent (required without
+    # Vault): the only key ever offered to the PVE host, so no other key the host might accept as
+    # root can skip the forced command. breakglass-serve sets it for its app processes.
+    pve_key_fingerprint: str | None = Field(None, pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
 
     # -- the breakglass agent ------------------------------------------------------------------
     # The Claude model (README: "Choosing the model"); the default is the current Sonnet. Its
