@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     # Seconds each Vault request may take.
     vault_timeout_s: float = Field(10.0, gt=0)
     agent_socket_dir: Path | None = None  # where a private ssh-agent's socket goes (0700 dir)
+    # SHA256 fingerprint (as `ssh-add -l` prints it) of the devvm key in the operator's own
+    # ssh-agent: required without Vault, since that agent may hold other keys. It is the only key
+    # ever offered to the devvm. breakglass-serve sets it for its app processes.
+    devvm_key_fingerprint: str | None = Field(None, pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
+    # SHA256 fingerprint of the PVE key in the operator's own ssh-agent (required without
+    # Vault): the only key ever offered to the PVE host, so no other key the host might accept as
+    # root can skip the forced command. breakglass-serve sets it for its app processes.
+    pve_key_fingerprint: str | None = Field(None, pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
 
     # -- the breakglass agent ------------------------------------------------------------------
     # The Claude model (README: "Choosing the model"); the default is the current Sonnet. Its
@@ -111,11 +119,24 @@ class Settings(BaseSettings):
 
     # -- breakglass-serve ---------------------------------------------------------------------
     serve_host: str = "0.0.0.0"  # noqa: S104 - the pod listens on its own IP; the Service fronts it
-    # Port breakglass-serve listens on.
+    # Port breakglass-serve serves the console on: TLS with a required client certificate
+    # (below); plain HTTP only in the lab without certificates.
     serve_port: int = Field(8080, ge=1, le=65535)
     public_url: str | None = None  # https://breakglass.example.org — required by breakglass-serve
-    # Request header in which the auth proxy names the signed-in user (for the audit).
+    # Request header in which the auth proxy names the signed-in user (for the audit). A console
+    # request without it is refused with 403 (only the lab has a fallback operator).
     identity_header: str = "X-authentik-username"
+    # The console's server certificate chain (PEM file, mounted from a Secret). Required by
+    # breakglass-serve outside --lab.
+    tls_cert_file: Path | None = None
+    # Its private key (PEM file, unencrypted, from the same Secret). Required outside --lab.
+    tls_key_file: Path | None = None
+    # The certificate (PEM file) of the CA that signed the ingress controller's client
+    # certificate, and nothing else: a connection without a client certificate chaining to it
+    # fails in the TLS handshake. Only the CA's certificate, never its key. Required outside --lab.
+    client_ca_file: Path | None = None
+    # Plain-HTTP port for the kubelet and Prometheus: /healthz and /readyz only, no app, no page.
+    health_port: int = Field(8081, ge=1, le=65535)
     # Browser tabs served at once (each is one app process).
     max_sessions: int = Field(4, ge=1)
     # Within max_sessions: one operator's tabs at most; their next tab closes their oldest

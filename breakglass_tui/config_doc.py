@@ -40,7 +40,8 @@ prefix `{prefix}`, or from a `.env`-style file named by `{prefix}CONFIG_FILE` (v
 the file). They are validated once at start: a bad value stops the program with a message naming
 the variable, never echoing its value. The Helm chart sets the variables from its values
 (`helm/breakglass/values.yaml`); under `breakglass-serve` each tab's app process gets the
-`{prefix}*` variables except `{prefix}VAULT_*` and `{prefix}CONFIG_FILE`.
+`{prefix}*` variables except `{prefix}VAULT_*`, `{prefix}CONFIG_FILE` and the console
+port's TLS files.
 
 Read by the Anthropic SDK, not by this model: `ANTHROPIC_API_KEY` (from a Secret in the chart;
 without it the console runs in manual mode) and `ANTHROPIC_BASE_URL`.

@@ -4,6 +4,10 @@ Keys go Vault -> memory -> ssh-agent over its socket (docs/keys.md); they are ne
 file. Once loaded, the SSH connections sign through the agent and the Vault token is gone, so a
 Vault outage after that does not touch the session. The ADR's point stands: the agent is hygiene,
 the narrow Vault policy is the control.
+
+Each key belongs to one target: :class:`LoadedKeys` names the devvm key and the PVE key by
+fingerprint, and the hosts layer offers each target only its own (``SshTarget.key_fingerprint``).
+A reload (:meth:`LoadedKeys.reload`) keeps that mapping.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import asyncssh
 
 from breakglass_tui.config import Settings
+from breakglass_tui.hosts.ssh import fingerprint
 from breakglass_tui.hosts.vault import (
     AgentStartError,
     KeysError,
@@ -136,8 +141,28 @@ class KeyAgent:
 
     async def key_count(self) -> int:
         """How many keys the agent holds (public keys only are fetched)."""
+        return len(await self.fingerprints())
+
+    async def fingerprints(self) -> list[str]:
+        """The SHA256 fingerprints of the keys the agent holds, in its order."""
         async with asyncssh.connect_agent(self.socket_path) as agent:
-            return len(await agent.get_keys())
+            return [fingerprint(key) for key in await agent.get_keys()]
+
+    async def replace_keys(self, keys: Sequence[asyncssh.SSHKey]) -> None:
+        """Make ``keys`` the agent's only keys: add them first, then remove every other one, so
+        a connection starting meanwhile always finds its key."""
+        await self.add_keys(keys)
+        keep = {key.get_fingerprint("sha256") for key in keys}
+        try:
+            async with asyncssh.connect_agent(self.socket_path) as agent:
+                stale = [key for key in await agent.get_keys() if fingerprint(key) not in keep]
+                if stale:
+                    await agent.remove_keys(stale)
+        except (OSError, ValueError, asyncssh.Error) as exc:
+            raise AgentStartError(
+                f"the ssh-agent at {self.socket_path} would not drop the replaced keys"
+                f" ({type(exc).__name__}): restart the console"
+            ) from None
 
     async def close(self) -> None:
         """Stop the agent if this object started it (by its PID) and remove its directory;
@@ -253,22 +278,50 @@ def _is_socket(path: str) -> bool:
 
 @dataclass
 class LoadedKeys:
-    """Where the breakglass connections get their keys, and the pinned host keys.
+    """Where the breakglass connections get their keys, which key is whose, and the pinned host
+    keys.
 
     ``source`` is ``"vault"`` (a private agent fed from Vault) or ``"ssh-agent"`` (the operator's
-    SSH_AUTH_SOCK). ``*_known_hosts`` come from the Vault secret, or from BREAKGLASS_DEVVM_HOST_KEY
-    / BREAKGLASS_PVE_HOST_KEY without Vault (None if unset).
+    SSH_AUTH_SOCK). ``devvm_fingerprint`` / ``pve_fingerprint`` name the one key each target is
+    offered (give them to ``SshTarget.key_fingerprint``). ``*_known_hosts`` come from the Vault
+    secret, or from BREAKGLASS_DEVVM_HOST_KEY / BREAKGLASS_PVE_HOST_KEY without Vault (None if
+    unset).
     """
 
     agent: KeyAgent
     devvm_known_hosts: str | None
     pve_known_hosts: str | None
     source: str
+    devvm_fingerprint: str
+    pve_fingerprint: str
 
     @property
     def agent_path(self) -> str:
         """The agent socket to pass as ``agent_path`` to the hosts layer."""
         return self.agent.socket_path
+
+    async def reload(self, settings: Settings) -> bool:
+        """Load the keys again (Vault: read the secret anew; the operator's agent: check it
+        still holds the configured keys) and keep each key bound to its own target. True when a
+        key changed. On any error nothing changes: the keys loaded before stay in use."""
+        if self.source != "vault":
+            devvm, pve = await _operator_fingerprints(self.agent, settings)
+            changed = (devvm, pve) != (self.devvm_fingerprint, self.pve_fingerprint)
+            self.devvm_fingerprint, self.pve_fingerprint = devvm, pve
+            self.devvm_known_hosts = settings.devvm_host_key
+            self.pve_known_hosts = settings.pve_host_key
+            return changed
+        keys = await asyncio.to_thread(read_breakglass_keys, settings)
+        devvm, pve = (
+            keys.devvm_key.get_fingerprint("sha256"),
+            keys.pve_key.get_fingerprint("sha256"),
+        )
+        await self.agent.replace_keys([keys.devvm_key, keys.pve_key])
+        changed = (devvm, pve) != (self.devvm_fingerprint, self.pve_fingerprint)
+        self.devvm_fingerprint, self.pve_fingerprint = devvm, pve
+        self.devvm_known_hosts, self.pve_known_hosts = keys.devvm_known_hosts, keys.pve_known_hosts
+        del keys
+        return changed
 
     async def close(self) -> None:
         """Stop the private agent (an operator's agent is left running)."""
@@ -280,7 +333,9 @@ async def load_keys(settings: Settings, *, environ: Mapping[str, str] | None = N
 
     With BREAKGLASS_VAULT_ADDR: read the secret from Vault (token revoked and dropped), start a
     private ssh-agent and add both keys from memory. Without it: use the operator's running
-    ssh-agent (``SSH_AUTH_SOCK``). Raises a :class:`KeysError` subclass with a readable message.
+    ssh-agent (``SSH_AUTH_SOCK``), which must hold the keys BREAKGLASS_DEVVM_KEY_FINGERPRINT and
+    BREAKGLASS_PVE_KEY_FINGERPRINT name. Raises a :class:`KeysError` subclass with a readable
+    message.
     """
     env = os.environ if environ is None else environ
     if settings.vault_addr:
@@ -291,7 +346,14 @@ async def load_keys(settings: Settings, *, environ: Mapping[str, str] | None = N
         except BaseException:
             await agent.close()
             raise
-        loaded = LoadedKeys(agent, keys.devvm_known_hosts, keys.pve_known_hosts, "vault")
+        loaded = LoadedKeys(
+            agent,
+            keys.devvm_known_hosts,
+            keys.pve_known_hosts,
+            "vault",
+            devvm_fingerprint=keys.devvm_key.get_fingerprint("sha256"),
+            pve_fingerprint=keys.pve_key.get_fingerprint("sha256"),
+        )
         del keys  # the agent holds the keys now; drop our references
         return loaded
     sock = env.get("SSH_AUTH_SOCK", "")
@@ -306,16 +368,59 @@ async def load_keys(settings: Settings, *, environ: Mapping[str, str] | None = N
             " with the breakglass keys, or set BREAKGLASS_VAULT_ADDR"
         )
     agent = KeyAgent.existing(sock)
+    devvm, pve = await _operator_fingerprints(agent, settings)
+    return LoadedKeys(
+        agent,
+        settings.devvm_host_key,
+        settings.pve_host_key,
+        "ssh-agent",
+        devvm_fingerprint=devvm,
+        pve_fingerprint=pve,
+    )
+
+
+async def _operator_fingerprints(agent: KeyAgent, settings: Settings) -> tuple[str, str]:
+    """The devvm and PVE key fingerprints the settings name, checked against what the operator's
+    agent holds. Raises NoKeySource naming what is missing."""
+    sock = agent.socket_path
     try:
-        count = await agent.key_count()
+        held = await agent.fingerprints()
     except (OSError, asyncssh.Error):
         raise NoKeySource(
             f"the ssh-agent at SSH_AUTH_SOCK ({sock}) does not answer: restart it and add the"
             " breakglass keys, or set BREAKGLASS_VAULT_ADDR"
         ) from None
-    if count == 0:
+    if not held:
         raise NoKeySource(
             f"the ssh-agent at SSH_AUTH_SOCK ({sock}) holds no keys: `ssh-add` the breakglass"
             " keys, or set BREAKGLASS_VAULT_ADDR"
         )
-    return LoadedKeys(agent, settings.devvm_host_key, settings.pve_host_key, "ssh-agent")
+    devvm, pve = settings.devvm_key_fingerprint, settings.pve_key_fingerprint
+    if not devvm or not pve:
+        missing = [
+            name
+            for name, value in (
+                ("BREAKGLASS_DEVVM_KEY_FINGERPRINT", devvm),
+                ("BREAKGLASS_PVE_KEY_FINGERPRINT", pve),
+            )
+            if not value
+        ]
+        raise NoKeySource(
+            f"{' and '.join(missing)} not set: with your own ssh-agent the console must know which"
+            " key is the devvm's and which the PVE host's (each is offered only to its own host);"
+            " set them to the SHA256 fingerprints `ssh-add -l` shows, or set BREAKGLASS_VAULT_ADDR"
+        )
+    if devvm == pve:
+        raise NoKeySource(
+            "BREAKGLASS_DEVVM_KEY_FINGERPRINT and BREAKGLASS_PVE_KEY_FINGERPRINT name the same key:"
+            " the PVE host's key must be a separate key that can only run the forced command"
+            " (docs/keys.md)"
+        )
+    for name, value in (("devvm", devvm), ("PVE", pve)):
+        if value not in held:
+            raise NoKeySource(
+                f"the ssh-agent at SSH_AUTH_SOCK ({sock}) does not hold the {name} key"
+                f" ({value}): `ssh-add` it (`ssh-add -l` lists what the agent holds), or fix"
+                f" BREAKGLASS_{name.upper()}_KEY_FINGERPRINT"
+            )
+    return devvm, pve

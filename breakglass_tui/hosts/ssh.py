@@ -3,7 +3,9 @@
 One place decides how we connect, so every connection in the hosts layer is the same hardened
 kind: IP literal, pinned host key (never ``known_hosts=None``), ``~/.ssh/config`` ignored,
 connect timeout and keepalives on, public-key authentication only, keys from memory or from one
-named ssh-agent (never the ``~/.ssh`` default keys, never a stray ``SSH_AUTH_SOCK``).
+named ssh-agent (never the ``~/.ssh`` default keys, never a stray ``SSH_AUTH_SOCK``) — and of
+those, only the key whose fingerprint the target names (:func:`keys_for`): the devvm key is never
+offered to the PVE host, nor the PVE key to the devvm.
 
 Failures become :class:`SshConnectError` with a :class:`~breakglass_tui.hosts.types.Reachability`
 kind and a sentence naming the cause and the next step.
@@ -11,8 +13,10 @@ kind and a sentence naming the cause and the next step.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,10 +136,38 @@ def _classify_os_error(exc: OSError, target: SshTarget) -> SshConnectError:
     )
 
 
+Key = asyncssh.SSHKeyPair | asyncssh.SSHKey
+
+
+def fingerprint(key: Key) -> str:
+    """The OpenSSH SHA256 fingerprint of a key in memory or of a key an ssh-agent holds (a
+    certificate's underlying key for a certificate)."""
+    blob = key.public_data if isinstance(key, asyncssh.SSHKey) else key.key_public_data
+    # What `ssh-add -l` prints: the unpadded base64 of the SHA-256 of the public key blob.
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def keys_for(target: SshTarget, keys: Sequence[Key]) -> list[Key]:
+    """The keys to offer ``target``: only the one its ``key_fingerprint`` names (every key when it
+    names none). Raises :class:`SshConnectError` when that key is not among ``keys``."""
+    if target.key_fingerprint is None:
+        return list(keys)
+    chosen = [key for key in keys if fingerprint(key) == target.key_fingerprint][:1]
+    if not chosen:
+        raise SshConnectError(
+            Reachability.AUTH_REFUSED,
+            f"the {target.name} key ({target.key_fingerprint}) is not among the loaded keys, and"
+            f" no other key is ever offered to the {target.name}: the keys were not loaded, or were"
+            " replaced since this session started; open the console again (a new tab, or restart"
+            " it) so it uses the keys loaded now (docs/keys.md)",
+        )
+    return chosen
+
+
 async def connect(target: SshTarget, options: ConnectOptions) -> asyncssh.SSHClientConnection:
     """An authenticated connection to target, or :class:`SshConnectError` saying why not."""
     known = pinned_known_hosts(target)
-    keys: list[asyncssh.SSHKeyPair | asyncssh.SSHKey] = list(options.client_keys or ())
+    keys: list[Key] = list(options.client_keys or ())
     agent: asyncssh.SSHAgentClient | None = None
     if options.agent_path:
         agent, agent_keys = await _agent_keys(options.agent_path, target)
@@ -146,6 +178,12 @@ async def connect(target: SshTarget, options: ConnectOptions) -> asyncssh.SSHCli
             f"no SSH key to log in to the {target.name} with: give an ssh-agent or in-memory keys",
         )
     where = f"{target.name} ({target.host}:{target.port})"
+    try:
+        keys = keys_for(target, keys)
+    except SshConnectError:
+        if agent is not None:
+            agent.close()
+        raise
     try:
         return await asyncssh.connect(
             target.host,
@@ -184,8 +222,14 @@ async def connect(target: SshTarget, options: ConnectOptions) -> asyncssh.SSHCli
     except asyncssh.PermissionDenied:
         raise SshConnectError(
             Reachability.AUTH_REFUSED,
-            f"the {where} refused our key for user {target.user!r}: check that the breakglass"
-            " public key is in that user's authorized_keys",
+            f"the {where} refused our key for user {target.user!r}"
+            + (
+                f" (the {target.name} key {target.key_fingerprint}, the only one offered to it)"
+                if target.key_fingerprint
+                else ""
+            )
+            + f": check that the breakglass {target.name} public key is in that user's"
+            " authorized_keys",
         ) from None
     except asyncssh.DisconnectError as exc:
         raise SshConnectError(

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Stream = Literal["stdout", "stderr"]
+
+# An OpenSSH SHA256 key fingerprint as `ssh-add -l` and `ssh-keygen -lf` print it.
+FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
 
 @dataclass(frozen=True)
@@ -24,8 +28,18 @@ class SshTarget:
     # known_hosts text pinning the host key. None only in the lab, never for real targets.
     known_hosts: str | None
     name: str = "devvm"
+    # The SHA256 fingerprint of the one key offered to this target (docs/keys.md: keys per
+    # target). The devvm key is never offered to the PVE host, nor the PVE key to the devvm, so
+    # a key that a host would wrongly accept cannot skip the forced command. None offers every
+    # key given (tests, and the lab's own helpers); real targets always name one.
+    key_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
+        if self.key_fingerprint is not None and not FINGERPRINT_RE.fullmatch(self.key_fingerprint):
+            raise ValueError(
+                f"the {self.name} key fingerprint is not an OpenSSH SHA256 fingerprint"
+                " (SHA256: and 43 base64 characters, as `ssh-add -l` prints it)"
+            )
         try:
             ipaddress.ip_address(self.host)
         except ValueError:

@@ -429,6 +429,15 @@ def _parse(data: dict[str, Any], settings: Settings) -> BreakglassKeys:
                 field=name,
             )
     keys = {name: _import_key(data[name], name, where) for name in KEY_FIELDS}
+    if keys["devvm_private_key"].get_fingerprint() == keys["pve_private_key"].get_fingerprint():
+        # Each key is offered only to its own target (by fingerprint): one key for both would
+        # make the devvm's root key and the forced-command key the same thing.
+        raise SecretFieldInvalid(
+            f"the breakglass secret {where} holds the same key in devvm_private_key and"
+            " pve_private_key: the PVE host's key must be a separate key that can only run the"
+            " forced command; make a second key pair and rewrite pve_private_key (docs/keys.md)",
+            field="pve_private_key",
+        )
     known = {name: _check_known_hosts(data[name], name, where) for name in KNOWN_HOSTS_FIELDS}
     return BreakglassKeys(
         devvm_key=keys["devvm_private_key"],

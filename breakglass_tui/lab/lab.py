@@ -149,8 +149,10 @@ async def start_lab(
         "lab %s: devvm on 127.0.0.1:%s, PVE host on 127.0.0.1:%s", scenario, devvm_port, pve_port
     )
     return Lab(
-        devvm=pinned_target(devvm_port, DEVVM_USER, public_line(devvm_host_key), "devvm"),
-        pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve"),
+        devvm=pinned_target(
+            devvm_port, DEVVM_USER, public_line(devvm_host_key), "devvm", devvm_key
+        ),
+        pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve", pve_key),
         devvm_key=devvm_key,
         pve_key=pve_key,
         sim=sim,

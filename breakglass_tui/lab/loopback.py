@@ -23,7 +23,17 @@ def public_line(key: asyncssh.SSHKey) -> str:
     return key.export_public_key("openssh").decode().strip()
 
 
-def pinned_target(port: int, user: str, host_key_line: str, name: str) -> SshTarget:
-    """127.0.0.1:port as an SshTarget whose known_hosts pins the host key of host_key_line."""
+def pinned_target(
+    port: int, user: str, host_key_line: str, name: str, key: asyncssh.SSHKey | None = None
+) -> SshTarget:
+    """127.0.0.1:port as an SshTarget whose known_hosts pins the host key of host_key_line; with
+    ``key``, only that client key is ever offered to it (as for real targets)."""
     algorithm, blob = host_key_line.split()[:2]
-    return SshTarget("127.0.0.1", port, user, f"[127.0.0.1]:{port} {algorithm} {blob}\n", name=name)
+    return SshTarget(
+        "127.0.0.1",
+        port,
+        user,
+        f"[127.0.0.1]:{port} {algorithm} {blob}\n",
+        name=name,
+        key_fingerprint=key.get_fingerprint("sha256") if key is not None else None,
+    )

@@ -17,7 +17,16 @@ from breakglass_tui.serve.server import ServeState
 log = logging.getLogger("breakglass.serve")
 
 
-def target_env(prefix: str, host: str, port: int, user: str, known_hosts: str | None) -> dict:
+def target_env(
+    prefix: str,
+    host: str,
+    port: int,
+    user: str,
+    known_hosts: str | None,
+    key_fingerprint: str | None = None,
+) -> dict:
+    """A target for the app processes' environment. ``key_fingerprint`` names the one key in the
+    server's ssh-agent the app may offer that target (keys per target, docs/keys.md)."""
     env = {
         f"BREAKGLASS_{prefix}_HOST": host,
         f"BREAKGLASS_{prefix}_PORT": str(port),
@@ -25,6 +34,8 @@ def target_env(prefix: str, host: str, port: int, user: str, known_hosts: str | 
     }
     if known_hosts:
         env[f"BREAKGLASS_{prefix}_HOST_KEY"] = known_hosts
+    if key_fingerprint:
+        env[f"BREAKGLASS_{prefix}_KEY_FINGERPRINT"] = key_fingerprint
     return env
 
 
@@ -45,6 +56,7 @@ class ServeBackend:
         self.state_dir = state_dir
         self._lab: Any = None
         self._agent: Any = None
+        self._loaded: Any = None  # hosts.keyagent.LoadedKeys, for real targets
 
     async def prepare(self, state: ServeState) -> None:
         """Load the keys and describe the targets for the app processes; fill /readyz's state."""
@@ -63,14 +75,20 @@ class ServeBackend:
                 self._lab = lab = await start_lab(self.scenario)
             self._agent = await KeyAgent.start_private()
             await self._agent.add_keys(lab.client_keys)
-            env.update(
-                target_env(
-                    "DEVVM", lab.devvm.host, lab.devvm.port, lab.devvm.user, lab.devvm.known_hosts
+            for prefix, target, key in (
+                ("DEVVM", lab.devvm, lab.devvm_key),
+                ("PVE", lab.pve, lab.pve_key),
+            ):
+                env.update(
+                    target_env(
+                        prefix,
+                        target.host,
+                        target.port,
+                        target.user,
+                        target.known_hosts,
+                        key.get_fingerprint("sha256"),
+                    )
                 )
-            )
-            env.update(
-                target_env("PVE", lab.pve.host, lab.pve.port, lab.pve.user, lab.pve.known_hosts)
-            )
             env["BREAKGLASS_TARGETS_ARE_LAB"] = "1"
         else:
             s = self.settings
@@ -78,26 +96,9 @@ class ServeBackend:
                 raise RuntimeError(
                     "BREAKGLASS_DEVVM_HOST and BREAKGLASS_PVE_HOST must both be set (IP literals)"
                 )
-            loaded = await load_keys(s)
+            self._loaded = loaded = await load_keys(s)
             self._agent = loaded.agent
-            env.update(
-                target_env(
-                    "DEVVM",
-                    s.devvm_host,
-                    s.devvm_port,
-                    s.devvm_user,
-                    loaded.devvm_known_hosts or s.devvm_host_key,
-                )
-            )
-            env.update(
-                target_env(
-                    "PVE",
-                    s.pve_host,
-                    s.pve_port,
-                    s.pve_user,
-                    loaded.pve_known_hosts or s.pve_host_key,
-                )
-            )
+            env.update(self._real_targets_env())
             if not env.get("BREAKGLASS_DEVVM_HOST_KEY") or not env.get("BREAKGLASS_PVE_HOST_KEY"):
                 raise RuntimeError(
                     "no pinned host key for the devvm or the PVE host: put devvm_known_hosts and"
@@ -110,6 +111,38 @@ class ServeBackend:
         state.config_ok = True
         state.problem = ""
         log.info("ready", extra={"lab": self.lab_mode, "scenario": self.scenario})
+
+    def _real_targets_env(self) -> dict[str, str]:
+        s, loaded = self.settings, self._loaded
+        env = target_env(
+            "DEVVM",
+            s.devvm_host,
+            s.devvm_port,
+            s.devvm_user,
+            loaded.devvm_known_hosts or s.devvm_host_key,
+            loaded.devvm_fingerprint,
+        )
+        env.update(
+            target_env(
+                "PVE",
+                s.pve_host,
+                s.pve_port,
+                s.pve_user,
+                loaded.pve_known_hosts or s.pve_host_key,
+                loaded.pve_fingerprint,
+            )
+        )
+        return env
+
+    async def reload_keys(self, state: ServeState) -> bool:
+        """Load the keys again (real targets only) and give the tabs opened from now on each
+        key's new fingerprint: each key stays bound to its own target. True when a key changed;
+        on an error nothing changes and the error is raised."""
+        if self._loaded is None:
+            return False
+        changed = await self._loaded.reload(self.settings)
+        state.child_env = {**state.child_env, **self._real_targets_env()}
+        return changed
 
     async def close(self) -> None:
         if self._agent is not None:

@@ -3,6 +3,11 @@
 At start the server loads the keys once — from Vault into a private ssh-agent (or, with ``--lab``,
 the lab's generated keys) — and each tab's app process gets only the agent's socket, the targets
 and its operator's name. Settings come from flags or the matching ``BREAKGLASS_*`` variables.
+
+Outside ``--lab`` the console port is TLS and only the ingress, holding the client certificate the
+client CA signed, can reach the app (``serve.tls``); every console request must carry the identity
+header. ``--lab`` serves plain HTTP on 127.0.0.1 with its lab operator, unless TLS files are given.
+Health and readiness are on a plain port of their own (``--health-port``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from breakglass_tui.config import ConfigError, Settings, load_settings
 from breakglass_tui.startup import state_dir_problem
 
+TLS_VARIABLES = ("BREAKGLASS_TLS_CERT_FILE", "BREAKGLASS_TLS_KEY_FILE", "BREAKGLASS_CLIENT_CA_FILE")
 SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
 
 
@@ -26,7 +32,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="listen address (BREAKGLASS_SERVE_HOST, default 0.0.0.0)")
     parser.add_argument(
-        "--port", type=int, help="listen port (BREAKGLASS_SERVE_PORT, default 8080)"
+        "--port", type=int, help="console port (BREAKGLASS_SERVE_PORT, default 8080)"
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        help="plain-HTTP port of /healthz and /readyz only (BREAKGLASS_HEALTH_PORT, default 8081;"
+        " with --lab, the console port + 1)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        help="the console's server certificate, PEM (BREAKGLASS_TLS_CERT_FILE; required but"
+        " with --lab)",
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, help="its private key, PEM (BREAKGLASS_TLS_KEY_FILE)"
+    )
+    parser.add_argument(
+        "--client-ca",
+        type=Path,
+        help="certificate of the CA that signed the ingress controller's client certificate"
+        " (BREAKGLASS_CLIENT_CA_FILE): connections without such a certificate are refused",
     )
     parser.add_argument(
         "--public-url",
@@ -64,6 +91,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for flag, name in (
         ("host", "serve_host"),
         ("port", "serve_port"),
+        ("health_port", "health_port"),
+        ("tls_cert", "tls_cert_file"),
+        ("tls_key", "tls_key_file"),
+        ("client_ca", "client_ca_file"),
         ("public_url", "public_url"),
         ("identity_header", "identity_header"),
         ("max_sessions", "max_sessions"),
@@ -75,15 +106,46 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.lab and "serve_host" not in overrides and not os.environ.get("BREAKGLASS_SERVE_HOST"):
         overrides["serve_host"] = "127.0.0.1"  # the lab is for this machine, not the network
     settings = load_settings(**overrides)
+    if args.lab and "health_port" not in overrides and not os.environ.get("BREAKGLASS_HEALTH_PORT"):
+        # Beside the console port, so two labs on one machine do not collide on 8081.
+        port = settings.serve_port
+        overrides["health_port"] = port + 1 if port < 65535 else port - 1
+        settings = load_settings(**overrides)
     if not settings.public_url:
         if args.lab:
+            scheme = "https" if settings.tls_cert_file else "http"
             settings = load_settings(
-                **overrides, public_url=f"http://127.0.0.1:{settings.serve_port}"
+                **overrides, public_url=f"{scheme}://127.0.0.1:{settings.serve_port}"
             )
         else:
             raise ConfigError(
                 "BREAKGLASS_PUBLIC_URL (or --public-url) is required: the URL the browser uses,"
                 " e.g. https://breakglass.example.org. Websockets from other origins are refused."
+            )
+    if settings.health_port == settings.serve_port:
+        raise ConfigError(
+            f"BREAKGLASS_HEALTH_PORT and BREAKGLASS_SERVE_PORT are both {settings.serve_port}: the"
+            " health port is a plain-HTTP port of its own; give it another number"
+        )
+    tls = [settings.tls_cert_file, settings.tls_key_file, settings.client_ca_file]
+    if any(tls) and not all(tls):
+        missing = [name for name, value in zip(TLS_VARIABLES, tls, strict=True) if value is None]
+        raise ConfigError(
+            f"{', '.join(missing)} not set: the console's TLS needs its certificate, its key and"
+            " the ingress client CA together (docs/install.md, step 6)"
+        )
+    if not args.lab:
+        if not all(tls):
+            raise ConfigError(
+                "BREAKGLASS_TLS_CERT_FILE, BREAKGLASS_TLS_KEY_FILE and BREAKGLASS_CLIENT_CA_FILE"
+                " are required outside --lab: only the ingress, holding a client certificate"
+                " that CA signed, may reach the console (the chart mounts them from Secrets;"
+                " docs/install.md, step 6)"
+            )
+        if not str(settings.public_url).startswith("https://"):
+            raise ConfigError(
+                "BREAKGLASS_PUBLIC_URL must be https:// outside --lab: the browser reaches the"
+                " console through the ingress, over TLS"
             )
     return settings
 
@@ -101,12 +163,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from breakglass_tui.serve.backend import ServeBackend
     from breakglass_tui.serve.server import BreakglassServer, app_command
+    from breakglass_tui.serve.tls import TlsConfigError, TlsFiles, check_files, server_context
 
     state_dir = Path(settings.state_dir).absolute()
     problem = state_dir_problem(state_dir)
     if problem:
         print(f"breakglass-serve: {problem}", file=sys.stderr)
         return 2
+    ssl_context = None
+    if settings.tls_cert_file and settings.tls_key_file and settings.client_ca_file:
+        files = TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.client_ca_file)
+        try:
+            ssl_context = server_context(files)
+            for warning in check_files(files).warnings:
+                print(f"breakglass-serve: warning: {warning}", file=sys.stderr)
+        except TlsConfigError as exc:
+            print(f"breakglass-serve: {exc}", file=sys.stderr)
+            return 2
     backend = ServeBackend(
         settings,
         lab=args.lab,
@@ -123,10 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=settings.max_sessions,
         max_sessions_per_operator=settings.max_sessions_per_operator,
         state_dir=state_dir,
-        default_operator=settings.operator,
+        # Only the lab has a fallback operator; real targets refuse a request without the header.
+        default_operator=settings.operator if args.lab else None,
         prepare=backend.prepare,
         cleanup=backend.close,
         title="breakglass (lab)" if args.lab else "breakglass",
+        ssl_context=ssl_context,
+        health_port=settings.health_port,
     )
     # A VAULT_TOKEN in the environment is read (and removed) by the key loading in prepare();
     # the children's environment is an allowlist that never includes it either way.

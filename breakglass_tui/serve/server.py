@@ -2,15 +2,22 @@
 
 textual-serve on its own accepts a websocket from any ``Origin``, hands every app process the
 server's whole environment, caps nothing, lists ``/static``, loads Google Fonts and buffers each
-child's stderr without bound (DESIGN.md §4). This subclass closes each of those holes:
+child's stderr without bound (DESIGN.md §4), and trusts whoever reaches its port. This subclass
+closes each of those holes:
 
+- only the ingress can talk to the app: outside ``--lab`` the console port speaks TLS and requires
+  a client certificate chaining to the ingress client CA (``serve.tls``), so anything else fails
+  in the handshake, before a request is read or a process started;
+- the proxy's identity header names the operator in the child's environment (for the audit); a
+  console request without it is refused with 403 (only ``--lab`` has a fallback operator);
 - ``/ws`` refuses any ``Origin`` but the public URL's (403, logged, nothing spawned);
 - each app process gets an environment built from an allowlist (never a Vault variable);
-- the proxy's identity header names the operator in the child's environment (for the audit);
 - a session cap, and within it a cap per operator: a new tab of an operator at their cap evicts
   their oldest read-only tab (a follower) rather than being refused;
-- ``/healthz`` and ``/readyz``, no directory listing, self-hosted fonts, a CSP and the usual
-  security headers on every response, errors included (a 404 never echoes the request);
+- ``/healthz`` and ``/readyz`` on a separate plain-HTTP port that serves no app and no page (the
+  kubelet's and Prometheus's); no directory listing, self-hosted fonts, a CSP and the usual
+  security headers on every response of both ports, errors included (a 404 never echoes the
+  request);
 - a malformed frame from the browser (a resize with ``Infinity`` or a huge number) is dropped;
 - a tab whose websocket dropped has its app told to quit and its output drained until it exits
   (the app stops in order, bounded: ``ui.stopping``), then killed if it will not;
@@ -28,6 +35,7 @@ import logging
 import os
 import shlex
 import signal
+import ssl
 import sys
 import time
 from asyncio.subprocess import Process
@@ -46,6 +54,7 @@ from textual_serve.server import Server
 
 from breakglass_tui.core.ids import new_session_id
 from breakglass_tui.serve.audit_forward import AuditForwarder
+from breakglass_tui.serve.tls import peer_name
 
 log = logging.getLogger("breakglass.serve")
 
@@ -58,8 +67,14 @@ UPSTREAM_STATIC = Path(__import__("textual_serve").__file__).parent / "static"
 CHILD_ENV_ALLOW = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
 CHILD_ENV_ALLOW_PREFIXES = ("BREAKGLASS_",)
 CHILD_ENV_DENY_PREFIXES = ("BREAKGLASS_VAULT_", "VAULT_")
-# A config file could name Vault itself: the children get their settings as variables only.
-CHILD_ENV_DENY = ("BREAKGLASS_CONFIG_FILE",)
+# A config file could name Vault itself: the children get their settings as variables only. The
+# console port's TLS files are the server's alone.
+CHILD_ENV_DENY = (
+    "BREAKGLASS_CONFIG_FILE",
+    "BREAKGLASS_TLS_CERT_FILE",
+    "BREAKGLASS_TLS_KEY_FILE",
+    "BREAKGLASS_CLIENT_CA_FILE",
+)
 CHILD_ENV_PASS_SECRETS = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")  # the app calls Claude itself
 
 MAX_STDERR_LINE = 2000  # bytes of one stderr line kept in the server log
@@ -81,6 +96,8 @@ ERROR_TEXT = {
     413: "Request too large.\n",
     500: "Internal error: the server log has the details.\n",
 }
+# The paths of the plain health port; the console port serves neither.
+HEALTH_PATHS = ("/healthz", "/readyz")
 
 CSP = (
     "default-src 'none'; "
@@ -322,16 +339,26 @@ class BreakglassServer(Server):
         identity_header: str,
         max_sessions: int,
         state_dir: Path,
-        default_operator: str,
+        default_operator: str | None = None,
         max_sessions_per_operator: int | None = None,
         prepare: Callable[[ServeState], Any] | None = None,
         cleanup: Callable[[], Any] | None = None,
         title: str = "breakglass",
         quit_grace_s: float = QUIT_GRACE_S,
+        ssl_context: ssl.SSLContext | None = None,
+        health_port: int | None = None,
     ) -> None:
+        """``default_operator`` names the operator of a request without the identity header:
+        only ``--lab`` gives one; None (real targets) refuses such a request with 403.
+        ``ssl_context`` (from ``serve.tls.server_context``) makes the console port TLS with a
+        required client certificate. ``health_port`` serves /healthz and /readyz in plain HTTP
+        (None: not at all, for tests that do not need them)."""
         super().__init__(command, host=host, port=port, title=title, public_url=public_url)
         self.public_origin = origin_of(public_url)
         self.identity_header = identity_header
+        self.ssl_context = ssl_context
+        self.health_port = health_port
+        self._runners: list[web.AppRunner] = []
         self.max_sessions = max_sessions
         self.max_per_operator = min(max_sessions, max_sessions_per_operator or max_sessions)
         self._background: set[asyncio.Task[None]] = set()
@@ -362,12 +389,58 @@ class BreakglassServer(Server):
         # asyncssh logs every channel at INFO (the lab's servers run in this process).
         logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
+    # -- running --------------------------------------------------------------------------------
+    def serve(self, debug: bool = False) -> None:
+        """Serve until SIGTERM or SIGINT, then stop in order (the tabs' apps quit, the lab and
+        the ssh-agent close). Upstream's serve() runs one plain-HTTP site; ours runs two."""
+        self.debug = debug
+        self.initialize_logging()
+        asyncio.run(self._serve_until_stopped())
+
+    async def _serve_until_stopped(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        """Open the health port first (the kubelet may ask while the keys load), then run the
+        console app's startup (the keys, the lab) and open the console port."""
+        if self.health_port is not None:
+            health = web.AppRunner(self._make_health_app(), handle_signals=False)
+            await health.setup()
+            self._runners.append(health)
+            await web.TCPSite(health, self.host, self.health_port).start()
+        console = web.AppRunner(await self._make_app(), handle_signals=False)
+        await console.setup()
+        self._runners.insert(0, console)  # stopped first: its tabs quit while /healthz answers
+        await web.TCPSite(console, self.host, self.port, ssl_context=self.ssl_context).start()
+        log.info(
+            "listening",
+            extra={
+                "console": f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}",
+                "client_certificate": "required" if self.ssl_context else "none (lab)",
+                "health": f"http://{self.host}:{self.health_port}" if self.health_port else None,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Close the console port (its shutdown stops every tab's app), then the health port."""
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await runner.cleanup()
+
     # -- application --------------------------------------------------------------------------
     async def _make_app(self) -> web.Application:
         # aiohttp builds its protocol handler by this module-level name: ours answers requests
         # it cannot parse without echoing them (this process serves nothing else).
         web_server.RequestHandler = _RequestHandler  # type: ignore[misc]
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self._errors, self._identity])
         app.on_response_prepare.append(self._security_headers)
         aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(self.templates_path))
         app.add_routes(
@@ -375,8 +448,6 @@ class BreakglassServer(Server):
                 web.get("/", self.handle_index, name="index"),
                 web.get("/ws", self.handle_websocket, name="websocket"),
                 web.get("/download/{key}", self.handle_download, name="download"),
-                web.get("/healthz", self.handle_healthz, name="healthz"),
-                web.get("/readyz", self.handle_readyz, name="readyz"),
                 # No directory listing: show_index stays off.
                 web.static("/static", self.statics_path, show_index=False, name="static"),
                 web.static("/assets", HERE / "static", show_index=False, name="assets"),
@@ -385,6 +456,44 @@ class BreakglassServer(Server):
         app.on_startup.append(self.on_startup)
         app.on_shutdown.append(self.on_shutdown)
         return app
+
+    def _make_health_app(self) -> web.Application:
+        """The plain-HTTP port for the kubelet and Prometheus: /healthz and /readyz, nothing
+        else (no page, no websocket, no static files, no app process)."""
+        app = web.Application(middlewares=[self._errors])
+        app.on_response_prepare.append(self._security_headers)
+        app.add_routes(
+            [
+                web.get("/healthz", self.handle_healthz, name="healthz"),
+                web.get("/readyz", self.handle_readyz, name="readyz"),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _identity(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every console request must name its operator by the identity header that only the
+        auth proxy can set (only the ingress holds the client certificate that reaches this
+        port). Without it: 403, nothing served, nothing spawned. ``--lab`` has a fallback."""
+        if self._operator_of(request) is not None:
+            return await handler(request)
+        log.warning(
+            "request refused: no identity header",
+            extra={
+                "path": request.path[:200],
+                "header": self.identity_header,
+                "client_cert": peer_name(request.transport),
+            },
+        )
+        if request.path == "/":
+            return aiohttp_jinja2.render_template(
+                "no_identity.html", request, {"header": self.identity_header}, status=403
+            )
+        return web.Response(
+            status=403,
+            text=f"Forbidden: no {self.identity_header} header. This console opens only through"
+            " the cluster's sign-in.\n",
+        )
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -414,7 +523,7 @@ class BreakglassServer(Server):
         headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
         headers.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=()")
         if (
-            request.path in ("/", "/healthz", "/readyz")
+            request.path in ("/", *HEALTH_PATHS)
             or request.path.startswith("/download")
             or response.status >= 400
         ):
@@ -457,7 +566,9 @@ class BreakglassServer(Server):
         return web.json_response(body, status=200 if ready else 503)
 
     # -- admission: the session cap, and a cap per operator within it ------------------------------
-    def _operator_of(self, request: web.Request) -> str:
+    def _operator_of(self, request: web.Request) -> str | None:
+        """The operator the identity header names; without it, the lab's fallback operator, or
+        None (real targets: the request is refused)."""
         return clean_operator(request.headers.get(self.identity_header)) or self.default_operator
 
     def _driving_session(self) -> str | None:
@@ -516,7 +627,9 @@ class BreakglassServer(Server):
                 )
 
     async def handle_index(self, request: web.Request) -> web.Response:
-        allowed, _victim, _why = self.admission(self._operator_of(request))
+        operator = self._operator_of(request)
+        assert operator is not None  # the _identity middleware refused the request otherwise
+        allowed, _victim, _why = self.admission(operator)
         if not allowed:
             return aiohttp_jinja2.render_template(
                 "full.html",
@@ -551,6 +664,7 @@ class BreakglassServer(Server):
             )
             return web.Response(status=403, text="Forbidden: this page's origin may not connect.\n")
         operator = self._operator_of(request)
+        assert operator is not None  # the _identity middleware refused the request otherwise
         allowed, victim, why = self.admission(operator)
         if not allowed:
             log.warning("websocket refused: session cap", extra={"operator": operator})
@@ -586,7 +700,14 @@ class BreakglassServer(Server):
         started = time.monotonic()
         try:
             await websocket.prepare(request)
-            log.info("session opened", extra={"session": label, "operator": operator})
+            log.info(
+                "session opened",
+                extra={
+                    "session": label,
+                    "operator": operator,
+                    "client_cert": peer_name(request.transport),
+                },
+            )
             await service.start(width, height)
             await self._process_messages(websocket, service)
         except asyncio.CancelledError:

@@ -210,9 +210,7 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
 
             loaded = await load_keys(settings)
             closers.append(loaded.agent.close)
-            devvm, pve = real_targets(
-                settings, loaded.devvm_known_hosts, loaded.pve_known_hosts, SshTarget
-            )
+            devvm, pve = real_targets(settings, loaded, SshTarget)
             hosts = HostSession(devvm, pve, agent_path=loaded.agent.socket_path, settings=settings)
             keys = f"keys loaded ({loaded.source})"
             targets = f"devvm {devvm.host} · pve {pve.host}"
@@ -267,25 +265,28 @@ def _import_heavy(lab: bool, real_guest: bool = False) -> None:
         importlib.import_module(name)
 
 
-def real_targets(settings: Settings, devvm_known: str | None, pve_known: str | None, target_cls):
-    """The two real SSH targets; host keys from Vault win over the BREAKGLASS_*_HOST_KEY ones."""
+def real_targets(settings: Settings, loaded: Any, target_cls):
+    """The two real SSH targets, each bound to its own key (``loaded``: the hosts layer's
+    ``LoadedKeys``); host keys from Vault win over the BREAKGLASS_*_HOST_KEY ones."""
     from breakglass_tui.config import ConfigError
 
     out = []
-    for name, host, port, user, known in (
+    for name, host, port, user, known, key in (
         (
             "devvm",
             settings.devvm_host,
             settings.devvm_port,
             settings.devvm_user,
-            devvm_known or settings.devvm_host_key,
+            loaded.devvm_known_hosts or settings.devvm_host_key,
+            loaded.devvm_fingerprint,
         ),
         (
             "pve",
             settings.pve_host,
             settings.pve_port,
             settings.pve_user,
-            pve_known or settings.pve_host_key,
+            loaded.pve_known_hosts or settings.pve_host_key,
+            loaded.pve_fingerprint,
         ),
     ):
         if not host:
@@ -295,5 +296,9 @@ def real_targets(settings: Settings, devvm_known: str | None, pve_known: str | N
                 f"no pinned host key for {name}: put it in the Vault secret"
                 f" ({name}_known_hosts) or set BREAKGLASS_{name.upper()}_HOST_KEY"
             )
-        out.append(target_cls(host=host, port=port, user=user, known_hosts=known, name=name))
+        out.append(
+            target_cls(
+                host=host, port=port, user=user, known_hosts=known, name=name, key_fingerprint=key
+            )
+        )
     return out[0], out[1]

@@ -114,14 +114,16 @@ class ServeProcess:
 
     proc: subprocess.Popen[bytes]
     port: int
+    health_port: int  # /healthz and /readyz, plain HTTP, on a port of their own
     state_dir: Path
     stdout_path: Path
     stderr_path: Path
     _closed: bool = field(default=False)
+    tls: bool = False  # the console port speaks TLS and wants the ingress's client certificate
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def log_records(self) -> list[dict[str, Any]]:
         """Every JSON line the server wrote to stdout so far (log lines and forwarded audit)."""
@@ -142,9 +144,10 @@ class ServeProcess:
         return found
 
     def get_json(self, path: str) -> tuple[int, dict[str, Any]]:
+        """GET a JSON route of the health port (/healthz, /readyz)."""
         try:
-            url = self.base + path  # always http://127.0.0.1:<port>/...
-            with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310
+            url = f"http://127.0.0.1:{self.health_port}{path}"
+            with urllib.request.urlopen(url, timeout=3) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read() or b"{}")
@@ -167,26 +170,37 @@ class ServeProcess:
         return f"server stdout (tail):\n{tail}\nserver stderr (tail):\n{err}"
 
 
-def serve_command(port: int) -> list[str]:
-    """``breakglass-serve --lab`` for this venv: the console script if installed, else -m."""
+def serve_command(port: int, health_port: int, tls: Any = None) -> list[str]:
+    """``breakglass-serve --lab`` for this venv: the console script if installed, else -m. With
+    ``tls`` (a ``tests.support.certs.Pki``), the console port as the chart runs it: TLS with the
+    ingress's client certificate required."""
     script = Path(sys.executable).with_name("breakglass-serve")
     head = [str(script)] if script.exists() else [sys.executable, "-m", "breakglass_tui.serve.cli"]
-    return [
+    scheme = "https" if tls is not None else "http"
+    command = [
         *head,
         "--lab",
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
+        "--health-port",
+        str(health_port),
         "--public-url",
-        f"http://127.0.0.1:{port}",
+        f"{scheme}://127.0.0.1:{port}",
     ]
+    if tls is not None:
+        command += ["--tls-cert", str(tls.server.cert), "--tls-key", str(tls.server.key)]
+        command += ["--client-ca", str(tls.client_ca)]
+    return command
 
 
-def start_serve(workdir: Path, *, env: dict[str, str] | None = None) -> ServeProcess:
+def start_serve(
+    workdir: Path, *, env: dict[str, str] | None = None, tls: Any = None
+) -> ServeProcess:
     """Start ``breakglass-serve --lab`` on a free port and wait until /readyz says ready."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, health_port = free_port(), free_port()
     # The developer's own settings and secrets stay out: no API key means manual mode.
     child_env = {
         k: v
@@ -198,9 +212,15 @@ def start_serve(workdir: Path, *, env: dict[str, str] | None = None) -> ServePro
     stdout_path, stderr_path = workdir / "serve.stdout", workdir / "serve.stderr"
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
         proc = subprocess.Popen(
-            serve_command(port), stdout=out, stderr=err, env=child_env, cwd=workdir
+            serve_command(port, health_port, tls),
+            stdout=out,
+            stderr=err,
+            env=child_env,
+            cwd=workdir,
         )
-    served = ServeProcess(proc, port, workdir / "state", stdout_path, stderr_path)
+    served = ServeProcess(
+        proc, port, health_port, workdir / "state", stdout_path, stderr_path, tls=tls is not None
+    )
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:

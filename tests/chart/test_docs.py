@@ -124,3 +124,45 @@ def test_install_guide_links_the_pve_host_steps_instead_of_repeating_them() -> N
     step4 = install_guide().split("## 4.", 1)[1].split("## 5.", 1)[0]
     assert "(pve-host.md)" in step4
     assert "verb.toml" in step4 and "[budget]" not in step4
+
+
+def test_install_guide_makes_the_backend_tls_secrets_the_values_name() -> None:
+    """Step 6.4: the three backend TLS Secrets, under the names the production values give, the
+    client CA's certificate only (never its key) in the pod's Secret, and the CA keys deleted."""
+    tls = production_values()["backendTls"]
+    step = install_guide().split("4. **The backend TLS", 1)[1].split("## 7.", 1)[0]
+    lines = commands(step)
+    joined = "\n".join(lines)
+    assert f"create secret tls {tls['secretName']}" in joined
+    assert f"create secret generic {tls['clientCaSecretName']}" in joined
+    assert "--from-file=ca.crt=client-ca.crt" in joined
+    assert f"create secret generic {tls['ingressClientSecretName']}" in joined
+    assert "--from-file=ca.crt=serving-ca.crt" in joined
+    # The block that creates the Secrets never names a CA's key.
+    [secrets_block] = [
+        b for b in re.findall(r"```sh\n(.*?)```", step, flags=re.S) if "create secret" in b
+    ]
+    assert "client-ca.key" not in secrets_block and "serving-ca.key" not in secrets_block
+    assert 'rm -rf "$t"' in joined
+    assert "extendedKeyUsage=clientAuth" in joined and "extendedKeyUsage=serverAuth" in joined
+
+
+def test_install_guide_has_the_isolation_check_and_says_why() -> None:
+    """After the install: as every claude-agent service account, may it exec into, create pods
+    in, or mint service-account tokens in claude-breakglass? All must be no, and why."""
+    text = install_guide()
+    section = text.split("### The isolation check", 1)[1].split("### ", 1)[0]
+    lines = " ".join(commands(section))
+    assert "kubectl -n claude-agent get serviceaccounts" in lines
+    assert "system:serviceaccount:claude-agent:" in lines
+    assert "--as-group=system:serviceaccounts" in lines
+    assert "-n claude-breakglass" in lines
+    for ask in (
+        "auth can-i create pods --subresource=exec",
+        "auth can-i create pods ",
+        "auth can-i create serviceaccounts --subresource=token",
+    ):
+        assert ask in lines, ask
+    assert "must say no" in lines or "must be **no**" in section
+    for why in ("`pods/exec`", "`pods` create", "`serviceaccounts/token` create"):
+        assert f"**{why}**" in section, why

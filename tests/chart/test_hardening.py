@@ -126,10 +126,12 @@ def test_production_image_pinned_by_digest(production_render: Rendered) -> None:
     assert "@sha256:" in container(production_render)["image"]
 
 
-def test_volumes_are_empty_dirs_with_size_limits_besides_the_token(rendered: Rendered) -> None:
+def test_volumes_are_empty_dirs_with_size_limits_besides_the_token_and_tls(
+    rendered: Rendered,
+) -> None:
     volumes = pod_spec(rendered)["volumes"]
     for volume in volumes:
-        if volume["name"] == "vault-token":
+        if volume["name"] in ("vault-token", "backend-tls"):
             assert set(volume) == {"name", "projected"}
             continue
         assert set(volume) == {"name", "emptyDir"}, f"{volume['name']}: no PVC, no NFS"
@@ -163,13 +165,17 @@ def test_non_root_read_only_no_capabilities_no_escalation_runtime_default_seccom
     assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
-def test_probes_on_the_server_port(rendered: Rendered) -> None:
+def test_probes_on_the_plain_health_port_not_the_console_port(rendered: Rendered) -> None:
     c = container(rendered)
-    [port] = c["ports"]
-    assert port["containerPort"] == int(env(rendered)["BREAKGLASS_SERVE_PORT"]["value"])
-    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {
+        "https": int(env(rendered)["BREAKGLASS_SERVE_PORT"]["value"]),
+        "health": int(env(rendered)["BREAKGLASS_HEALTH_PORT"]["value"]),
+    }
+    assert ports["https"] != ports["health"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 def test_targets_are_ip_literals_and_the_api_key_comes_from_a_secret(rendered: Rendered) -> None:
@@ -256,20 +262,28 @@ def test_network_policy_ingress_only_from_the_ingress_controller_and_helm_test(
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     deployment = rendered.one("Deployment")
     assert spec["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
-    controller, helm_test = spec["ingress"]
+    controller, helm_test, *health_from = spec["ingress"]
+    # Any further rule is networkPolicy.healthFrom's, to the health port only.
+    peers = [peer for rule in health_from for peer in rule["from"]]
+    assert peers == rendered.values["networkPolicy"]["healthFrom"]
+    for rule in health_from:
+        assert rule["ports"] == [
+            {"protocol": "TCP", "port": rendered.values["server"]["healthPort"]}
+        ]
     [peer] = controller["from"]
     assert peer["namespaceSelector"] == rendered.values["networkPolicy"]["ingressNamespaceSelector"]
-    port = [{"protocol": "TCP", "port": rendered.values["server"]["port"]}]
-    assert controller["ports"] == port
-    # The second rule admits the `helm test` pod only: this namespace, its exact labels.
+    assert controller["ports"] == [{"protocol": "TCP", "port": rendered.values["server"]["port"]}]
+    # The second rule admits the `helm test` pod only: this namespace, its exact labels, and
+    # only to the plain health port (never the console).
     [test_peer] = helm_test["from"]
     assert set(test_peer) == {"podSelector"}
     test_pod = rendered.one("Pod")
     assert test_peer["podSelector"]["matchLabels"].items() <= test_pod["metadata"]["labels"].items()
-    assert helm_test["ports"] == port
+    health = [{"protocol": "TCP", "port": rendered.values["server"]["healthPort"]}]
+    assert helm_test["ports"] == health
 
 
-def test_the_helm_test_pod_may_reach_the_console_and_nothing_else(rendered: Rendered) -> None:
+def test_the_helm_test_pod_may_reach_the_health_port_and_nothing_else(rendered: Rendered) -> None:
     [policy] = [p for p in rendered.all("NetworkPolicy") if p["metadata"]["name"].endswith("-test")]
     spec = policy["spec"]
     test_pod = rendered.one("Pod")
@@ -278,7 +292,7 @@ def test_the_helm_test_pod_may_reach_the_console_and_nothing_else(rendered: Rend
     [rule] = spec["egress"]
     selector = rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
     assert rule["to"] == [{"podSelector": {"matchLabels": selector}}]
-    assert rule["ports"] == [{"protocol": "TCP", "port": rendered.values["server"]["port"]}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": rendered.values["server"]["healthPort"]}]
 
 
 def test_without_helm_test_only_the_ingress_controller_gets_in() -> None:
@@ -320,10 +334,12 @@ def test_ipv6_target_gets_a_host_route() -> None:
     assert "fd00::2/128" in cidrs
 
 
-def test_service_targets_the_server_port(rendered: Rendered) -> None:
+def test_service_targets_the_console_and_the_health_port(rendered: Rendered) -> None:
     service = rendered.one("Service")
-    [port] = service["spec"]["ports"]
-    assert port["targetPort"] == "http"
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {"https", "health"}
+    assert ports["https"]["targetPort"] == "https"
+    assert ports["health"]["targetPort"] == "health"
     assert service["spec"]["type"] == "ClusterIP"
     selector = rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"] == selector

@@ -1,5 +1,6 @@
 """The chart's `helm test` hook: a pod that meets Pod Security "restricted", runs the release's
-own image, is admitted by the NetworkPolicy, and asks /readyz through the Service. No Kubernetes
+own image, is admitted by the NetworkPolicy, and asks /readyz through the Service's plain health
+port (the console port wants the ingress's client certificate). No Kubernetes
 API server can run here, so the pod is checked as rendered and its script is run for real against
 a local stand-in for the Service (the same HTTP answers breakglass-serve gives)."""
 
@@ -80,9 +81,12 @@ def test_it_holds_no_token_runs_the_releases_image_and_is_not_behind_the_service
 
 
 def service_variables(rendered: Rendered) -> tuple[str, str]:
-    """The variables Kubernetes gives every pod for the Service (enableServiceLinks)."""
-    name = rendered.one("Service")["metadata"]["name"].upper().replace("-", "_")
-    return f"{name}_SERVICE_HOST", f"{name}_SERVICE_PORT"
+    """The variables Kubernetes gives every pod for the Service (enableServiceLinks): its address,
+    and the port named ``health`` (``<NAME>_SERVICE_PORT_<PORT NAME>``)."""
+    service = rendered.one("Service")
+    assert "health" in {p["name"] for p in service["spec"]["ports"]}
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    return f"{name}_SERVICE_HOST", f"{name}_SERVICE_PORT_HEALTH"
 
 
 def test_it_asks_readyz_through_the_service(rendered: Rendered) -> None:

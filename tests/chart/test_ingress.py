@@ -20,7 +20,7 @@ def test_ingress_has_host_and_tls_and_routes_to_the_service(rendered: Rendered) 
     assert rule["host"] == host
     [path] = rule["http"]["paths"]
     service = rendered.one("Service")["metadata"]["name"]
-    assert path["backend"]["service"] == {"name": service, "port": {"name": "http"}}
+    assert path["backend"]["service"] == {"name": service, "port": {"name": "https"}}
 
 
 def test_public_url_defaults_to_the_ingress_host(default_render: Rendered) -> None:

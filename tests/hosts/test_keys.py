@@ -250,8 +250,14 @@ async def test_without_vault_the_operators_agent_is_used_and_left_running(
 ) -> None:
     operator_agent = await KeyAgent.start_private(tmp_path)
     try:
-        await operator_agent.add_keys([new_key("operator")])
-        settings = Settings(devvm_host_key="127.0.0.1 ssh-ed25519 AAAA\n", state_dir=tmp_path)
+        devvm_key, pve_key = new_key("operator-devvm"), new_key("operator-pve")
+        await operator_agent.add_keys([devvm_key, pve_key])
+        settings = Settings(
+            devvm_host_key="127.0.0.1 ssh-ed25519 AAAA\n",
+            state_dir=tmp_path,
+            devvm_key_fingerprint=devvm_key.get_fingerprint("sha256"),
+            pve_key_fingerprint=pve_key.get_fingerprint("sha256"),
+        )
         loaded = await load_keys(settings, environ={"SSH_AUTH_SOCK": operator_agent.socket_path})
         assert loaded.source == "ssh-agent"
         assert loaded.agent_path == operator_agent.socket_path

@@ -79,7 +79,9 @@ def test_numeric_non_root_user_the_chart_names_and_tini_as_pid_1() -> None:
     assert int(gid) == VALUES["securityContext"]["runAsGroup"]
     [entrypoint] = args("ENTRYPOINT")
     assert json.loads(entrypoint) == ["/usr/bin/tini", "--", "breakglass-serve"]
-    assert args("EXPOSE") == [str(VALUES["server"]["port"])]
+    assert args("EXPOSE") == [f"{VALUES['server']['port']} {VALUES['server']['healthPort']}"]
+    assert f"BREAKGLASS_SERVE_PORT={VALUES['server']['port']}" in CONTAINERFILE
+    assert f"BREAKGLASS_HEALTH_PORT={VALUES['server']['healthPort']}" in CONTAINERFILE
     assert "PYTHONDONTWRITEBYTECODE=1" in CONTAINERFILE
 
 

@@ -2,12 +2,17 @@
 
 The base is made locally from Debian's packages (no registry is reachable: tests/image/images.py).
 The container then runs with exactly what the chart's rendered Deployment says: its user and
-group, a read-only root, every capability dropped, no privilege escalation, and writable mounts
-only where the chart mounts emptyDirs, at their size limits — plus the chart's environment. The
-departures, each because of this machine, not the chart: podman's ``--network host`` with the
-server on loopback, rlimits this host allows, and ``breakglass-serve --lab`` instead of Vault and
-real targets. No Kubernetes API server can run here (Debian has no kubelet; no registry for
-kind/k3s images), so the chart's own objects are checked by rendering them (tests/chart/).
+group, a read-only root, every capability dropped, no privilege escalation, writable mounts only
+where the chart mounts emptyDirs, at their size limits, the console port's TLS files where the
+chart mounts its Secrets (a CA, the console's certificate and the ingress's client certificate
+made here with ``cryptography``, as docs/install.md step 6 makes them) — plus the chart's
+environment. So the console port speaks TLS and wants the ingress's client certificate, and the
+probes' plain health port answers /healthz and /readyz. The departures, each because of this
+machine, not the chart: podman's ``--network host`` with the server on loopback (its two ports
+picked free), rlimits this host allows, and ``breakglass-serve --lab`` instead of Vault and real
+targets (the lab also keeps a fallback operator). No Kubernetes API server can run here (Debian has
+no kubelet; no registry for kind/k3s images), so the chart's own objects are checked by rendering
+them (tests/chart/).
 
 Figures (build time, image size, first frame, stop on SIGTERM) are printed at the end of the run.
 """
@@ -18,6 +23,8 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
+import ssl
 import subprocess
 import time
 import tomllib
@@ -39,6 +46,7 @@ from tests.image.images import (
     exported_files,
     labels,
 )
+from tests.support.certs import SERVER_NAME, Pki, make_pki
 from tests.support.realparts import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -83,6 +91,8 @@ class PodSpec:
     scratch: dict[str, str]  # emptyDir mount path -> size limit
     env: dict[str, str]  # plain values only (the API key comes from a Secret)
     public_url: str
+    tls_mount: str  # where the console's certificate, key and the client CA are mounted
+    tls_files: dict[str, str]  # file name in that directory -> the Secret key it holds
 
 
 def chart_pod_spec() -> PodSpec:
@@ -99,6 +109,13 @@ def chart_pod_spec() -> PodSpec:
         if m["name"] in empty_dirs
     }
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    [tls_volume] = [v for v in pod["volumes"] if v["name"] == "backend-tls"]
+    [tls_mount] = [m for m in container["volumeMounts"] if m["name"] == "backend-tls"]
+    tls_files = {
+        item["path"]: item["key"]
+        for source in tls_volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
     return PodSpec(
         user=context["runAsUser"],
         group=context["runAsGroup"],
@@ -108,6 +125,8 @@ def chart_pod_spec() -> PodSpec:
         scratch=scratch,
         env=env,
         public_url=env["BREAKGLASS_PUBLIC_URL"],
+        tls_mount=tls_mount["mountPath"],
+        tls_files=tls_files,
     )
 
 
@@ -121,14 +140,23 @@ def tmpfs_size(limit: str) -> str:
 @dataclass
 class Running:
     name: str
-    port: int
+    port: int  # the console: TLS, the ingress's client certificate required
+    health_port: int  # /healthz and /readyz in plain HTTP
     spec: PodSpec
     started: float
+    pki: Pki
     figures: dict[str, float] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}"
+
+    def ingress_context(self, client: Any = "ingress") -> ssl.SSLContext:
+        """TLS as the ingress controller connects: verifying the console's certificate against
+        the serving CA, presenting the ingress's client certificate (``None``: none)."""
+        if client == "ingress":
+            client = self.pki.ingress
+        return self.pki.client_context(client)
 
     def stdout(self) -> str:
         result = subprocess.run(
@@ -159,9 +187,22 @@ class Running:
         )
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
-        request = urllib.request.Request(self.base + path, headers=headers or {})  # noqa: S310
+        """GET on the console port as the ingress would: TLS with its client certificate."""
+        return self._get(self.base + path, headers, self.ingress_context())
+
+    def health(self, path: str) -> tuple[int, dict, bytes]:
+        """GET on the plain health port, as the kubelet's probes do."""
+        return self._get(f"http://127.0.0.1:{self.health_port}{path}", None, None)
+
+    def _get(
+        self, url: str, headers: dict[str, str] | None, context: ssl.SSLContext | None
+    ) -> tuple[int, dict, bytes]:
+        request = urllib.request.Request(url, headers=headers or {})  # noqa: S310
+        if context is not None:
+            # The console's certificate names the Service, not 127.0.0.1: check that name.
+            context.check_hostname = False
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
@@ -181,14 +222,32 @@ def wait_until(predicate: Any, timeout: float, what: str, diagnostics: Any = Non
     return time.monotonic() - started
 
 
+def tls_secrets(spec: PodSpec, pki: Pki, directory: Path) -> Path:
+    """The directory the chart's backend-tls volume makes: the console's certificate and key and
+    the client CA's certificate, under the names the chart gives them."""
+    source = {"tls.crt": pki.server.cert, "tls.key": pki.server.key, "ca.crt": pki.client_ca}
+    directory.mkdir()
+    for name, key in spec.tls_files.items():
+        target = directory / name
+        shutil.copyfile(source[key], target)
+        target.chmod(0o444)  # the chart's 0440 with fsGroup: readable by the pod's user
+    return directory
+
+
 @pytest.fixture(scope="module")
-def container(image: BuiltImage) -> Iterator[Running]:
+def container(image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     spec = chart_pod_spec()
-    port = free_port()
+    port, health_port = free_port(), free_port()
     name = f"breakglass-image-test-{port}"
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    secrets = tls_secrets(spec, pki, tmp_path_factory.mktemp("secrets") / "backend-tls")
     env = dict(spec.env)
     # --network host shares this machine's network: the server listens on loopback only.
-    env.update(BREAKGLASS_SERVE_HOST="127.0.0.1", BREAKGLASS_SERVE_PORT=str(port))
+    env.update(
+        BREAKGLASS_SERVE_HOST="127.0.0.1",
+        BREAKGLASS_SERVE_PORT=str(port),
+        BREAKGLASS_HEALTH_PORT=str(health_port),
+    )
     argv = [
         *("podman", "--runtime", "runc", "run", "--detach", "--name", name),
         *("--user", f"{spec.user}:{spec.group}"),
@@ -204,18 +263,21 @@ def container(image: BuiltImage) -> Iterator[Running]:
     for path, limit in spec.scratch.items():
         # U: owned by the pod's user, as fsGroup makes an emptyDir writable for it.
         argv += ["--tmpfs", f"{path}:rw,nosuid,nodev,size={tmpfs_size(limit)},mode=0777,U"]
+    # The chart's Secret volume: read-only, at its mount path.
+    argv += ["--volume", f"{secrets}:{spec.tls_mount}:ro"]
     for key, value in env.items():
         argv += ["--env", f"{key}={value}"]
-    argv += [image.reference, "--lab"]
+    # By id, not by tag: another checkout's build may retag the image meanwhile.
+    argv += [image.image_id, "--lab"]
     subprocess.run(["podman", "rm", "-f", name], capture_output=True, timeout=60, check=False)
     started = time.monotonic()
     subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
-    running = Running(name, port, spec, started)
+    running = Running(name, port, health_port, spec, started, pki)
     try:
 
         def ready() -> bool:
             with contextlib.suppress(OSError):
-                return running.get("/readyz")[0] == 200
+                return running.health("/readyz")[0] == 200
             return False
 
         seconds = wait_until(
@@ -233,7 +295,7 @@ def container(image: BuiltImage) -> Iterator[Running]:
 
 
 def test_the_image_carries_its_oci_labels(image: BuiltImage) -> None:
-    found = labels(image.reference)
+    found = labels(image.image_id)
     assert found["org.opencontainers.image.version"] == project_version()
     assert found["org.opencontainers.image.revision"] == image.revision
     assert found["org.opencontainers.image.source"].startswith("https://")
@@ -266,7 +328,7 @@ def test_the_build_secret_ca_is_nowhere_in_the_image(image: BuiltImage) -> None:
     needles = [body[64:128].encode() for body in local if len(body) > 128]
     leaks = []
     scanned = 0
-    for path, content in exported_files(image.reference):
+    for path, content in exported_files(image.image_id):
         scanned += 1
         if content == bundle or any(needle in content for needle in needles):
             leaks.append(path)
@@ -295,12 +357,31 @@ def test_it_runs_as_the_chart_says_non_root_read_only_no_capabilities(
         assert result.returncode == 0, f"{path}: {result.stderr}"
 
 
-def test_readyz_answers(container: Running) -> None:
-    status, _, body = container.get("/readyz")
+def test_readyz_answers_on_the_plain_health_port(container: Running) -> None:
+    status, _, body = container.health("/readyz")
     assert status == 200
     assert json.loads(body) == {"ready": True, "keys_loaded": True}
-    status, _, body = container.get("/healthz")
+    status, _, body = container.health("/healthz")
     assert status == 200 and json.loads(body)["status"] == "alive"
+    # The health port serves no page; the console port no health route.
+    assert container.health("/")[0] == 404
+    assert container.get("/readyz")[0] == 404
+
+
+def test_the_console_port_wants_the_ingress_certificate(container: Running) -> None:
+    """As the chart runs it, the console port refuses a connection without the ingress's
+    client certificate, or with another CA's, in the TLS handshake: no HTTP at all."""
+    for client in (None, container.pki.stranger):
+        context = container.ingress_context(client)
+        context.check_hostname = False
+        refused = (ssl.SSLError, urllib.error.URLError, ConnectionError)
+        with (
+            pytest.raises(refused),
+            urllib.request.urlopen(container.base + "/", timeout=10, context=context) as answer,  # noqa: S310
+        ):
+            answer.read()
+    listening = next(r for r in container.records() if r.get("message") == "listening")
+    assert listening["client_certificate"] == "required"
 
 
 def test_the_page_and_its_content_security_policy(container: Running) -> None:
@@ -328,7 +409,10 @@ async def open_socket(container: Running, origin: str) -> Any:
     session = aiohttp.ClientSession()
     try:
         socket = await session.ws_connect(
-            f"ws://127.0.0.1:{container.port}/ws?width=120&height=36", headers=headers
+            f"wss://127.0.0.1:{container.port}/ws?width=120&height=36",
+            headers=headers,
+            ssl=container.ingress_context(),
+            server_hostname=SERVER_NAME,
         )
     except BaseException:
         await session.close()

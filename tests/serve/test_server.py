@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from breakglass_tui.serve.audit_forward import AuditForwarder
 from breakglass_tui.serve.server import BreakglassServer, ServeState, child_environment, origin_of
@@ -33,9 +32,13 @@ async def wait_for(predicate, timeout: float = 15.0) -> None:
 
 
 class Served:
-    def __init__(self, server: BreakglassServer, runner: web.AppRunner, port: int, out: Path):
-        self.server, self.runner, self.port, self.out = server, runner, port, out
+    def __init__(self, server: BreakglassServer, port: int, health_port: int, out: Path):
+        self.server, self.port, self.out = server, port, out
         self.base = f"http://127.0.0.1:{port}"
+        self.health = f"http://127.0.0.1:{health_port}"
+
+    async def close(self) -> None:
+        await self.server.stop()
 
     @property
     def ws_url(self) -> str:
@@ -51,7 +54,7 @@ async def serve(
     quit_grace_s: float = 8.0,
     max_per_operator: int | None = None,
 ) -> Served:
-    port = free_port()
+    port, health_port = free_port(), free_port()
     out = tmp_path / "env.json"
 
     async def prepare(state: ServeState) -> None:
@@ -75,11 +78,10 @@ async def serve(
         default_operator="local-operator",
         prepare=prepare,
         quit_grace_s=quit_grace_s,
+        health_port=health_port,
     )
-    runner = web.AppRunner(await server._make_app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return Served(server, runner, port, out)
+    await server.start()
+    return Served(server, port, health_port, out)
 
 
 @pytest.fixture
@@ -92,7 +94,7 @@ async def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     try:
         yield s
     finally:
-        await s.runner.cleanup()
+        await s.close()
 
 
 def test_origin_of_matches_what_browsers_send() -> None:
@@ -135,7 +137,9 @@ async def test_right_origin_spawns_app_with_allowlisted_environment(served: Serv
     await wait_for(lambda: served.server.sessions == {})
 
 
-async def test_operator_falls_back_to_config_without_identity_header(served: Served) -> None:
+async def test_the_lab_operator_is_used_without_identity_header(served: Served) -> None:
+    """The lab (``default_operator`` given) has a fallback operator; real targets refuse such a
+    request (tests/serve/test_ingress_only.py)."""
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
         try:
@@ -186,7 +190,7 @@ async def test_session_cap_holds_for_other_operators(tmp_path: Path) -> None:
             async with http.get(s.base + "/", headers=alice) as page:
                 assert page.status == 200
     finally:
-        await s.runner.cleanup()
+        await s.close()
 
 
 def drive(state_dir: Path, session_id: str) -> None:
@@ -232,7 +236,7 @@ async def test_a_new_tab_of_an_operator_at_their_cap_evicts_their_oldest_followe
                 await ws.close()
             await wait_for(lambda: s.server.sessions == {}, 15)
     finally:
-        await s.runner.cleanup()
+        await s.close()
 
 
 async def test_no_tab_is_evicted_while_none_drives_yet(tmp_path: Path) -> None:
@@ -306,18 +310,27 @@ def test_resize_frames_are_checked() -> None:
         assert resize_size(bad) is None, bad
 
 
-async def test_health_and_readiness(tmp_path: Path) -> None:
+async def test_health_and_readiness_are_on_their_own_port(tmp_path: Path) -> None:
     ready = await serve(tmp_path / "a")
     not_ready = await serve(tmp_path / "b", ready=False)
     try:
         async with aiohttp.ClientSession() as http:
             for s in (ready, not_ready):
-                async with http.get(s.base + "/healthz") as r:
+                async with http.get(s.health + "/healthz") as r:
                     assert r.status == 200
                     assert (await r.json())["status"] == "alive"
-            async with http.get(ready.base + "/readyz") as r:
+                # The console port does not answer them, and the health port serves no app,
+                # no page, no static file and no websocket.
+                for path in ("/healthz", "/readyz"):
+                    async with http.get(s.base + path) as r:
+                        assert r.status == 404, path
+                for path in ("/", "/ws", "/static/js/textual.js", "/assets/breakglass.css"):
+                    async with http.get(s.health + path, headers={"Origin": s.base}) as r:
+                        assert r.status == 404, path
+                        assert len(await r.text()) < 50
+            async with http.get(ready.health + "/readyz") as r:
                 assert r.status == 200 and (await r.json())["ready"] is True
-            async with http.get(not_ready.base + "/readyz") as r:
+            async with http.get(not_ready.health + "/readyz") as r:
                 body = await r.json()
                 assert r.status == 503
                 assert "Vault refused the login" in body["problem"]
@@ -326,8 +339,8 @@ async def test_health_and_readiness(tmp_path: Path) -> None:
                 await http.ws_connect(not_ready.ws_url, headers={"Origin": not_ready.base})
             assert err.value.status == 503
     finally:
-        await ready.runner.cleanup()
-        await not_ready.runner.cleanup()
+        await ready.close()
+        await not_ready.close()
 
 
 async def test_page_is_self_contained_and_headers_are_hardened(served: Served) -> None:
@@ -377,8 +390,12 @@ async def test_every_response_has_the_headers_and_no_error_echoes_the_request(
                 assert headers["X-Content-Type-Options"] == "nosniff", path
                 assert headers["X-Frame-Options"] == "DENY", path
                 assert headers["Cache-Control"] == "no-store", path
-        async with http.get(served.base + "/healthz") as r:
+        async with http.get(served.health + "/healthz") as r:
             assert r.headers["X-Frame-Options"] == "DENY"
+            assert r.headers["Cache-Control"] == "no-store"
+        async with http.get(served.health + "/no-such-" + probe) as r:
+            assert r.status == 404 and "script" not in await r.text()
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
 
 
 async def test_a_request_that_cannot_be_parsed_is_refused_without_echo(served: Served) -> None:
@@ -414,6 +431,8 @@ def test_child_environment_is_an_allowlist() -> None:
         "SSH_AUTH_SOCK": "/tmp/other-agent",
         "BREAKGLASS_CONFIG_FILE": "/etc/breakglass/with-vault.env",
     }
+    parent["BREAKGLASS_TLS_KEY_FILE"] = "/run/breakglass-tls/tls.key"
+    parent["BREAKGLASS_CLIENT_CA_FILE"] = "/run/breakglass-client-ca/ca.crt"
     env = child_environment(parent, operator="viktor", extra={"SSH_AUTH_SOCK": "/run/agent.sock"})
     assert env == {
         "PATH": "/usr/bin",
@@ -465,7 +484,7 @@ async def test_an_app_that_ignores_quit_is_killed_and_its_slot_freed(tmp_path: P
             second = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
             await second.close()
     finally:
-        await s.runner.cleanup()
+        await s.close()
 
 
 async def test_a_huge_stderr_line_neither_blocks_the_app_nor_leaks_the_slot(
@@ -493,7 +512,7 @@ async def test_a_huge_stderr_line_neither_blocks_the_app_nor_leaks_the_slot(
             await ws.close()
             await wait_for(lambda: s.server.sessions == {}, 10)
     finally:
-        await s.runner.cleanup()
+        await s.close()
     relayed = [r for r in caplog.records if r.getMessage() == "app stderr"]
     assert any(getattr(r, "line", "") == "line 199" for r in relayed)
     assert all(len(getattr(r, "line", "")) <= 2000 for r in relayed)

@@ -361,7 +361,7 @@ async def start_real_lab(
             await asyncio.to_thread(pve.start_vm)
         except QmError as exc:
             raise GuestUnavailable(f"QEMU would not start the devvm: {exc}") from None
-        devvm = pinned_target(ssh_port, DEVVM_USER, image.host_key_line, "devvm")
+        devvm = pinned_target(ssh_port, DEVVM_USER, image.host_key_line, "devvm", devvm_key)
         boot_s = 0.0
         if scenario == "io-stall":
             # The checkpointer's first write fails a few seconds after dropbear starts.
@@ -401,7 +401,7 @@ async def start_real_lab(
     )
     return RealLab(
         devvm=devvm,
-        pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve"),
+        pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve", pve_key),
         devvm_key=devvm_key,
         pve_key=pve_key,
         sim=pve,

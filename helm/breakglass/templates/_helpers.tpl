@@ -66,12 +66,35 @@ app.kubernetes.io/component: helm-test
 {{- if contains ":" . -}}{{ printf "%s/128" . }}{{- else -}}{{ printf "%s/32" . }}{{- end -}}
 {{- end -}}
 
+{{/* The name the ingress controller checks in the console's certificate and sends as SNI. */}}
+{{- define "breakglass.backendServerName" -}}
+{{- .Values.backendTls.serverName | default (printf "%s.%s.svc" (include "breakglass.fullname" .) .Release.Namespace) -}}
+{{- end -}}
+
+{{/* Traefik's reference to the ServersTransport (the Service annotation; same namespace). */}}
+{{- define "breakglass.serversTransportRef" -}}
+{{- printf "%s-%s@kubernetescrd" .Release.Namespace (include "breakglass.fullname" .) -}}
+{{- end -}}
+
+{{/* ingress-nginx: HTTPS to the pod, presenting the controller's client certificate and verifying
+the console's certificate against the CA in the same Secret (ca.crt), by serverName. */}}
+{{- define "breakglass.nginxBackendTls" -}}
+nginx.ingress.kubernetes.io/backend-protocol: "HTTPS"
+nginx.ingress.kubernetes.io/proxy-ssl-secret: {{ printf "%s/%s" .Release.Namespace .Values.backendTls.ingressClientSecretName | quote }}
+nginx.ingress.kubernetes.io/proxy-ssl-verify: "on"
+nginx.ingress.kubernetes.io/proxy-ssl-verify-depth: "2"
+nginx.ingress.kubernetes.io/proxy-ssl-name: {{ include "breakglass.backendServerName" . | quote }}
+nginx.ingress.kubernetes.io/proxy-ssl-server-name: "on"
+nginx.ingress.kubernetes.io/proxy-ssl-protocols: "TLSv1.2 TLSv1.3"
+{{- end -}}
+
 {{/* ingress-nginx annotations both routes share: long websocket timeouts, TLS only, rate limit. */}}
 {{- define "breakglass.nginxCommon" -}}
 nginx.ingress.kubernetes.io/ssl-redirect: "true"
 nginx.ingress.kubernetes.io/proxy-read-timeout: {{ .Values.ingress.websocketTimeoutSeconds | quote }}
 nginx.ingress.kubernetes.io/proxy-send-timeout: {{ .Values.ingress.websocketTimeoutSeconds | quote }}
 nginx.ingress.kubernetes.io/proxy-buffering: "off"
+{{ include "breakglass.nginxBackendTls" . }}
 {{- if .Values.ingress.nginx.limitRps }}
 nginx.ingress.kubernetes.io/limit-rps: {{ .Values.ingress.nginx.limitRps | quote }}
 {{- end }}
