@@ -1,15 +1,20 @@
-"""The lab: a simulated devvm and a simulated PVE host on loopback, for `breakglass-tui --lab` and
-for tests.
+"""The lab: a devvm and a PVE host on loopback, for ``breakglass-tui --lab`` and for the tests.
 
-:func:`start_lab` generates every key in memory (the devvm login key, the PVE key, both host
-keys), lays out a :class:`~breakglass_tui.lab.sim_pve.SimPve` in a temporary workdir and starts
-its VM, starts the simulated devvm (:class:`~breakglass_tui.lab.devvm_sim.DevvmSim`, following
-the VM's state) and the lab PVE host running the real ``breakglass-verb`` as its forced command.
-The returned :class:`Lab` carries the two :class:`SshTarget` (host keys pinned) and the keys.
+Two devvms, one shape (``devvm``, ``pve``, ``devvm_key``, ``pve_key``, ``client_keys``, ``sim``,
+``scenario``, ``close()``), so the hosts layer, the breakglass agent and the app use either:
 
-The devvm's login user is ``breakglass`` (the production default), not root: the hosts layer then
-uses ``sudo -n``, as it will on the real devvm, and the lab's shell grants it (NOPASSWD).
-The PVE user is ``root``, as on a Proxmox host.
+- the real devvm (:func:`~breakglass_tui.lab.guest.lab.start_real_lab`): a Debian guest under
+  QEMU, restored from a saved state in seconds, every scenario real. What ``--lab`` rehearses on
+  wherever QEMU is installed.
+- the sandbox devvm (:func:`start_sandbox_lab`): this machine's userland in a bubblewrap sandbox
+  behind a real sshd, ready in a fraction of a second, with the simulated Proxmox
+  (:class:`~breakglass_tui.lab.sim_pve.SimPve`) as its PVE side. For fast tests, and for ``--lab``
+  where QEMU is missing.
+
+:func:`choose_devvm` picks one for ``--lab`` (cheaply: no lab is started) and says in one
+sentence what is missing when the real devvm cannot run; :func:`start_lab` starts the one chosen.
+Both labs generate every key in memory, pin every host key, listen on 127.0.0.1 only, and run the
+real ``breakglass-verb`` as the PVE host's forced command.
 """
 
 from __future__ import annotations
@@ -20,25 +25,90 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
 from breakglass_tui.hosts.types import SshTarget
 from breakglass_tui.lab import loopback
+from breakglass_tui.lab.catalog import SANDBOX_SCENARIOS, SCENARIOS
 from breakglass_tui.lab.devvm_sim import DevvmSim
 from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
 from breakglass_tui.lab.pve_host import VERB_PATH, LabPveHost
-from breakglass_tui.lab.scenarios import SCENARIOS
+from breakglass_tui.lab.sandbox import SandboxDevvm, sandbox_problem
 from breakglass_tui.lab.sim_pve import SimPve
 
-__all__ = ["SCENARIOS", "Lab", "start_lab"]
+__all__ = [
+    "SCENARIOS",
+    "Lab",
+    "LabChoice",
+    "LabUnavailable",
+    "choose_devvm",
+    "start_lab",
+    "start_sandbox_lab",
+]
 
 log = logging.getLogger(__name__)
 
-DEVVM_USER = "breakglass"
+SANDBOX_USER = "root"  # the sandbox has no sudo of its own (bubblewrap forbids new privileges)
 PVE_USER = "root"
+GET_QEMU = "run 'bash scripts/lab.sh' as root (it installs qemu-system-x86 and qemu-utils)"
+
+
+class LabUnavailable(RuntimeError):
+    """No devvm can run here; the message says why, in one sentence, and what to do."""
+
+
+@dataclass(frozen=True)
+class LabChoice:
+    """Which devvm a ``--lab`` drill runs on, and the one sentence to show about it (None when
+    it is the real devvm as asked)."""
+
+    devvm: str | None  # "guest", "sandbox", or None: none can run here
+    note: str | None = None
+    scenario: str = "healthy"
+
+
+def choose_devvm(scenario: str = "healthy", devvm: str = "auto") -> LabChoice:
+    """The devvm for a drill of `scenario`: "guest" (the real devvm) wherever QEMU is installed,
+    else "sandbox" (saying how to get QEMU), else none (saying why). `devvm` forces one.
+    Cheap: it looks for programs and the cached image; it builds and starts nothing."""
+    from breakglass_tui.lab.guest.plan import guest_problem  # stdlib only: fast
+
+    if devvm not in ("auto", "guest", "sandbox"):
+        raise ValueError(f"unknown devvm {devvm!r}: choose auto, guest or sandbox")
+    if devvm in ("auto", "guest"):
+        problem = guest_problem()
+        if problem is None:
+            return LabChoice("guest", None, scenario)
+        if devvm == "guest":
+            return LabChoice(None, f"The real devvm cannot run here: {problem}.", scenario)
+    else:
+        problem = None
+    sandbox = sandbox_problem()
+    if sandbox is None:
+        if problem is None:  # the sandbox was asked for
+            note = None
+        else:
+            note = f"{problem}: this drill runs on a sandboxed shell on this machine instead;"
+            note += f" for the real devvm, {GET_QEMU}."
+        if scenario not in SANDBOX_SCENARIOS:
+            note = (
+                f"The sandboxed shell cannot stage {scenario} (the real devvm can: {GET_QEMU}),"
+                f" so this drill runs on a healthy sandboxed shell."
+            )
+            return LabChoice("sandbox", note, "healthy")
+        return LabChoice("sandbox", note, scenario)
+    reason = problem or sandbox
+    return LabChoice(
+        None,
+        f"The lab has no devvm here: {reason}, and {sandbox}; run it on a Debian machine as root"
+        " with 'bash scripts/lab.sh'.",
+        scenario,
+    )
 
 
 def _join_reaper(kvm_pid: int | None) -> None:
@@ -53,7 +123,7 @@ def _join_reaper(kvm_pid: int | None) -> None:
 
 @dataclass
 class Lab:
-    """A running lab. Close it with ``await lab.close()``."""
+    """A running sandbox lab. Close it with ``await lab.close()``."""
 
     devvm: SshTarget
     pve: SshTarget
@@ -61,9 +131,11 @@ class Lab:
     pve_key: asyncssh.SSHKey = field(repr=False)
     sim: SimPve
     scenario: str
+    sandbox: SandboxDevvm = field(repr=False)
     devvm_sim: DevvmSim = field(repr=False)
     pve_host: LabPveHost = field(repr=False)
     workdir: Path
+    note: str | None = None  # what to tell the operator about this lab (one sentence)
     _own_workdir: bool = field(default=True, repr=False)
     _closed: bool = field(default=False, repr=False)
 
@@ -73,12 +145,15 @@ class Lab:
         return [self.devvm_key, self.pve_key]
 
     async def close(self) -> None:
-        """Stop everything the lab started (sim kvm processes by PID) and remove its workdir."""
+        """Stop everything the lab started (the sandbox and the sim kvm, by PID) and remove its
+        workdir."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(Exception):
             await self.devvm_sim.close()
+        with contextlib.suppress(Exception):
+            await self.sandbox.close()
         with contextlib.suppress(Exception):
             # Verbs running now have deadlines of their own; the lab does not wait long for them.
             await self.pve_host.close(grace_s=2.0)
@@ -95,13 +170,22 @@ class Lab:
         await self.close()
 
 
-async def start_lab(
-    scenario: str = "healthy", *, workdir: Path | None = None, boot_delay_s: float = 2.0
+async def start_sandbox_lab(
+    scenario: str = "healthy",
+    *,
+    workdir: Path | None = None,
+    boot_delay_s: float = 2.0,
+    note: str | None = None,
 ) -> Lab:
-    """Start the lab in `scenario` (one of SCENARIOS). After a reset/cycle through the PVE host
-    the devvm refuses connections for `boot_delay_s` (booting), then comes back rebooted."""
-    if scenario not in SCENARIOS:
-        raise ValueError(f"unknown lab scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    """Start the sandbox lab in `scenario` (one of SANDBOX_SCENARIOS). After a reset or cycle
+    through the PVE host the devvm reboots and refuses connections for `boot_delay_s`.
+    ``io-stall``: the simulated VM is paused by an I/O error; ``wedged``: its guest never
+    answers. SandboxUnavailable when bubblewrap cannot run here."""
+    if scenario not in SANDBOX_SCENARIOS:
+        raise ValueError(
+            f"the sandbox lab cannot stage {scenario!r}: choose one of"
+            f" {', '.join(SANDBOX_SCENARIOS)} (the real devvm stages {', '.join(SCENARIOS)})"
+        )
     if not VERB_PATH.exists():
         raise RuntimeError(f"the breakglass verb is missing at {VERB_PATH}: reinstall the package")
     devvm_key, pve_key, devvm_host_key, pve_host_key = (
@@ -117,18 +201,23 @@ async def start_lab(
     root = Path(tempfile.mkdtemp(prefix="breakglass-lab-")) if workdir is None else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     sim: SimPve | None = None
+    sandbox = SandboxDevvm(
+        scenario, host_key=devvm_host_key, authorized_keys=[public_line(devvm_key)]
+    )
     devvm_sim: DevvmSim | None = None
     pve_host: LabPveHost | None = None
     try:
         sim = await asyncio.to_thread(SimPve.create, root / "pve")
         await asyncio.to_thread(sim.start_vm)
+        upstream = await sandbox.start()
+        if scenario == "io-stall":
+            await asyncio.to_thread(sim.set_faults, io_error_pause=True)
         devvm_sim = DevvmSim(
-            scenario,
-            host_key=devvm_host_key,
-            authorized_keys=[public_line(devvm_key)],
-            user=DEVVM_USER,
+            upstream,
+            wedged=scenario == "wedged",
             vm_json=sim.root / "vm.json",
             boot_delay_s=boot_delay_s,
+            on_reboot=sandbox.reboot,
         )
         devvm_port = await devvm_sim.start()
         pve_host = LabPveHost()
@@ -138,6 +227,7 @@ async def start_lab(
     except BaseException:
         if devvm_sim is not None:
             await devvm_sim.close()
+        await sandbox.close()
         if pve_host is not None:
             await pve_host.close(grace_s=0.5)
         if sim is not None:
@@ -146,17 +236,44 @@ async def start_lab(
             shutil.rmtree(root, ignore_errors=True)
         raise
     log.info(
-        "lab %s: devvm on 127.0.0.1:%s, PVE host on 127.0.0.1:%s", scenario, devvm_port, pve_port
+        "sandbox lab %s: devvm on 127.0.0.1:%s, PVE host on 127.0.0.1:%s",
+        scenario,
+        devvm_port,
+        pve_port,
     )
     return Lab(
-        devvm=pinned_target(devvm_port, DEVVM_USER, public_line(devvm_host_key), "devvm"),
+        devvm=pinned_target(devvm_port, SANDBOX_USER, public_line(devvm_host_key), "devvm"),
         pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve"),
         devvm_key=devvm_key,
         pve_key=pve_key,
         sim=sim,
         scenario=scenario,
+        sandbox=sandbox,
         devvm_sim=devvm_sim,
         pve_host=pve_host,
         workdir=root,
+        note=note,
         _own_workdir=own,
     )
+
+
+async def start_lab(
+    scenario: str = "healthy",
+    *,
+    devvm: str = "auto",
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Any:
+    """Start a drill of `scenario` on the devvm :func:`choose_devvm` picks (or `devvm` names):
+    a RealLab or a Lab, its ``note`` holding the one sentence to show. LabUnavailable (one
+    sentence) when no devvm can run here. `options` go to the chosen lab's start function."""
+    choice = choose_devvm(scenario, devvm)
+    if choice.devvm is None:
+        raise LabUnavailable(choice.note or "The lab has no devvm here.")
+    if choice.devvm == "guest":
+        from breakglass_tui.lab.guest.lab import start_real_lab
+
+        lab = await start_real_lab(choice.scenario, progress=progress, **options)
+        lab.note = choice.note
+        return lab
+    return await start_sandbox_lab(choice.scenario, note=choice.note, **options)
