@@ -4,8 +4,14 @@
    lab command K times; the agent's time per step minus one bare API round trip (the real SDK
    against the same fake, no agent) and one bare lab command (HostSession.run, no agent), as a
    ratio to the bare API round trip, all measured in the same run.
-2. Request size (bytes of the JSON body, and estimated tokens) after a 10 MB output, and after a
-   50-step incident whose every output is bigger than the output budget.
+2. Request size (bytes of the JSON body, and estimated tokens) after a 10 MB output.
+3. A 50-step incident over five operator messages, 25 of its outputs 200 KB (each past the output
+   budget), run twice in the same run against the strict fake (which refuses nothing, or the run
+   fails): with the product's context management (the API's context editing inside a tool loop,
+   thinking dropped and old results shortened at operator messages) and without it (a baseline:
+   triggers and budgets out of reach). Reported: the bytes sent per request and the input tokens
+   the model sees per request (the fake counts what is left after context editing), with the
+   managed/baseline ratios.
 
 Run: .venv/bin/python bench/bench_agent.py [--steps 30] [--json]
 """
@@ -35,7 +41,7 @@ from tests.core.conftest import ScriptedHost  # noqa: E402
 from tests.support import fake_messages_api as fm  # noqa: E402
 
 KEY = "sk-ant-bench-000000000000000000"
-MODEL = "claude-sonnet-4-6"
+MODEL = "claude-sonnet-5-5"
 
 
 async def bare_api_round_trips(api: fm.FakeMessagesApi, n: int) -> list[float]:
@@ -52,6 +58,7 @@ async def bare_api_round_trips(api: fm.FakeMessagesApi, n: int) -> list[float]:
                 model=MODEL,
                 max_tokens=1024,
                 messages=[{"role": "user", "content": "hi"}],
+                thinking={"type": "adaptive", "display": "summarized"},
             ) as stream:
                 async for _ in stream:
                     pass
@@ -161,20 +168,57 @@ async def request_sizes() -> dict[str, int]:
             out["request_bytes_after_10mb_output"] = after
             out["est_tokens_after_10mb_output"] = estimate_tokens(json.dumps(api.bodies[-1]))
             await a.close()
-
-            api.requests.clear()
-            host = ScriptedHost(outputs={f"s{i}": f"{i}:" + "y" * 20_000 + "\n" for i in range(50)})
-            a = agent(Path(tmp) / "b", host, api)
-            api.push(*[fm.tool(f"t{i}", "devvm_shell", {"command": f"s{i}"}) for i in range(50)])
-            api.push(fm.text("ok"))
-            await a.handle("go")
-            sizes = [len(json.dumps(b)) for b in api.bodies]
-            out["request_bytes_after_50_steps"] = sizes[-1]
-            out["request_bytes_max_in_50_steps"] = max(sizes)
-            out["est_tokens_after_50_steps"] = estimate_tokens(json.dumps(api.bodies[-1]))
-            await a.close()
+            api.assert_no_rejections()
     finally:
         await api.close()
+    return out
+
+
+async def long_incident(tmp: Path, *, managed: bool) -> dict[str, float]:
+    """50 steps over five operator messages, every other output 200 KB: bytes sent and tokens
+    the model sees, per request."""
+    api = await fm.FakeMessagesApi().start()
+    big = {f"big {i}": f"{i}:" + ("y" * 99 + "\n") * 2048 for i in range(25)}
+    knobs: dict[str, Any] = {}
+    if not managed:  # the baseline: no context editing, no shortening
+        knobs = {"context_trigger_tokens": 10**9, "context_budget_bytes": 10**12}
+    try:
+        a = agent(tmp, ScriptedHost(outputs=big), api, **knobs)
+        step = 0
+        for message in range(5):
+            for _ in range(10):
+                command = f"big {step // 2}" if step % 2 == 0 else f"uptime {step}"
+                api.push(fm.tool(f"t{step}", "devvm_shell", {"command": command}))
+                step += 1
+            api.push(fm.text(f"checkpoint {message}"))
+            await a.handle(f"go on ({message})")
+        await a.close()
+        api.assert_no_rejections()  # no 400, ever
+        sizes = [len(json.dumps(b)) for b in api.bodies]
+        seen = api.seen_tokens
+        return {
+            "requests": len(sizes),
+            "bytes_sent_max": max(sizes),
+            "bytes_sent_last": sizes[-1],
+            "bytes_sent_total": sum(sizes),
+            "tokens_seen_max": max(seen),
+            "tokens_seen_last": seen[-1],
+            "tokens_seen_total": sum(seen),
+        }
+    finally:
+        await api.close()
+
+
+async def long_incidents() -> dict[str, float]:
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        managed = await long_incident(Path(tmp) / "managed", managed=True)
+        baseline = await long_incident(Path(tmp) / "baseline", managed=False)
+    for name, value in managed.items():
+        out[f"50_steps_{name}"] = value
+        out[f"50_steps_{name}_baseline"] = baseline[name]
+        if name != "requests":
+            out[f"50_steps_{name}_ratio"] = value / baseline[name]
     return out
 
 
@@ -183,12 +227,16 @@ async def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {**await loop_overhead(args.steps), **await request_sizes()}
+    results = {
+        **await loop_overhead(args.steps),
+        **await request_sizes(),
+        **await long_incidents(),
+    }
     if args.json:
         print(json.dumps(results, indent=1))
         return
     for name, value in results.items():
-        print(f"{name:40s} {value:12.2f}" if isinstance(value, float) else f"{name:40s} {value:9d}")
+        print(f"{name:48s} {value:12.2f}" if isinstance(value, float) else f"{name:48s} {value:9d}")
 
 
 if __name__ == "__main__":

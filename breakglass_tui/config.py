@@ -11,16 +11,19 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "BREAKGLASS_"
 
-COLD_PATH_POINTER = (
+# What the console tells the operator in the cold case. The real path is the site's own (the
+# chart's server.coldPathPointer sets BREAKGLASS_COLD_PATH_POINTER); this default names none.
+DEFAULT_COLD_PATH_POINTER = (
     "This looks like the cold case (the PVE host or the cluster is down), which this console does"
-    " not cover: use the knock-gated PVE SSH path (infra/docs/plans/"
-    "2026-05-30-breakglass-ssh-access-design.md) or the server's iDRAC."
+    " not cover: recover the PVE host by its out-of-band path (its own console or the server's"
+    " management controller), as your site's cold-case runbook says."
 )
 
 
@@ -34,52 +37,110 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
 
     # -- targets (IP literals; pinned host keys as known_hosts text) --------------------------
+    # The devvm's address: an IP literal (a host name is refused: no DNS between the owner and
+    # the rescue). Required unless in the lab.
     devvm_host: str | None = None
+    # The devvm's SSH port.
     devvm_port: int = Field(22, ge=1, le=65535)
+    # The user the console logs in as on the devvm (full sudo without a password).
     devvm_user: str = "breakglass"
     devvm_host_key: str | None = None  # known_hosts line(s); overridden by the Vault secret
+    # The Proxmox VE host's address: an IP literal. Required unless in the lab.
     pve_host: str | None = None
+    # The PVE host's SSH port.
     pve_port: int = Field(22, ge=1, le=65535)
     pve_user: str = "root"  # the forced command needs root for qm; the key can run nothing else
+    # known_hosts line(s) pinning the PVE host's key; the Vault secret's pve_known_hosts wins.
     pve_host_key: str | None = None
+    # The devvm's VM id on the PVE host, as shown to the operator and to Claude (the verb takes
+    # its VM id from its own config on the host, never from here).
     vmid: int = Field(102, ge=100)
 
     # -- SSH behaviour -------------------------------------------------------------------------
+    # Seconds to connect and finish the SSH handshake before a host counts as unreachable.
     connect_timeout_s: float = Field(6.0, gt=0)
+    # Seconds between SSH keepalives on an open connection.
     keepalive_interval_s: float = Field(5.0, gt=0)
+    # Keepalives left unanswered before the connection is declared dead.
     keepalive_count_max: int = Field(3, ge=1)
+    # Default time limit in seconds of one devvm command (a tool call may ask for its own).
     command_timeout_s: float = Field(120.0, gt=0)
 
     # -- keys: Vault (Kubernetes auth, KV v2) or the operator's own ssh-agent ----------------
+    # Vault's address (e.g. https://10.20.0.5:8200). Set: the keys are loaded from Vault into a
+    # private ssh-agent. Unset: the operator's own ssh-agent (SSH_AUTH_SOCK) is used.
     vault_addr: str | None = None
+    # The Kubernetes-auth role the console logs in to Vault as (docs/vault/).
     vault_role: str = "breakglass"
+    # Mount path of Vault's Kubernetes auth method.
     vault_auth_mount: str = "kubernetes"
+    # The projected service-account token presented at the Vault login (re-read at every login).
     vault_sa_token_file: Path = Path("/var/run/secrets/vault/token")
     # A token file from `kubectl create token` (local run against a port-forwarded Vault).
     vault_token_file: Path | None = None
+    # The KV v2 mount holding the breakglass keys.
     vault_kv_mount: str = "secret"
+    # Path of the keys' secret within that mount (its fields: docs/keys.md).
     vault_secret_path: str = "breakglass/ssh"  # noqa: S105 - a path, not a secret
+    # CA certificate (PEM file) that signed Vault's certificate; unset: the system's CAs.
     vault_cacert: Path | None = None
+    # Seconds each Vault request may take.
     vault_timeout_s: float = Field(10.0, gt=0)
     agent_socket_dir: Path | None = None  # where a private ssh-agent's socket goes (0700 dir)
 
     # -- the breakglass agent ------------------------------------------------------------------
-    model: str = "claude-sonnet-4-6"  # current Sonnet; 4.5 reaches end of life 2026-11-30
+    # The Claude model (README: "Choosing the model"); the default is the current Sonnet. Its
+    # thinking is adaptive and always asked for with the between-tools text shown (core.agent).
+    model: str = "claude-sonnet-5-5"
+    # How hard the model thinks (the API's effort); unset means the API's default for the model
+    # (high on Sonnet 5.5, medium on Opus 5.5).
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    # Asked when the model refuses (stop_reason refusal) or stays overloaded past the retries,
+    # before manual mode; for the rest of that operator message.
+    fallback_model: str | None = None
+    # The incident's spend limit: a warning at 80 %, and at 100 % Claude is no longer asked
+    # (manual mode). The cost of the whole incident counts, across tabs and sessions.
+    max_cost_usd: float = Field(20.0, gt=0)
+    # Tool calls Claude may make for one operator message before it must stop and sum up.
     max_steps: int = Field(40, ge=1)
+    # Thinking counts against max_tokens; a reply cut at it is asked again with twice as much.
+    max_tokens: int = Field(16_000, ge=1024, le=128_000)
+    # Seconds to wait for a complete answer from the Claude API (its retries included) before
+    # falling back to manual mode, plus max_tokens at a slow 80 tokens/s (turn_deadline_s).
     api_deadline_s: float = Field(90.0, gt=0)
 
     # -- breakglass-serve ---------------------------------------------------------------------
     serve_host: str = "0.0.0.0"  # noqa: S104 - the pod listens on its own IP; the Service fronts it
+    # Port breakglass-serve listens on.
     serve_port: int = Field(8080, ge=1, le=65535)
     public_url: str | None = None  # https://breakglass.example.org — required by breakglass-serve
+    # Request header in which the auth proxy names the signed-in user (for the audit).
     identity_header: str = "X-authentik-username"
+    # Browser tabs served at once (each is one app process).
     max_sessions: int = Field(4, ge=1)
     # Set by `breakglass-serve --lab` for its app processes: the targets are the lab's, say so.
     targets_are_lab: bool = False
 
     # -- records -------------------------------------------------------------------------------
     state_dir: Path = Path("./breakglass-state")  # audit log, transcripts, downloaded bundles
+    # Who is at the console, for the audit: breakglass-serve sets it per tab from the identity
+    # header; otherwise $USER.
     operator: str = Field(default_factory=lambda: os.environ.get("USER") or "operator")
+
+    # -- the cold case (out of scope here) -------------------------------------------------------
+    # Told to the operator and to Claude when the PVE host cannot be reached: where to go
+    # instead (the site's out-of-band path and its runbook). The default names no site.
+    cold_path_pointer: str = Field(DEFAULT_COLD_PATH_POINTER, min_length=1, max_length=1000)
+
+    def turn_deadline_s(self, max_tokens: int | None = None) -> float:
+        """How long one model turn may take: a thinking model writing ``max_tokens`` (default:
+        the setting) at a slow 80 tokens/s, plus ``api_deadline_s`` for the rest."""
+        return self.api_deadline_s + (max_tokens or self.max_tokens) / 80.0
+
+    @field_validator("effort", "fallback_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("public_url")
     @classmethod

@@ -11,8 +11,10 @@ mode=${1:-app}
 debs=(openssh-client)
 if [ "$mode" = test ]; then
     # Real parts for the tests: sshd for the forced command, sudo as on the devvm, QEMU for QMP
-    # and the real guest, Chromium for the page, tmux for the newcomer-in-a-terminal test.
-    debs+=(openssh-server sudo qemu-system-x86 chromium tmux)
+    # and the real guest, Chromium for the page, tmux for the newcomer-in-a-terminal test; and
+    # the image test's tools: mmdebstrap makes the Debian base, buildah builds the Containerfile,
+    # podman runs it with runc (crun refuses this kind of host's cgroups).
+    debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc)
 elif [ "$mode" = guest ]; then
     debs+=(qemu-system-x86)
 fi
@@ -23,8 +25,9 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Other installs may hold the dpkg lock (another checkout's setup): wait for it.
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -40,5 +43,5 @@ if [ "$mode" = test ] || [ "$mode" = guest ]; then
     # The real-guest lab's devvm image, built from Debian packages (cached; a rebuild with the
     # same inputs is a no-op). apt-get download needs package lists: fetch them if it fails.
     .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null 2>&1 \
-        || { apt-get update -qq && .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null; }
+        || { apt-get -o DPkg::Lock::Timeout=600 update -qq && .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null; }
 fi

@@ -26,17 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breakglass_tui.config import COLD_PATH_POINTER, Settings
-from breakglass_tui.core import prompt, report
+from breakglass_tui.config import Settings
+from breakglass_tui.core import conversation, forensics, prompt, report
 from breakglass_tui.core.audit import JsonLines, audit_log, transcript
 from breakglass_tui.core.events import (
     ApiError,
     AssistantTextDelta,
+    AssistantThinkingDelta,
+    AssistantThinkingEnded,
+    AssistantThinkingStarted,
     AssistantTurnEnded,
     AssistantTurnStarted,
     BundleSaved,
     Event,
     ModeChanged,
+    ModelSwitched,
     Notice,
     OperatorMessage,
     ProbeUpdated,
@@ -82,11 +86,13 @@ Anything else is a message to Claude."""
 
 _BUNDLE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}$")
 _SLASH_VERBS = {f"/{v}": v for v in VERBS}
-_MAX_TOKENS_CAP = 32000
+_MAX_TOKENS_CAP = 128_000
+# Ask for the thinking text back: on Sonnet 5.5 and Opus 5.5 the text between tool calls comes in
+# thinking blocks, empty under the default display ("omitted"); "summarized" returns it.
+THINKING = {"type": "adaptive", "display": "summarized"}
 # devvm_shell's timeout_s, as the tool schema says (prompt.tool_definitions).
 TIMEOUT_MIN_S = 1
 TIMEOUT_MAX_S = 3600
-_SHORTENED = "[older result, shortened]"
 _RESTORED_NOTE = "This conversation was restored in a new session of the breakglass agent"
 
 
@@ -139,49 +145,77 @@ class _TurnFailed(Exception):
 
 @dataclass
 class _Reply:
-    """One assistant message as streamed: its content blocks and how it ended."""
+    """One assistant message: its content as the SDK accumulated it (kept verbatim for the
+    conversation), how it ended, and what the stream showed on the way."""
 
     turn_id: str
-    blocks: list[dict[str, Any]] = field(default_factory=list)
+    model: str
+    basis: str  # the digest of the request that produced it (conversation.request_messages)
+    content: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str | None = None
     got_message_stop: bool = False
     usage: Usage = field(default_factory=Usage)
+    # Per content index: the tool call's raw JSON and whether its block was closed.
+    tool_json: dict[int, str] = field(default_factory=dict)
+    closed: set[int] = field(default_factory=set)
+    streamed_text: list[str] = field(default_factory=list)
+    streamed_thinking: list[str] = field(default_factory=list)
+    thinking_since: float | None = None
+    thinking_s: float = 0.0
+    applied_edits: list[dict[str, Any]] = field(default_factory=list)
+    dropped_by_api: list[dict[str, Any]] = field(default_factory=list)
+    block_types: dict[int, str] = field(default_factory=dict)
+    refusal_category: str | None = None
 
     @property
     def text(self) -> str:
-        return "".join(b.get("text", "") for b in self.blocks if b["type"] == "text")
+        if self.content:
+            return "".join(b.get("text", "") for b in self.content if b.get("type") == "text")
+        return "".join(self.streamed_text)
+
+    @property
+    def thinking(self) -> str:
+        return "".join(self.streamed_thinking)
 
     @property
     def tool_uses(self) -> list[dict[str, Any]]:
-        return [b for b in self.blocks if b["type"] == "tool_use"]
+        return [b for b in self.content if b.get("type") == "tool_use"]
 
     def truncated_tool_use(self) -> bool:
         """A tool call cut short (max_tokens inside its input, or a block never closed)."""
-        for block in self.tool_uses:
-            if not block.get("_stopped") or block.get("_bad_json"):
+        for index, block in enumerate(self.content):
+            if block.get("type") != "tool_use":
+                continue
+            if index not in self.closed:
                 return True
-        last_is_tool = bool(self.blocks) and self.blocks[-1]["type"] == "tool_use"
+            raw = self.tool_json.get(index, "")
+            try:
+                value = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                return True
+            if not isinstance(value, dict):
+                return True
+        last_is_tool = bool(self.content) and self.content[-1].get("type") == "tool_use"
         return self.stop_reason == "max_tokens" and last_is_tool
 
-    def as_param(self) -> dict[str, Any]:
-        """The assistant message for the conversation (empty text blocks dropped: the API
-        refuses them)."""
-        content: list[dict[str, Any]] = []
-        for b in self.blocks:
-            if b["type"] == "text" and b["text"]:
-                content.append({"type": "text", "text": b["text"]})
-            elif b["type"] == "tool_use":
-                content.append(
-                    {"type": "tool_use", "id": b["id"], "name": b["name"], "input": b["input"]}
-                )
-        return {"role": "assistant", "content": content}
+    def unsigned_thinking(self) -> bool:
+        """A thinking block without its signature: never to be kept or sent back."""
+        return any(
+            (b.get("type") == "thinking" and not b.get("signature"))
+            or (b.get("type") == "redacted_thinking" and not b.get("data"))
+            for b in self.content
+        )
+
+    def worth_keeping(self) -> bool:
+        """Text or a tool call: a turn of only thinking adds nothing to the conversation."""
+        return any(b.get("type") in ("text", "tool_use") for b in self.content)
 
 
 @dataclass
 class _ToolRun:
     """What one tool call produced: the tool_result content and the facts for the record."""
 
-    content: str
+    content: str | list[dict[str, Any]]  # text, or text and image blocks (a screendump)
     is_error: bool = False  # for Claude: the tool itself failed (not a command's exit status)
     summary: str = ""
     record: OutputRecord | None = None
@@ -212,7 +246,7 @@ class BreakglassAgent:
         sdk_max_retries: int = 2,
         turn_retries: int = 1,
         retry_delay_s: float = 1.0,
-        max_tokens: int = 4096,
+        max_tokens: int | None = None,
         output_budget_bytes: int = 8192,
         output_budget_tokens: int = 2048,
         context_budget_bytes: int = 120_000,
@@ -220,8 +254,11 @@ class BreakglassAgent:
         conversation: list[dict[str, Any]] | None = None,
         save_conversation: Callable[[list[dict[str, Any]]], None] | None = None,
         keep_recent_results: int = 8,
+        context_trigger_tokens: int = 40_000,
+        context_clear_at_least_tokens: int = 8_000,
         fetch_bundles: bool = True,
-        bundle_timeout_s: float = 60.0,
+        bundle_timeout_s: float = 30.0,
+        image_budget_bytes: int = 1_500_000,
         history: list[Event] | None = None,
         incident_id: str | None = None,
     ) -> None:
@@ -238,8 +275,11 @@ class BreakglassAgent:
         self.sdk_max_retries = sdk_max_retries
         self.turn_retries = turn_retries
         self.retry_delay_s = retry_delay_s
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens or settings.max_tokens
         self.fetch_bundles = fetch_bundles
+        self.context_trigger_tokens = context_trigger_tokens
+        self.context_clear_at_least_tokens = context_clear_at_least_tokens
+        self.image_budget_bytes = image_budget_bytes
         self.context_budget_bytes = context_budget_bytes
         self.wait_probe_interval_s = wait_probe_interval_s
         self.keep_recent_results = keep_recent_results
@@ -274,6 +314,13 @@ class BreakglassAgent:
         self.total_usage = Usage()
         self.session_usage = Usage()
         self.cost_known = True
+        self._spend_warned = False
+        # The model asked now: the configured one, or the fallback for the rest of an operator
+        # message after a refusal or a persistent overload.
+        self.model = settings.model
+        # What the model saw last (input + cache tokens) and the requests' sizes: the benchmark
+        # and the audit log read them.
+        self.last_seen_tokens = 0
         self._client: Any = None
         self._sdk_modules: tuple[Any, Any] | None = None
         self._client_key: str | None = None
@@ -281,7 +328,6 @@ class BreakglassAgent:
         # Manual call ids name the session: tabs sharing an incident journal never repeat one.
         self._manual_prefix = f"manual-{self.session_id}-"
         self._manual_count = 0
-        self._bundle_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         # For /report: what happened, in order.
         self.timeline: list[tuple[float, str]] = []
@@ -299,10 +345,21 @@ class BreakglassAgent:
 
         self._emit(
             SessionStarted(
-                session_id=self.session_id, operator=operator, lab=lab, model=settings.model
+                session_id=self.session_id,
+                operator=operator,
+                lab=lab,
+                model=settings.model,
+                spend_limit_usd=settings.max_cost_usd,
             )
         )
-        self.audit.write("session_start", lab=lab, model=settings.model)
+        self.audit.write(
+            "session_start",
+            lab=lab,
+            model=settings.model,
+            effort=settings.effort,
+            fallback_model=settings.fallback_model,
+            max_cost_usd=settings.max_cost_usd,
+        )
         self._note(f"session started by {operator}{' (lab)' if lab else ''}")
         if self.messages:
             self._repair_conversation()
@@ -333,16 +390,11 @@ class BreakglassAgent:
             await self._converse(self.scrubber.text(text))
 
     async def close(self) -> None:
-        """End the session: stop bundle downloads, close the API client and the records. The
+        """End the session: close the API client and the records. The
         HostSession belongs to the caller and is not closed here."""
         if self._closed:
             return
         self._closed = True
-        for task in list(self._bundle_tasks):
-            task.cancel()
-        for task in list(self._bundle_tasks):
-            with contextlib.suppress(BaseException):
-                await task
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close()
@@ -358,6 +410,12 @@ class BreakglassAgent:
     # -- the conversation ---------------------------------------------------------------------
 
     async def _converse(self, text: str) -> None:
+        # An operator message is the one boundary where earlier turns may be edited: nothing in
+        # the conversation is in flight. Keep the context within its budget here.
+        self._compact_at_boundary()
+        # Each operator message asks the configured model first (a fallback lasts one message).
+        if self.model != self.settings.model:
+            self._switch_model(self.settings.model, "a new operator message: the configured model")
         # Kept in the conversation even when Claude cannot be asked now: it is context later.
         blocks = self._manual_context()
         blocks.append({"type": "text", "text": text})
@@ -429,6 +487,9 @@ class BreakglassAgent:
                         )
                         self._note(f"the tool loop failed: {exc.__class__.__name__}: {exc}")
                 raise
+            # The tool loop's boundary: the next request carries these results. Nothing sent
+            # before is edited inside the loop (the thinking blocks are bound to it); the API's
+            # context editing clears old results on its side when the context grows.
             self._append_user(results)
             if limit_hit or steps >= max_steps:
                 await self._step_limit_summary(max_steps)
@@ -488,10 +549,13 @@ class BreakglassAgent:
         return "\n".join(lines)
 
     def _append_assistant(self, reply: _Reply) -> None:
-        """Add Claude's message; an empty one is not kept (the API refuses empty content)."""
-        message = reply.as_param()
-        if message["content"]:
-            self.messages.append(message)
+        """Keep Claude's message as the API returned it (thinking and all), with the model and
+        the basis its thinking is bound to. A turn of only thinking is not kept: it adds
+        nothing, and an empty message is refused."""
+        if reply.worth_keeping():
+            self.messages.append(
+                conversation.assistant_message(reply.content, model=reply.model, basis=reply.basis)
+            )
             self._saved()
 
     def _saved(self) -> None:
@@ -557,38 +621,31 @@ class BreakglassAgent:
             self.messages[-1]["content"].extend(blocks)
         else:
             self.messages.append({"role": "user", "content": list(blocks)})
-        self._compact()
         self._saved()
 
-    def _compact(self) -> None:
-        """Keep a long incident's context bounded: when the tool results in the conversation pass
-        the context budget, the older ones (all but the most recent few) are cut to their header
-        line and a short tail; the whole stays readable by output_id. It happens in one batch, so
-        the cached prefix is invalidated rarely, not every turn."""
-        results = [
-            b
-            for m in self.messages
-            if m["role"] == "user"
-            for b in m["content"]
-            if b.get("type") == "tool_result" and isinstance(b.get("content"), str)
-        ]
-        total = sum(len(b["content"]) for b in results)
+    def _compact_at_boundary(self) -> None:
+        """Keep a long incident's context bounded, at an operator-message boundary: when the
+        tool results pass the context budget, the completed turns' thinking goes first (it is
+        bound to what precedes it), then the older results are cut to their header and a short
+        tail, in one batch (the cached prefix is invalidated rarely); the whole outputs stay
+        readable by output_id."""
+        total = conversation.tool_result_bytes(self.messages)
         if total <= self.context_budget_bytes:
             return
-        old = results[: max(0, len(results) - self.keep_recent_results)]
-        shortened = 0
-        for block in old:
-            content = block["content"]
-            if content.startswith(_SHORTENED) or len(content) <= 600:
-                continue
-            header, _, rest = content.partition("\n")
-            block["content"] = (
-                f"{_SHORTENED} {header}\n[... shortened to keep the context small; use"
-                f" read_output/grep_output with the output_id above ...]\n{rest[-400:]}"
+        dropped = conversation.drop_thinking(self.messages)
+        shortened, _ = conversation.shorten_old_results(
+            self.messages,
+            budget_bytes=self.context_budget_bytes,
+            keep_recent=self.keep_recent_results,
+        )
+        if shortened or dropped:
+            self.audit.write(
+                "context_compacted",
+                results=shortened,
+                thinking_blocks_dropped=dropped,
+                bytes_before=total,
             )
-            shortened += 1
-        if shortened:
-            self.audit.write("context_compacted", results=shortened, bytes_before=total)
+            self._saved()
 
     def _manual_context(self) -> list[dict[str, Any]]:
         if not self._pending_manual:
@@ -601,17 +658,26 @@ class BreakglassAgent:
         self._pending_manual.clear()
         return [{"type": "text", "text": text}]
 
-    # -- one model turn, with retries -----------------------------------------------------------
+    # -- one model turn: retries, the fallback model, the spend limit ----------------------------
 
-    async def _turn(self, *, tools: bool) -> _Reply | None:
+    async def _turn(
+        self, *, tools: bool, extra: list[dict[str, Any]] | None = None
+    ) -> _Reply | None:
         """One assistant message, retried per the resilience rules; None when it could not be had
-        (the operator has been told, and manual mode entered when the API is the problem)."""
+        (the operator has been told, and manual mode entered when the API or the spend limit is
+        the problem). ``tools`` False asks with ``tool_choice: none``; ``extra`` is user content
+        sent after the conversation for this request only (the /report turn)."""
+        if self._spend_exhausted():
+            return None
         attempts = 1 + max(0, self.turn_retries)
         max_tokens = self.max_tokens
         failure: _TurnFailed | None = None
-        for attempt in range(attempts):
+        binding_repaired = False
+        attempt = 0
+        while attempt < attempts:
+            attempt += 1
             try:
-                reply = await self._attempt(tools=tools, max_tokens=max_tokens)
+                reply = await self._attempt(tools=tools, max_tokens=max_tokens, extra=extra)
             except _TurnFailed as exc:
                 failure = exc
             else:
@@ -622,22 +688,43 @@ class BreakglassAgent:
                     return reply
                 if failure.kind == "max_tokens":
                     max_tokens = min(max_tokens * 2, _MAX_TOKENS_CAP)
-            will_retry = failure.retryable and attempt < attempts - 1
+            will_retry = failure.retryable and attempt < attempts
+            if not binding_repaired and _thinking_binding_error(failure):
+                # The API would not take an earlier thinking block back (bound to another
+                # conversation): leave the completed turns' thinking out, and ask once more.
+                binding_repaired = will_retry = True
+                attempts += 1
+                dropped = conversation.drop_thinking(self.messages, before=self._loop_start())
+                self.audit.write("thinking_dropped", blocks=dropped, reason=failure.message)
+                self._saved()
             self._emit(ApiError(kind=failure.kind, message=failure.message, will_retry=will_retry))
             self.audit.write(
-                "api_error", error_kind=failure.kind, message=failure.message, will_retry=will_retry
+                "api_error",
+                error_kind=failure.kind,
+                message=failure.message,
+                will_retry=will_retry,
+                model=self.model,
             )
             self._note(f"API error ({failure.kind}): {failure.message}")
             if not will_retry:
                 break
             await asyncio.sleep(self.retry_delay_s)
         assert failure is not None
+        fallback = self.settings.fallback_model
+        if fallback and fallback != self.model and failure.kind in ("refusal", "overloaded"):
+            why = (
+                f"{self.model} declined (refusal)"
+                if failure.kind == "refusal"
+                else f"{self.model} stayed overloaded"
+            )
+            self._switch_model(fallback, f"{why}: asking the fallback model for this message")
+            return await self._turn(tools=tools, extra=extra)
         if failure.kind == "refusal":
             self._notice(
                 "error",
-                "Claude declined to continue (stop_reason refusal), also on retry. The"
-                " conversation is kept; rephrase the request, or act with the slash commands"
-                " (/help).",
+                f"Claude declined to continue ({failure.message}). The refused turn was not kept;"
+                " rephrase the request, set BREAKGLASS_FALLBACK_MODEL to have another model"
+                " asked, or act with the slash commands (/help).",
             )
             return None
         self._set_mode(
@@ -647,11 +734,69 @@ class BreakglassAgent:
         )
         return None
 
+    def _switch_model(self, model: str, reason: str) -> None:
+        """Ask ``model`` from now on. The earlier turns' thinking it cannot read is left out of
+        its requests (conversation.request_messages: a thinking block is bound to its model)."""
+        previous, self.model = self.model, model
+        self._emit(ModelSwitched(model=model, reason=reason))
+        self.audit.write("model_switch", model=model, previous=previous, reason=reason)
+        self._note(f"model {previous} -> {model}: {reason}")
+
+    def _loop_start(self) -> int:
+        """The index of the current tool loop's first assistant message: after the last user
+        message that holds more than tool results."""
+        start = 0
+        for i, message in enumerate(self.messages):
+            content = message.get("content")
+            if (
+                message.get("role") == "user"
+                and isinstance(content, list)
+                and any(b.get("type") != "tool_result" for b in content)
+            ):
+                start = i + 1
+        return start
+
+    def _spend_exhausted(self) -> bool:
+        """The incident's spend limit is reached: Claude is not asked, manual mode goes on."""
+        limit = self.settings.max_cost_usd
+        spent = self.total_usage
+        if not spent.cost_known or spent.cost_usd < limit:
+            return False
+        self.audit.write("spend_limit", cost_usd=round(spent.cost_usd, 6), limit_usd=limit)
+        self._set_mode(
+            True,
+            f"The incident's spend limit is reached (${spent.cost_usd:.2f} of ${limit:.2f},"
+            " BREAKGLASS_MAX_COST_USD): Claude is not asked any more. Manual mode: the slash"
+            " commands work (/help); to go on with Claude, raise BREAKGLASS_MAX_COST_USD and"
+            " reopen the console (the incident resumes).",
+        )
+        return True
+
+    def _check_spend(self) -> None:
+        """Warn once when the incident's cost passes 80 % of its limit."""
+        limit = self.settings.max_cost_usd
+        spent = self.total_usage
+        if self._spend_warned or not spent.cost_known or spent.cost_usd < 0.8 * limit:
+            return
+        self._spend_warned = True
+        self.audit.write("spend_warning", cost_usd=round(spent.cost_usd, 6), limit_usd=limit)
+        self._notice(
+            "warning",
+            f"Claude has used {spent.cost_usd / limit:.0%} of the incident's spend limit"
+            f" (${spent.cost_usd:.2f} of ${limit:.2f}, BREAKGLASS_MAX_COST_USD). At the limit"
+            " Claude stops and manual mode goes on.",
+        )
+
     def _check_reply(self, reply: _Reply) -> _TurnFailed | None:
         if not reply.got_message_stop or reply.stop_reason is None:
             return _TurnFailed(
                 "dropped",
                 "the API stream ended before message_stop (a partial message); it was discarded",
+            )
+        if reply.unsigned_thinking():
+            return _TurnFailed(
+                "dropped",
+                "a thinking block came without its signature; the message was discarded",
             )
         if reply.truncated_tool_use():
             return _TurnFailed(
@@ -660,33 +805,79 @@ class BreakglassAgent:
                 " call was not executed",
             )
         if reply.stop_reason == "refusal":
-            return _TurnFailed("refusal", "Claude refused to answer (stop_reason refusal)")
+            category = f", category {reply.refusal_category}" if reply.refusal_category else ""
+            # The same request would be refused again: no retry on this model.
+            return _TurnFailed(
+                "refusal", f"stop_reason refusal{category} from {reply.model}", retryable=False
+            )
         return None
 
-    async def _attempt(self, *, tools: bool, max_tokens: int) -> _Reply:
+    def _request(
+        self, *, tools: bool, max_tokens: int, extra: list[dict[str, Any]] | None
+    ) -> tuple[dict[str, Any], str]:
+        """The request for the next turn, and the basis its reply's thinking is bound to."""
+        model = self.model
+        system = prompt.system_prompt(self.settings.vmid, self.settings.cold_path_pointer)
+        tool_defs = prompt.tool_definitions()
+        stored = list(self.messages)
+        if extra:
+            if stored and stored[-1]["role"] == "user":
+                last = stored[-1]
+                stored[-1] = {**last, "content": [*last["content"], *extra]}
+            else:
+                stored.append({"role": "user", "content": list(extra)})
+        messages, basis = conversation.request_messages(
+            stored, model=model, system=system, tools=tool_defs
+        )
+        if messages and messages[-1]["content"]:
+            # A cache breakpoint on the last block: the growing history is cached too.
+            messages[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+        params: dict[str, Any] = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "system": system,
+            "tools": tool_defs,
+            "messages": messages,
+            "thinking": dict(THINKING),
+            "betas": [conversation.CONTEXT_MANAGEMENT_BETA],
+            "context_management": conversation.context_management(
+                trigger_tokens=self.context_trigger_tokens,
+                keep=self.keep_recent_results,
+                clear_at_least=self.context_clear_at_least_tokens,
+            ),
+        }
+        if self.settings.effort:
+            params["output_config"] = {"effort": self.settings.effort}
+        if not tools:
+            # The tool list stays (the history holds tool_use blocks, the prefix and its cache
+            # stay intact); tool_choice none keeps Claude from calling them. Forcing a tool is
+            # a 400 on the current models.
+            params["tool_choice"] = {"type": "none"}
+        return params, basis
+
+    async def _attempt(
+        self, *, tools: bool, max_tokens: int, extra: list[dict[str, Any]] | None = None
+    ) -> _Reply:
         """One streamed request under our own deadline; the SDK's small retry budget applies
         before the stream starts."""
         anthropic, httpx2 = await self._sdk()
         client = self._get_client(anthropic, httpx2)
-        params: dict[str, Any] = {
-            "model": self.settings.model,
-            "max_tokens": max_tokens,
-            "system": prompt.system_prompt(self.settings.vmid),
-            "tools": prompt.tool_definitions(),
-            "messages": self._request_messages(),
-        }
-        if not tools:
-            # The tool list stays (the history holds tool_use blocks, and the cache prefix
-            # stays warm); tool_choice none keeps Claude from calling them.
-            params["tool_choice"] = {"type": "none"}
-        reply = _Reply(turn_id=uuid.uuid4().hex[:12])
+        params, basis = self._request(tools=tools, max_tokens=max_tokens, extra=extra)
+        reply = _Reply(turn_id=uuid.uuid4().hex[:12], model=params["model"], basis=basis)
         self._emit(AssistantTurnStarted(turn_id=reply.turn_id))
+        deadline_s = self.settings.turn_deadline_s(max_tokens)
         outcome = "error"
         try:
-            async with asyncio.timeout(self.settings.api_deadline_s):
-                async with client.messages.stream(**params) as stream:
+            async with asyncio.timeout(deadline_s):
+                async with client.beta.messages.stream(**params) as stream:
                     async for event in stream:
                         self._on_stream_event(reply, event)
+                    # The message as the SDK accumulated it, every block as the API sent it:
+                    # what goes back to the API (a rebuilt turn is a 400).
+                    snapshot = stream.current_message_snapshot
+                    reply.content = [
+                        b.model_dump(mode="json", exclude_none=True) for b in snapshot.content
+                    ]
             outcome = reply.stop_reason or "incomplete"
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -696,8 +887,8 @@ class BreakglassAgent:
         except TimeoutError:
             raise _TurnFailed(
                 "deadline",
-                f"no complete answer within {self.settings.api_deadline_s:g} s"
-                " (BREAKGLASS_API_DEADLINE_S)",
+                f"no complete answer within {deadline_s:g} s (BREAKGLASS_API_DEADLINE_S plus"
+                f" {max_tokens} max_tokens at 80 tokens/s)",
             ) from None
         except anthropic.APIStatusError as exc:
             raise _classify_status(exc) from None
@@ -708,7 +899,7 @@ class BreakglassAgent:
             ) from None
         except (anthropic.APIConnectionError, httpx2.TransportError) as exc:
             raise _TurnFailed(
-                "dropped" if reply.blocks or reply.usage.input_tokens else "connection",
+                "dropped" if reply.streamed_text or reply.usage.input_tokens else "connection",
                 f"the connection to the API failed: {exc.__class__.__name__}: {exc}",
             ) from None
         except anthropic.AnthropicError as exc:
@@ -718,6 +909,8 @@ class BreakglassAgent:
         return reply
 
     def _on_stream_event(self, reply: _Reply, event: Any) -> None:
+        """Show the stream as it comes (text, thinking, how long Claude thinks) and note what
+        the accumulated message cannot say (whether each tool call's input was whole)."""
         kind = event.type
         if kind == "message_start":
             u = event.message.usage
@@ -729,42 +922,43 @@ class BreakglassAgent:
             )
         elif kind == "content_block_start":
             cb = event.content_block
-            if cb.type == "text":
-                block: dict[str, Any] = {"type": "text", "text": cb.text or ""}
-                if cb.text:
-                    self._emit(AssistantTextDelta(turn_id=reply.turn_id, text=cb.text))
+            reply.block_types[event.index] = cb.type
+            if cb.type == "text" and cb.text:
+                reply.streamed_text.append(cb.text)
+                self._emit(AssistantTextDelta(turn_id=reply.turn_id, text=cb.text))
             elif cb.type == "tool_use":
-                block = {"type": "tool_use", "id": cb.id, "name": cb.name, "_json": ""}
-            else:
-                block = {"type": cb.type}  # thinking etc.: not enabled, not kept
-            _put(reply.blocks, event.index, block)
+                reply.tool_json[event.index] = ""
+            elif cb.type in conversation.THINKING_TYPES:
+                reply.thinking_since = time.monotonic()
+                self._emit(
+                    AssistantThinkingStarted(
+                        turn_id=reply.turn_id, redacted=cb.type == "redacted_thinking"
+                    )
+                )
         elif kind == "content_block_delta":
-            if event.index >= len(reply.blocks):
-                return
-            block = reply.blocks[event.index]
             delta = event.delta
-            if delta.type == "text_delta" and block["type"] == "text":
-                block["text"] += delta.text
+            if delta.type == "text_delta":
+                reply.streamed_text.append(delta.text)
                 self._emit(AssistantTextDelta(turn_id=reply.turn_id, text=delta.text))
-            elif delta.type == "input_json_delta" and block["type"] == "tool_use":
-                block["_json"] += delta.partial_json
+            elif delta.type == "input_json_delta":
+                reply.tool_json[event.index] = (
+                    reply.tool_json.get(event.index, "") + delta.partial_json
+                )
+            elif delta.type == "thinking_delta" and delta.thinking:
+                reply.streamed_thinking.append(delta.thinking)
+                self._emit(AssistantThinkingDelta(turn_id=reply.turn_id, text=delta.thinking))
         elif kind == "content_block_stop":
-            if event.index >= len(reply.blocks):
-                return
-            block = reply.blocks[event.index]
-            block["_stopped"] = True
-            if block["type"] == "tool_use":
-                raw = block.pop("_json", "")
-                try:
-                    value = json.loads(raw) if raw.strip() else {}
-                    if not isinstance(value, dict):
-                        raise ValueError("tool input is not an object")
-                    block["input"] = value
-                except ValueError:
-                    block["_bad_json"] = True
-                    block["input"] = {}
+            reply.closed.add(event.index)
+            if reply.block_types.get(event.index) in conversation.THINKING_TYPES:
+                took = time.monotonic() - (reply.thinking_since or time.monotonic())
+                reply.thinking_since = None
+                reply.thinking_s += took
+                self._emit(AssistantThinkingEnded(turn_id=reply.turn_id, duration_s=took))
         elif kind == "message_delta":
             reply.stop_reason = event.delta.stop_reason
+            details = getattr(event.delta, "stop_details", None)
+            if details is not None:
+                reply.refusal_category = getattr(details, "category", None)
             u = event.usage
             reply.usage = Usage(
                 input_tokens=(u.input_tokens if u.input_tokens is not None else 0)
@@ -775,17 +969,23 @@ class BreakglassAgent:
                 cache_read_input_tokens=(u.cache_read_input_tokens or 0)
                 or reply.usage.cache_read_input_tokens,
             )
+            edits = getattr(event, "context_management", None)
+            if edits is not None:
+                reply.applied_edits = [e.model_dump(mode="json") for e in edits.applied_edits]
+            dropped = getattr(event, "input_transformations", None)
+            if dropped:
+                reply.dropped_by_api = [d.model_dump(mode="json") for d in dropped]
         elif kind == "message_stop":
             reply.got_message_stop = True
 
     def _finish_turn(self, reply: _Reply, outcome: str) -> None:
-        cost = cost_usd(self.settings.model, reply.usage)
+        cost = cost_usd(reply.model, reply.usage)
         if cost is None and self.cost_known:
             self.cost_known = False
             self._notice(
                 "info",
-                f"No price is known for model {self.settings.model}: usage is shown in tokens"
-                " only.",
+                f"No price is known for model {reply.model}: usage is shown in tokens only (cost"
+                " unknown), and the spend limit (BREAKGLASS_MAX_COST_USD) cannot be enforced.",
             )
         usage = Usage(
             input_tokens=reply.usage.input_tokens,
@@ -793,9 +993,16 @@ class BreakglassAgent:
             cache_creation_input_tokens=reply.usage.cache_creation_input_tokens,
             cache_read_input_tokens=reply.usage.cache_read_input_tokens,
             cost_usd=cost or 0.0,
+            cost_known=cost is not None,
         )
         self.total_usage = add(self.total_usage, usage)
         self.session_usage = add(self.session_usage, usage)
+        if reply.usage.input_tokens or reply.usage.cache_read_input_tokens:
+            self.last_seen_tokens = (
+                usage.input_tokens
+                + usage.cache_read_input_tokens
+                + usage.cache_creation_input_tokens
+            )
         stop = reply.stop_reason if outcome == reply.stop_reason else outcome
         self._emit(
             AssistantTurnEnded(
@@ -804,30 +1011,29 @@ class BreakglassAgent:
         )
         text = reply.text
         if text:
-            if outcome == reply.stop_reason:
+            if outcome == reply.stop_reason and stop != "refusal":
                 self.last_assistant_text = text
             self._note(f"Claude: {text}")
+        record: dict[str, Any] = {}
+        if reply.streamed_thinking or reply.thinking_s:
+            record["thinking"] = reply.thinking
+            record["thinking_s"] = round(reply.thinking_s, 3)
+        if reply.applied_edits:
+            record["context_edits"] = reply.applied_edits
+        if reply.dropped_by_api:
+            record["thinking_dropped_by_api"] = reply.dropped_by_api
         self.audit.write(
             "model_turn",
             turn_id=reply.turn_id,
+            model=reply.model,
             stop_reason=stop,
             text=text,
             tool_calls=[{"id": b["id"], "name": b["name"]} for b in reply.tool_uses],
             usage=_usage_dict(usage),
             total_usage=_usage_dict(self.session_usage),
+            **record,
         )
-
-    def _request_messages(self) -> list[dict[str, Any]]:
-        """The conversation for a request; the last block carries a cache breakpoint so the
-        growing history is cached too (copies: the stored conversation stays clean)."""
-        messages = list(self.messages)
-        if messages and messages[-1]["content"]:
-            last = dict(messages[-1])
-            content = [dict(b) for b in last["content"]]
-            content[-1]["cache_control"] = {"type": "ephemeral"}
-            last["content"] = content
-            messages[-1] = last
-        return messages
+        self._check_spend()
 
     async def _sdk(self) -> tuple[Any, Any]:
         # Lazy import (seconds), off the event loop so the UI keeps painting meanwhile.
@@ -894,6 +1100,8 @@ class BreakglassAgent:
                 run = self._read_output(tool_input)
             elif name == "grep_output":
                 run = await self._grep_output(tool_input)
+            elif name == "list_outputs":
+                run = self._list_outputs()
             else:
                 run = _ToolRun(f"Unknown tool {name!r}.", is_error=True, summary="unknown tool")
         except asyncio.CancelledError:
@@ -948,6 +1156,7 @@ class BreakglassAgent:
                 summary=run.summary,
                 duration_s=elapsed,
                 exit_status=exit_status,
+                output_id=rec.output_id if rec is not None else None,
             )
         )
         facts: dict[str, Any] = {}
@@ -1092,10 +1301,28 @@ class BreakglassAgent:
             refused=result.refused,
             cold_case=result.cold_case,
         )
+        bundle: forensics.BundleView | None = None
         if result.bundle_id and self.fetch_bundles and _BUNDLE_ID.match(result.bundle_id):
-            task = asyncio.create_task(self._save_bundle(result.bundle_id))
-            self._bundle_tasks.add(task)
-            task.add_done_callback(self._bundle_tasks.discard)
+            # Claude sees the forensics it collects: fetched now, before the tool result.
+            doc = await self._fetch_bundle(result.bundle_id)
+            if doc is not None:
+                bundle = forensics.bundle_view(
+                    result.bundle_id, doc, self.outputs, image_budget_bytes=self.image_budget_bytes
+                )
+                for name, rec in bundle.outputs.items():
+                    self._record_stored("", rec)
+                    self.calls.append(
+                        {
+                            "call_id": "",
+                            "tool": "forensics_file",
+                            "label": f"{result.bundle_id}/{name}",
+                            "summary": f"{rec.raw_bytes} bytes",
+                            "manual": False,
+                            "exit_status": None,
+                            "output_id": rec.output_id,
+                            "ok": True,
+                        }
+                    )
         recorder = self.outputs.recorder()
         recorder.feed_text(json.dumps(result.document or _verb_dict(result), indent=1))
         record, _ = self.outputs.finish(recorder)
@@ -1111,9 +1338,15 @@ class BreakglassAgent:
             header += f" | refused by policy: {result.refused}"
         if result.cold_case:
             header += " | COLD CASE: host-level recovery is needed, out of scope. " + (
-                COLD_PATH_POINTER
+                self.settings.cold_path_pointer
             )
-        content = self.outputs.view(record, header)
+        text = self.outputs.view(record, header)
+        content: str | list[dict[str, Any]] = text
+        if bundle is not None:
+            text += "\n\n" + bundle.text
+            content = text
+            if bundle.image is not None:
+                content = [{"type": "text", "text": text}, bundle.image]
         summary = f"{'ok' if result.ok else 'failed'}: {result.message}"
         if result.bundle_id:
             summary += f" (bundle {result.bundle_id})"
@@ -1121,8 +1354,9 @@ class BreakglassAgent:
             content, not result.ok, summary, record, exit_status=result.exit_code, ok=result.ok
         )
 
-    async def _save_bundle(self, bundle_id: str) -> None:
-        """Fetch a forensics bundle into ``<state_dir>/bundles/<id>/`` for the forensics pane."""
+    async def _fetch_bundle(self, bundle_id: str) -> dict[str, Any] | None:
+        """Fetch a forensics bundle into ``<state_dir>/bundles/<id>/`` (the forensics pane
+        lists it) and return it; None, with a warning, when the PVE host does not give it."""
         try:
             async with asyncio.timeout(self.bundle_timeout_s):
                 doc = await self.hosts.bundle(bundle_id)
@@ -1146,6 +1380,7 @@ class BreakglassAgent:
                 )
             )
             self.audit.write("bundle_saved", bundle_id=bundle_id, files=sorted(names))
+            return doc
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -1154,6 +1389,7 @@ class BreakglassAgent:
                 f"Could not fetch forensics bundle {bundle_id} from the PVE host"
                 f" ({exc.__class__.__name__}: {exc}); it stays on the host.",
             )
+            return None
 
     async def _probe(self) -> _ToolRun:
         result = await self.hosts.probe()
@@ -1205,6 +1441,29 @@ class BreakglassAgent:
             return _ToolRun(str(exc), True, "bad input")
         return _ToolRun(text, False, f"{len(text.encode())} bytes")
 
+    def _list_outputs(self) -> _ToolRun:
+        """Every output of the incident with an id: what produced it, its exit, its size."""
+        lines = []
+        for call in self.calls:
+            if not call.get("output_id"):
+                continue
+            exit_status = call.get("exit_status")
+            status = f"exit {exit_status}" if exit_status is not None else ""
+            label = (
+                call["label"]
+                if call["tool"] == "forensics_file"
+                else f"{call['tool']} {call['label']}"
+            )
+            facts = ", ".join(x for x in (status, call["summary"]) if x)
+            lines.append(f"- {call['output_id']}: {label} ({facts})")
+        if not lines:
+            return _ToolRun("No outputs are kept yet.", False, "0 outputs")
+        return _ToolRun(
+            f"{len(lines)} outputs (read_output/grep_output):\n" + "\n".join(lines[-200:]),
+            False,
+            f"{len(lines)} outputs",
+        )
+
     async def _grep_output(self, tool_input: dict[str, Any]) -> _ToolRun:
         try:
             text = await self.outputs.grep(
@@ -1230,7 +1489,7 @@ class BreakglassAgent:
             self._notice("info", "Nothing is running.")
             return
         if command == "/report":
-            self.write_report()
+            await self.report()
             return
         if command == "/probe":
             name, tool_input = "probe_devvm", {}
@@ -1300,7 +1559,7 @@ class BreakglassAgent:
                         "summary": event.summary,
                         "manual": begun.manual if begun is not None else False,
                         "exit_status": event.exit_status,
-                        "output_id": None,
+                        "output_id": event.output_id,
                         "ok": event.ok,
                     }
                 )
@@ -1343,17 +1602,38 @@ class BreakglassAgent:
 
     # -- report --------------------------------------------------------------------------------
 
-    def write_report(self) -> Path:
-        """Write the Markdown incident report under ``<state_dir>/reports/`` and emit
-        ReportReady; returns its path."""
-        markdown = report.render(self)
+    async def report(self) -> Path:
+        """/report: the incident report written by Claude when it can be asked (one extra turn
+        with the same system prompt and tools and ``tool_choice: none``, so the prefix stays
+        intact and nothing is kept in the conversation), with the mechanical record as its
+        appendix; the mechanical report alone when Claude cannot be asked (manual mode)."""
+        written: str | None = None
+        if self._api_key() and not self.manual and self.messages:
+            self._notice("info", "Asking Claude to write the incident report…")
+            last_word = self.last_assistant_text
+            try:
+                reply = await self._turn(
+                    tools=False, extra=[{"type": "text", "text": prompt.REPORT_REQUEST}]
+                )
+            finally:
+                self.last_assistant_text = last_word  # the report is not the incident's last word
+            if reply is not None and reply.text.strip():
+                written = reply.text.strip()
+            else:
+                self._notice("warning", "Claude could not write the report: the record alone.")
+        return self.write_report(written)
+
+    def write_report(self, written: str | None = None) -> Path:
+        """Write the Markdown incident report under ``<state_dir>/reports/`` (``written``:
+        Claude's report, put before the record) and emit ReportReady; returns its path."""
+        markdown = report.render(self, written=written)
         directory = self.state_dir / "reports"
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         filename = f"incident-{self.incident_id or self.session_id}.md"
         path = directory / filename
         path.write_text(self.scrubber.text(markdown))
         self._emit(ReportReady(filename=filename, markdown=self.scrubber.text(markdown)))
-        self.audit.write("report", path=str(path))
+        self.audit.write("report", path=str(path), written_by_claude=written is not None)
         return path
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -1363,7 +1643,7 @@ class BreakglassAgent:
         # transcript) agrees with the audit log. Live output was scrubbed by its recorder.
         if not isinstance(event, ToolOutput):
             event = _scrub_event(self.scrubber, event)
-        if not isinstance(event, AssistantTextDelta | ToolOutput):
+        if not isinstance(event, AssistantTextDelta | AssistantThinkingDelta | ToolOutput):
             self.transcript.write("event", event=type(event).__name__, data=_event_dict(event))
         try:
             self._emit_cb(event)
@@ -1437,11 +1717,24 @@ def _put(blocks: list[dict[str, Any]], index: int, block: dict[str, Any]) -> Non
         blocks.append(block)
 
 
-def _tool_result(tool_use_id: str, content: str, *, is_error: bool = False) -> dict[str, Any]:
+def _tool_result(
+    tool_use_id: str, content: str | list[dict[str, Any]], *, is_error: bool = False
+) -> dict[str, Any]:
     result: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id, "content": content}
     if is_error:
         result["is_error"] = True
     return result
+
+
+def _thinking_binding_error(failure: _TurnFailed) -> bool:
+    """A 400 about a thinking block sent back ("bound to a different conversation", an invalid
+    signature): repairable by leaving the earlier turns' thinking out."""
+    text = failure.message.lower()
+    return (
+        failure.kind == "bad_request"
+        and "thinking" in text
+        and ("bound to a different conversation" in text or "invalid `signature`" in text)
+    )
 
 
 def _classify_status(exc: Any) -> _TurnFailed:
@@ -1508,6 +1801,7 @@ def _usage_dict(u: Usage) -> dict[str, Any]:
         "cache_creation_input_tokens": u.cache_creation_input_tokens,
         "cache_read_input_tokens": u.cache_read_input_tokens,
         "cost_usd": round(u.cost_usd, 6),
+        "cost_known": u.cost_known,
     }
 
 

@@ -26,6 +26,7 @@ class SessionStarted(Event):
     operator: str
     lab: bool
     model: str
+    spend_limit_usd: float | None = None  # the incident's spend limit (BREAKGLASS_MAX_COST_USD)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,12 +51,36 @@ class AssistantTextDelta(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AssistantThinkingStarted(Event):
+    """Claude began a thinking block (its between-tools notes and reasoning summary arrive as
+    :class:`AssistantThinkingDelta`; a redacted block has no text)."""
+
+    turn_id: str
+    redacted: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssistantThinkingDelta(Event):
+    turn_id: str
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssistantThinkingEnded(Event):
+    """A thinking block is complete; ``duration_s`` is how long Claude thought in it."""
+
+    turn_id: str
+    duration_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     cost_usd: float = 0.0
+    cost_known: bool = True  # False when a model without a known price was used: say so, not $0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +117,7 @@ class ToolCallEnded(Event):
     duration_s: float
     exit_status: int | None = None
     cancelled: bool = False
+    output_id: str | None = None  # where the whole output is kept (read_output/grep_output)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +137,15 @@ class ModeChanged(Event):
     """Claude became unavailable (manual mode) or available again."""
 
     manual: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSwitched(Event):
+    """The breakglass agent asks another model from now on (the fallback model after a refusal
+    or a persistent overload, or the configured model again at the next operator message)."""
+
+    model: str
     reason: str
 
 

@@ -4,51 +4,75 @@ from __future__ import annotations
 
 from typing import Any
 
-from breakglass_tui.config import COLD_PATH_POINTER
+from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
 from breakglass_tui.hosts.types import VERBS
 
 RUNBOOK = """\
-You are the breakglass agent: a rescue console for the owner's development VM ("the devvm",
-Proxmox VM {vmid}) when it is wedged while the Kubernetes cluster is healthy (the warm case). The
-operator watching this console is the owner. You act on your own judgement: there is no
-confirmation gate on the power verbs; the PVE host's budget and cooldown are the bound.
+You are the breakglass agent: the rescue console for the owner's development VM ("the devvm",
+Proxmox VM {vmid}), wedged while the Kubernetes cluster is healthy (the warm case). The operator
+is the owner. You act on your own judgement; the PVE host's budget is the bound: at most 4
+mutating verbs (reset, stop, start, cycle) per rolling hour, 5 minutes between resets, stops and
+cycles; `start` of a stopped VM is never refused. Every mutating verb, and `forensics`, captures a
+forensics bundle first: you get its files as outputs and the guest's screen as an image.
 
-Tools: `devvm_shell` runs a command as root (sudo) on the devvm; `pve_verb` runs one
-forced-command verb on the Proxmox host for VM {vmid} only (status, forensics, reset, stop, start,
-cycle); `probe_devvm` checks reachability and `wait_for_devvm` waits for it; `read_output` and
-`grep_output` look deeper into an earlier output by its output_id (you are shown only a head and a
-tail of long outputs).
+Tools: `devvm_shell` runs a command as root on the devvm; `pve_verb` runs a verb on the PVE host
+for VM {vmid} only; `probe_devvm` checks SSH, `wait_for_devvm` probes until it answers;
+`read_output`/`grep_output` read an output by its output_id (you see only the head and tail of a
+long one); `list_outputs` names them all (older tool results may be cleared from your context).
 
 Warm-case runbook:
-1. Probe the devvm (`probe_devvm`).
-2. If SSH works, diagnose: memory (`free -m`, OOM kills in `dmesg`/`journalctl -k`), disk
-   (`df -h`, `df -i`, the biggest directories), failed units (`systemctl --failed`), the kernel
-   log, pressure (`/proc/pressure/*`), load. Repair softly: free disk space (old logs, caches,
-   journal vacuum), restart the stuck service, kill the runaway process. Keep commands bounded
-   (no interactive programs; use timeouts, `head`, `tail`, `--no-pager`).
-3. If SSH does not work, or a soft repair fails: `pve_verb status`, then `pve_verb forensics`
-   (every mutating verb also captures forensics first), then `reset` when the guest is hung but
-   QEMU is alive, or `cycle` when QEMU itself is stuck (I/O stall, paused on an I/O error, QMP not
-   answering) or a reset did not help. `start` brings a stopped VM back.
-4. Verify the devvm is back: `wait_for_devvm` (a boot takes a while; it probes until SSH
-   answers), then a command over SSH.
-5. End with a short incident summary: what was wrong, what you did, the current state, anything
-   the owner should follow up.
+1. Probe. `healthy`: diagnose over SSH. `refused`, `tcp_timeout`, `no_banner`,
+   `command_failed`: the guest or its sshd is down; confirm it twice, about 30 s apart
+   (`wait_for_devvm` with timeout_s 30), before any mutating verb. `auth_refused` or
+   `host_key_mismatch`: a key or identity problem, not a hung guest: stop and tell the owner;
+   never reset or cycle for it.
+2. Diagnose: memory (`free -m`, OOM kills in `journalctl -k`), disk (`df -h`, `df -i`, the biggest
+   directories), failed units (`systemctl --failed`); a stuck service: `systemctl list-jobs`,
+   `systemctl status <unit>`, processes in D state (`ps -eo pid,stat,wchan:32,cmd`); pressure
+   (`/proc/pressure/*`). Bounded commands only: `--no-pager`, `head`, `tail`, `timeout`.
+3. Repair softly. Disk full: stop the writer first, then free space: `lsof +L1` (deleted files
+   still open: restart their holder), `journalctl --vacuum-size=`, caches, truncate (not delete) a
+   runaway log; check `df` again. Memory: stop the runaway process or service. A stuck service:
+   restart it.
+4. Power, when SSH stays down or a soft repair failed: `pve_verb status` first. Guest hung, QEMU
+   answering: `reset`. Paused by an I/O error: `reset` (it resumes the VM); if it pauses again,
+   say it is the host's storage, which neither verb fixes (the owner's cold path). QEMU stuck or a
+   reset did not help: `cycle`. Stopped: `start`. Guest alive but sshd dead: `reset` is the only
+   action in scope; the PVE console is the owner's manual path, say so.
+5. After a reset or cycle: `wait_for_devvm`, then the previous boot's journal (`journalctl -b -1
+   -p warning --no-pager | tail -n 200`) for the cause.
 
-Cold case: if the PVE host itself cannot be reached (a verb reports cold_case, or the PVE host
-is unreachable), say plainly that this is the cold case, out of scope for this console, and
-stop. {cold}
+Never: `reboot`, `poweroff`, `halt` or sysrq from the shell (they bypass the forensics and the
+budget: use `pve_verb`); deleting user data, repositories, home directories or volumes.
 
-Be brief in prose; the operator sees every command and its output live.
+Cold case: if the PVE host cannot be reached or a verb says cold_case, say plainly that this is
+the cold case, out of scope for this console, and stop. {cold}
+
+Be brief: the operator sees every command and its output live. End with what was wrong, what you
+did (with the output_ids that show it), the devvm's state, and what the owner should follow up.
+"""
+
+# The /report turn: asked after the conversation, with the same system prompt and tools and
+# tool_choice none, so the prefix (and its thinking and cache) stays intact.
+REPORT_REQUEST = """\
+The operator asked for the incident report (/report). Do not call tools. Write it in Markdown,
+from this conversation only, with these sections:
+## Summary — two or three sentences: what broke, what you did, the devvm's state now.
+## Root cause — the cause, and the output_ids (and forensics bundle ids) that prove it; say
+plainly if it is not proven.
+## Actions — what was done, in order, by whom (you or the operator), with the results.
+## Follow-ups — what the owner should do on a calm day.
 """
 
 
-def system_prompt(vmid: int) -> list[dict[str, Any]]:
+def system_prompt(
+    vmid: int, cold_path_pointer: str = DEFAULT_COLD_PATH_POINTER
+) -> list[dict[str, Any]]:
     """The system blocks; the last one carries cache_control (prompt caching)."""
     return [
         {
             "type": "text",
-            "text": RUNBOOK.format(vmid=vmid, cold=COLD_PATH_POINTER),
+            "text": RUNBOOK.format(vmid=vmid, cold=cold_path_pointer),
             "cache_control": {"type": "ephemeral"},
         }
     ]
@@ -131,6 +155,15 @@ def tool_definitions() -> list[dict[str, Any]]:
                 },
                 "required": ["output_id", "offset", "length"],
             },
+        },
+        {
+            "name": "list_outputs",
+            "description": (
+                "List the outputs kept in this incident: output_id, what produced it (command,"
+                " verb, forensics bundle file), exit status and size. Use it to find an output"
+                " whose tool result was cleared from your context."
+            ),
+            "input_schema": {"type": "object", "properties": {}},
         },
         {
             "name": "grep_output",

@@ -1,5 +1,6 @@
-"""The Markdown incident report (/report): timeline, commands and exit codes, verbs and bundles,
-outcome, cost."""
+"""The Markdown incident report (/report): Claude's account when it could write one (summary, root
+cause with the output_ids that prove it, actions, follow-ups), then the record: outcome, commands
+and exit codes, verbs and bundles, cost, timeline."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:300]
 
 
-def render(agent: BreakglassAgent) -> str:
+def render(agent: BreakglassAgent, *, written: str | None = None) -> str:
     """The incident report so far, as Markdown: the whole incident when the agent was given its
-    earlier events (``history``: resume, take-over), else ``agent``'s session."""
+    earlier events (``history``: resume, take-over), else ``agent``'s session. ``written``:
+    Claude's own report, put first; the record follows as its appendix."""
     started = agent.timeline[0][0] if agent.timeline else time.time()
     scope = "incident" if agent.incident_id else "session"
     lines = [
@@ -38,11 +40,16 @@ def render(agent: BreakglassAgent) -> str:
         f"- Session: `{agent.session_id}`{' (lab)' if agent.lab and not agent.incident_id else ''}",
         f"- Operator: {agent.operator}",
         f"- Started: {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(started))} UTC",
-        f"- Model: {agent.settings.model}",
-        "",
-        "## Outcome",
+        f"- Model: {agent.settings.model}"
+        + (f" (fallback {agent.settings.fallback_model})" if agent.settings.fallback_model else ""),
         "",
     ]
+    record = "##"
+    if written:
+        lines += ["*Written by Claude from the incident's conversation; the record follows.*", ""]
+        lines += [written.strip(), "", "## Appendix: the record", ""]
+        record = "###"
+    lines += [f"{record} Outcome", ""]
     if agent.last_probe is not None:
         lines.append(
             f"- Last probe: **{agent.last_probe.reachability.value}** — {agent.last_probe.message}"
@@ -54,7 +61,7 @@ def render(agent: BreakglassAgent) -> str:
     if agent.last_assistant_text:
         lines += ["", "Claude's last word:", ""]
         lines += ["> " + ln for ln in agent.last_assistant_text.strip().splitlines()]
-    lines += ["", "## Commands", ""]
+    lines += ["", f"{record} Commands", ""]
     commands = [c for c in agent.calls if c["tool"] == "devvm_shell"]
     if commands:
         lines += ["| by | command | result | exit | output |", "|---|---|---|---|---|"]
@@ -66,7 +73,7 @@ def render(agent: BreakglassAgent) -> str:
             )
     else:
         lines.append("No devvm command was run.")
-    lines += ["", "## Forced-command verbs and forensics bundles", ""]
+    lines += ["", f"{record} Forced-command verbs and forensics bundles", ""]
     if agent.verbs:
         lines += ["| verb | ok | state | bundle | message |", "|---|---|---|---|---|"]
         for v in agent.verbs:
@@ -80,16 +87,16 @@ def render(agent: BreakglassAgent) -> str:
     u = agent.total_usage
     lines += [
         "",
-        "## Cost",
+        f"{record} Cost",
         "",
         f"- Input tokens: {u.input_tokens} (cache writes {u.cache_creation_input_tokens},"
         f" cache reads {u.cache_read_input_tokens})",
         f"- Output tokens: {u.output_tokens}",
-        f"- Cost: ${u.cost_usd:.4f}"
-        if agent.cost_known
-        else f"- Cost: unknown (no price for {agent.settings.model})",
+        f"- Cost: ${u.cost_usd:.4f} (limit ${agent.settings.max_cost_usd:.2f})"
+        if u.cost_known and agent.cost_known
+        else "- Cost: unknown (a model without a known price was used)",
         "",
-        "## Timeline",
+        f"{record} Timeline",
         "",
     ]
     for t, text in agent.timeline:

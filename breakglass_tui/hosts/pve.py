@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncssh
 
-from breakglass_tui.config import COLD_PATH_POINTER
+from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
 from breakglass_tui.hosts.ssh import ConnectOptions, SshConnectError, connect
 from breakglass_tui.hosts.types import VERBS, Reachability, SshTarget, VerbResult
 
@@ -43,7 +43,7 @@ EXIT_MEANINGS: dict[int, str] = {
 }
 
 
-def _unreachable(verb: str, exc: SshConnectError) -> VerbResult:
+def _unreachable(verb: str, exc: SshConnectError, cold_path_pointer: str) -> VerbResult:
     if exc.kind in (Reachability.AUTH_REFUSED, Reachability.HOST_KEY_MISMATCH):
         # Reached, but refused: a configuration problem, not the cold case.
         return VerbResult(
@@ -55,7 +55,7 @@ def _unreachable(verb: str, exc: SshConnectError) -> VerbResult:
         exit_code=NO_EXIT_CODE,
         cold_case=True,
         message=f"{verb} not run: the PVE host cannot be reached ({exc.message}). "
-        + COLD_PATH_POINTER,
+        + cold_path_pointer,
     )
 
 
@@ -63,11 +63,17 @@ class PveClient:
     """Calls breakglass-verb on the PVE host over SSH (forced command, pinned host key)."""
 
     def __init__(
-        self, target: SshTarget, options: ConnectOptions, *, verb_timeout_s: float = 300.0
+        self,
+        target: SshTarget,
+        options: ConnectOptions,
+        *,
+        verb_timeout_s: float = 300.0,
+        cold_path_pointer: str = DEFAULT_COLD_PATH_POINTER,
     ) -> None:
         self.target = target
         self.options = options
         self.verb_timeout_s = verb_timeout_s
+        self.cold_path_pointer = cold_path_pointer
         self._open: set[asyncssh.SSHClientConnection] = set()
 
     async def _exec(
@@ -122,7 +128,7 @@ class PveClient:
             )
         done, why, conn_error = await self._exec(name)
         if conn_error is not None:
-            return _unreachable(name, conn_error)
+            return _unreachable(name, conn_error, self.cold_path_pointer)
         if done is None:
             return VerbResult(verb=name, ok=False, exit_code=NO_EXIT_CODE, message=why or "")
         return self._parse(name, done)
@@ -179,7 +185,10 @@ class PveClient:
         done, why, conn_error = await self._exec(f"bundle {bundle_id}")
         failed: dict[str, Any] = {"verb": "bundle", "ok": False, "bundle_id": bundle_id}
         if conn_error is not None:
-            return {**failed, "message": _unreachable("bundle", conn_error).message}
+            return {
+                **failed,
+                "message": _unreachable("bundle", conn_error, self.cold_path_pointer).message,
+            }
         if done is None:
             return {**failed, "message": why}
         result = self._parse("bundle", done)

@@ -43,7 +43,9 @@ class HostSession:
         self.pve_target = pve
         timers: dict[str, Any] = {}
         default_timeout_s = 120.0
+        pve_options: dict[str, Any] = {}
         if settings is not None:
+            pve_options["cold_path_pointer"] = settings.cold_path_pointer
             timers = {
                 "connect_timeout_s": settings.connect_timeout_s,
                 "keepalive_interval_s": settings.keepalive_interval_s,
@@ -52,7 +54,7 @@ class HostSession:
             default_timeout_s = settings.command_timeout_s
         self.options = ConnectOptions(agent_path=agent_path, client_keys=client_keys, **timers)
         self.shell = DevvmShell(devvm, self.options, default_timeout_s=default_timeout_s)
-        self.pve = PveClient(pve, self.options)
+        self.pve = PveClient(pve, self.options, **pve_options)
 
     async def run(
         self,

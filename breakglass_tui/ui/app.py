@@ -678,15 +678,28 @@ class BreakglassApp(App[None]):
                 if message.own:  # another tab's session names its own operator
                     self.header.operator = event.operator
                 self._model = event.model
+                self.header.spend_limit = event.spend_limit_usd
             case ev.OperatorMessage() if not message.own:
                 await chat.add_operator(event.text)
             case ev.AssistantTurnStarted():
                 await chat.start_turn(event.turn_id)
             case ev.AssistantTextDelta():
                 await chat.turn_delta(event.turn_id, event.text)
+            case ev.AssistantThinkingStarted():
+                await chat.thinking_start(
+                    event.turn_id, started_at=event.at, redacted=event.redacted
+                )
+            case ev.AssistantThinkingDelta():
+                chat.thinking_delta(event.turn_id, event.text)
+            case ev.AssistantThinkingEnded():
+                chat.thinking_end(event.turn_id, event.duration_s)
             case ev.AssistantTurnEnded():
                 await chat.end_turn(event.turn_id)
                 self.header.show_usage(event.total_usage)
+            case ev.ModelSwitched():
+                self._model = event.model
+                self.header.show_claude(manual=False, model=event.model)
+                await chat.add_notice(f"Now asking {event.model}: {event.reason}.", "warning")
             case ev.ToolCallStarted():
                 await chat.start_tool(event)
             case ev.ToolCallEnded():

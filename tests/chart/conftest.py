@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm" / "breakglass"
 PRODUCTION_VALUES = CHART_DIR / "values-production.yaml"
 NAMESPACE = "claude-breakglass"
+# Stands in for the digest an operator fills into the production example (its placeholder of
+# zeros makes the render fail on purpose: test_production_placeholder_digest_is_refused).
+TEST_DIGEST = "sha256:" + "4f61d2f4" * 8
 RELEASE = "breakglass"
 
 helm = pytest.importorskip(
@@ -66,9 +69,13 @@ def render(values: dict[str, Any] | None = None, *, namespace: str = NAMESPACE) 
     return Rendered(values=merged, files=files, objects=objects)
 
 
-def production_values() -> dict[str, Any]:
-    """The production values example, as an operator would pass it with ``-f``."""
-    return yaml.safe_load(PRODUCTION_VALUES.read_text())
+def production_values(*, digest: str | None = TEST_DIGEST) -> dict[str, Any]:
+    """The production values example, as an operator would pass it with ``-f`` once filled in
+    (``digest=None``: exactly as shipped, with its placeholder digest)."""
+    values = yaml.safe_load(PRODUCTION_VALUES.read_text())
+    if digest is not None:
+        values["image"]["digest"] = digest
+    return values
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from breakglass_tui.hosts.types import VERBS
-from tests.chart.conftest import REPO
+from tests.chart.conftest import REPO, production_values
 
-DOCS = ("install.md", "runbook.md", "threat-model.md")
+DOCS = ("install.md", "runbook.md", "threat-model.md", "configuration.md")
 # Written by other engineers in the same change; a link to them may land before the file does.
 WRITTEN_ELSEWHERE = {"docs/pve-host.md", "docs/keys.md"}
 
@@ -53,3 +53,74 @@ def test_relative_links_resolve(name: str) -> None:
         if not resolved.exists() and relative not in WRITTEN_ELSEWHERE:
             missing.append(target)
     assert missing == [], f"{name} links to missing files: {missing}"
+
+
+def install_guide() -> str:
+    return (REPO / "docs" / "install.md").read_text()
+
+
+def commands(text: str) -> list[str]:
+    """The lines of the guide's shell blocks, in order."""
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        lines.extend(line.strip() for line in block.splitlines() if line.strip())
+    return lines
+
+
+def position(lines: list[str], needle: str) -> int:
+    found = [i for i, line in enumerate(lines) if needle in line]
+    assert found, f"docs/install.md shows no command with {needle!r}"
+    return found[0]
+
+
+def test_install_guide_shows_each_step_in_order() -> None:
+    lines = commands(install_guide())
+    order = [
+        "buildah build",
+        "buildah push --digestfile",
+        "ssh-keygen -t ed25519",
+        "vault auth enable kubernetes",
+        "vault write auth/kubernetes/config",
+        "vault kv put secret/breakglass/ssh",
+        "vault policy write breakglass-read",
+        "vault write auth/kubernetes/role/breakglass",
+        "root@10.20.0.2 status",
+        "ssh root@10.20.0.102",
+        'rm -rf "$d"',
+        "kubectl create namespace claude-breakglass",
+        "pod-security.kubernetes.io/enforce=restricted",
+        "create secret generic",
+        "create configmap",
+        "create secret tls",
+        "helm lint helm/breakglass",
+        "helm upgrade --install breakglass",
+        "helm test breakglass",
+    ]
+    positions = [position(lines, needle) for needle in order]
+    assert positions == sorted(positions), dict(zip(order, positions, strict=True))
+    assert not [line for line in lines if "--create-namespace" in line]
+
+
+def test_install_guide_creates_what_the_production_values_name() -> None:
+    values = production_values()
+    text = install_guide()
+    ca = values["serviceAccount"]["vaultCaConfigMap"]
+    assert f"create configmap {ca} --from-file=ca.crt=" in text
+    tls = values["ingress"]["tlsSecretName"]
+    assert f"create secret tls {tls}" in text
+    secret = values.get("anthropic", {}).get("apiKeySecret", {"name": "breakglass-anthropic"})
+    assert f"{secret['name']} --from-file=api-key=" in text
+    assert "kubernetes.io/metadata.name: ingress-nginx" in text, "ingress-nginx users' selector"
+
+
+def test_install_guide_puts_the_devvm_key_from_the_workstation() -> None:
+    """Step 5 runs where the public key is (the workstation, step 2), not on the devvm."""
+    step5 = install_guide().split("## 5.", 1)[1].split("## 6.", 1)[0]
+    assert '< "$d/devvm.pub"' in step5
+    assert "$(cat devvm.pub)" not in step5
+
+
+def test_install_guide_links_the_pve_host_steps_instead_of_repeating_them() -> None:
+    step4 = install_guide().split("## 4.", 1)[1].split("## 5.", 1)[0]
+    assert "(pve-host.md)" in step4
+    assert "verb.toml" in step4 and "[budget]" not in step4

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.conftest import NAMESPACE, REPO, Rendered, helm, render
+from tests.chart.conftest import NAMESPACE, REPO, Rendered, helm, production_values, render
 
 
 def pod_spec(rendered: Rendered) -> dict[str, Any]:
@@ -38,16 +38,26 @@ def test_rendering_into_another_namespace_is_refused() -> None:
         render(namespace="claude-agent")
 
 
-def test_created_namespace_carries_restricted_pod_security_labels(
-    production_render: Rendered,
-) -> None:
-    labels = production_render.one("Namespace")["metadata"]["labels"]
-    for mode in ("enforce", "audit", "warn"):
-        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+def test_the_release_never_owns_the_namespace(rendered: Rendered) -> None:
+    """The operator creates and labels it once (docs/install.md): Helm stores the release in it
+    before creating anything, the API-key Secret must be in it before the pod starts, and
+    `helm uninstall` must not delete it with that Secret."""
+    assert rendered.all("Namespace") == []
 
 
-def test_namespace_is_not_created_unless_asked(default_render: Rendered) -> None:
-    assert default_render.all("Namespace") == []
+@pytest.mark.parametrize("attempt", [{"create": True}, {"create": False}, {"podSecurity": "x"}])
+def test_no_value_can_make_the_release_own_the_namespace(attempt: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render({"namespace": attempt})
+
+
+def test_the_production_example_as_shipped_refuses_to_render() -> None:
+    """Its digest is a placeholder: the render fails and says what to fill in."""
+    with pytest.raises(helm.HelmRenderError, match=r"image\.digest is still the placeholder"):
+        render(production_values(digest=None))
+
+
+def test_priority_class_is_only_created_when_asked(default_render: Rendered) -> None:
     assert default_render.all("PriorityClass") == []
 
 
@@ -212,7 +222,7 @@ def test_pinned_host_keys_pass_through_when_given() -> None:
 
 def test_dns_on_means_cluster_resolver_only(rendered: Rendered) -> None:
     assert pod_spec(rendered)["dnsPolicy"] == "ClusterFirst"
-    egress = rendered.one("NetworkPolicy")["spec"]["egress"]
+    egress = app_policy(rendered)["spec"]["egress"]
     dns_rules = [r for r in egress if any(p["port"] == 53 for p in r["ports"])]
     [rule] = dns_rules
     [peer] = rule["to"]
@@ -226,20 +236,56 @@ def test_dns_off_means_no_resolver_and_no_dns_egress() -> None:
     assert spec["dnsPolicy"] == "None"
     assert spec["dnsConfig"]["nameservers"] == ["127.0.0.1"]
     assert spec["hostAliases"] == aliases
-    egress = rendered.one("NetworkPolicy")["spec"]["egress"]
+    egress = app_policy(rendered)["spec"]["egress"]
     assert not [r for r in egress if any(p["port"] == 53 for p in r["ports"])]
 
 
-def test_network_policy_ingress_only_from_the_ingress_controller(rendered: Rendered) -> None:
-    policy = rendered.one("NetworkPolicy")
+def app_policy(rendered: Rendered) -> dict[str, Any]:
+    """The console's NetworkPolicy (the other one fences the `helm test` pod)."""
+    [policy] = [
+        p for p in rendered.all("NetworkPolicy") if not p["metadata"]["name"].endswith("-test")
+    ]
+    return policy
+
+
+def test_network_policy_ingress_only_from_the_ingress_controller_and_helm_test(
+    rendered: Rendered,
+) -> None:
+    policy = app_policy(rendered)
     spec = policy["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     deployment = rendered.one("Deployment")
     assert spec["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
-    [rule] = spec["ingress"]
-    [peer] = rule["from"]
+    controller, helm_test = spec["ingress"]
+    [peer] = controller["from"]
     assert peer["namespaceSelector"] == rendered.values["networkPolicy"]["ingressNamespaceSelector"]
+    port = [{"protocol": "TCP", "port": rendered.values["server"]["port"]}]
+    assert controller["ports"] == port
+    # The second rule admits the `helm test` pod only: this namespace, its exact labels.
+    [test_peer] = helm_test["from"]
+    assert set(test_peer) == {"podSelector"}
+    test_pod = rendered.one("Pod")
+    assert test_peer["podSelector"]["matchLabels"].items() <= test_pod["metadata"]["labels"].items()
+    assert helm_test["ports"] == port
+
+
+def test_the_helm_test_pod_may_reach_the_console_and_nothing_else(rendered: Rendered) -> None:
+    [policy] = [p for p in rendered.all("NetworkPolicy") if p["metadata"]["name"].endswith("-test")]
+    spec = policy["spec"]
+    test_pod = rendered.one("Pod")
+    assert spec["podSelector"]["matchLabels"].items() <= test_pod["metadata"]["labels"].items()
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and spec["ingress"] == []
+    [rule] = spec["egress"]
+    selector = rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert rule["to"] == [{"podSelector": {"matchLabels": selector}}]
     assert rule["ports"] == [{"protocol": "TCP", "port": rendered.values["server"]["port"]}]
+
+
+def test_without_helm_test_only_the_ingress_controller_gets_in() -> None:
+    rendered = render({"helmTest": {"enabled": False}})
+    assert rendered.all("Pod") == []
+    [rule] = rendered.one("NetworkPolicy")["spec"]["ingress"]  # and no policy for a test pod
+    assert "namespaceSelector" in rule["from"][0]
 
 
 def test_network_policy_egress_only_to_vault_the_api_and_the_two_targets(
@@ -247,7 +293,7 @@ def test_network_policy_egress_only_to_vault_the_api_and_the_two_targets(
 ) -> None:
     v = rendered.values
     allowed: set[tuple[str, int]] = set()
-    for rule in rendered.one("NetworkPolicy")["spec"]["egress"]:
+    for rule in app_policy(rendered)["spec"]["egress"]:
         ports = {p["port"] for p in rule["ports"]}
         if ports == {53}:
             continue
@@ -267,7 +313,7 @@ def test_ipv6_target_gets_a_host_route() -> None:
     rendered = render({"targets": {"pve": {"host": "fd00::2"}}})
     cidrs = [
         peer["ipBlock"]["cidr"]
-        for rule in rendered.one("NetworkPolicy")["spec"]["egress"]
+        for rule in app_policy(rendered)["spec"]["egress"]
         for peer in rule["to"]
         if "ipBlock" in peer
     ]

@@ -105,13 +105,14 @@ async def fake_api() -> AsyncIterator[FakeMessagesApi]:
         yield api
     finally:
         await api.close()
+    # The strict fake answered 400 to a request the real API would refuse: a defect, even when
+    # the agent recovered from it.
+    api.assert_no_rejections()
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        state_dir=tmp_path / "state", model="claude-sonnet-4-6", max_steps=40, api_deadline_s=20
-    )
+    return Settings(state_dir=tmp_path / "state", max_steps=40, api_deadline_s=20)
 
 
 @dataclass

@@ -36,9 +36,18 @@ async def lab_session(request) -> AsyncIterator[tuple[Lab, HostSession]]:
         await lab.close()
 
 
+def text_of(content: str | list[dict]) -> str:
+    """A tool_result's text (its content is a string, or text and image blocks)."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(b["text"] for b in content if b["type"] == "text")
+
+
 def results(body: dict) -> list[str]:
-    """The tool_result contents of the last user message of a request."""
-    return [b["content"] for b in body["messages"][-1]["content"] if b["type"] == "tool_result"]
+    """The tool_result contents (their text) of the last user message of a request."""
+    return [
+        text_of(b["content"]) for b in body["messages"][-1]["content"] if b["type"] == "tool_result"
+    ]
 
 
 @pytest.mark.parametrize("lab_session", ["disk-full"], indirect=True)
@@ -85,6 +94,46 @@ async def test_disk_full_is_repaired_over_several_steps(lab_session, make_agent,
     assert commands[2:4] == ["systemctl stop log-spammer", "truncate -s 0 /var/log/app/runaway.log"]
 
 
+@pytest.mark.parametrize("lab_session", ["disk-full"], indirect=True)
+async def test_disk_full_with_two_dozen_large_reads_runs_to_the_repair_on_the_current_model(
+    lab_session, make_agent, fake_api
+):
+    """The issue's scripted incident, on the default model through the strict fake: probe, df,
+    24 large reads of the runaway log, stop the writer, truncate, df. One operator message,
+    within the step limit; the API's context editing keeps what the model sees bounded; no
+    request is refused (the fixture checks)."""
+    _lab, hosts = lab_session
+    h = make_agent(hosts)
+    assert h.agent.settings.model == "claude-sonnet-5-5"
+    reads = [f"tail -n {2000 + 10 * i} /var/log/app/runaway.log" for i in range(24)]
+    fake_api.push(
+        fm.tool("t0", "probe_devvm", {}),
+        fm.tool("t1", "devvm_shell", {"command": "df -h /"}),
+        *[fm.tool(f"r{i}", "devvm_shell", {"command": c}) for i, c in enumerate(reads)],
+        fm.tool("t2", "devvm_shell", {"command": "systemctl stop log-spammer"}),
+        fm.tool("t3", "devvm_shell", {"command": "truncate -s 0 /var/log/app/runaway.log"}),
+        fm.tool("t4", "devvm_shell", {"command": "df -h /"}),
+        fm.text("Repaired: the runaway log filled /; its writer is stopped and the log emptied."),
+    )
+    await h.agent.handle("the devvm's disk is full")
+    assert len(fake_api.bodies) == 30 and not fake_api.script and not h.agent.manual
+    assert "100%" in results(fake_api.bodies[2])[0]
+    assert (
+        "exit 0" in results(fake_api.bodies[-1])[0]
+        and "100%" not in results(fake_api.bodies[-1])[0]
+    )
+    check = await hosts.run("df -h /")
+    assert check.ok and "100%" not in check.stdout
+    # The large reads pushed the context past the trigger: old results were cleared on the
+    # API's side, the conversation sent was never edited, and every turn went back verbatim.
+    assert any(edits for edits in fake_api.applied_edits)
+    assert max(fake_api.seen_tokens) < h.agent.context_trigger_tokens + 3 * 2_500
+    last = fake_api.bodies[-1]
+    turns = [m for m in last["messages"] if m["role"] == "assistant"]
+    assert len(turns) == 29 and all(m["content"][0]["type"] == "thinking" for m in turns)
+    assert_tool_results_first(fake_api.bodies)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lab_session", ["wedged"], indirect=True)
 async def test_wedged_devvm_is_recovered_with_status_forensics_cycle_probe(
@@ -114,6 +163,11 @@ async def test_wedged_devvm_is_recovered_with_status_forensics_cycle_probe(
     assert lab.sim.vm_state()["boot_id"] > boot_before
     cycle_result = results(fake_api.bodies[4])[0]
     assert "pve_verb cycle: ok" in cycle_result and verbs[2].bundle_id in cycle_result
+    # The model sees the forensics it collects: the bundle's files as outputs, and the guest's
+    # screen (before the cycle acted) as an image in the tool result.
+    assert "qm_status.txt (qm status --verbose): output_id" in cycle_result
+    cycle_blocks = fake_api.bodies[4]["messages"][-1]["content"][0]["content"]
+    assert [b["type"] for b in cycle_blocks] == ["text", "image"]
     assert "no_banner" in results(fake_api.bodies[1])[0]
     assert "the devvm answers" in results(fake_api.bodies[5])[0]
     assert "healthy" in results(fake_api.bodies[6])[0]

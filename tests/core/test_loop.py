@@ -43,11 +43,14 @@ async def test_text_only_answer_streams_deltas_and_reports_usage(make_agent, fak
     ended = h.of(AssistantTurnEnded)[-1]
     assert ended.stop_reason == "end_turn"
     assert (ended.usage.input_tokens, ended.usage.output_tokens) == (1000, 200)
-    # claude-sonnet-4-6: $3 / $15 per MTok
-    assert abs(ended.usage.cost_usd - (1000 * 3 + 200 * 15) / 1e6) < 1e-9
+    # claude-sonnet-5-5, the default: $2 / $10 per MTok
+    assert abs(ended.usage.cost_usd - (1000 * 2 + 200 * 10) / 1e6) < 1e-9
     body = fake_api.bodies[0]
-    assert body["model"] == "claude-sonnet-4-6"
+    assert body["model"] == "claude-sonnet-5-5"
     assert body["stream"] is True
+    # Adaptive thinking, with the between-tools text returned; no effort unless configured.
+    assert body["thinking"] == {"type": "adaptive", "display": "summarized"}
+    assert "output_config" not in body and "temperature" not in body
     assert body["messages"] == [
         {
             "role": "user",
@@ -188,28 +191,56 @@ async def test_unknown_tool_and_bad_input_are_answered_as_errors(make_agent, fak
     assert content[1]["is_error"] is True and "Unknown verb" in content[1]["content"]
 
 
-async def test_a_long_incident_keeps_the_request_bounded(make_agent, fake_api, settings):
-    """50 steps of big outputs: older results are shortened in one batch, the last few stay."""
-    host = ScriptedHost(outputs={f"step {i}": f"{i}:" + "y" * 20_000 + "\n" for i in range(50)})
+async def test_a_fifty_step_incident_stays_bounded_and_never_gets_a_400(
+    make_agent, fake_api, settings
+):
+    """50 steps over five operator messages, 25 of them 40 KB outputs. Inside each tool loop
+    nothing sent is edited (the thinking blocks are bound to it): the API's context editing
+    clears the oldest results on its side, so what the model sees stays bounded. At each
+    operator message the completed turns' thinking goes and the older results are shortened, so
+    what is sent stays bounded too. The strict fake refuses nothing (the fixture checks)."""
+    big = {f"big {i}": f"{i}:" + ("y" * 99 + "\n") * 400 for i in range(25)}
+    host = ScriptedHost(outputs=big)
     h = make_agent(
         host,
-        settings=settings.model_copy(update={"max_steps": 60}),
+        settings=settings.model_copy(update={"max_steps": 12}),
         context_budget_bytes=60_000,
         keep_recent_results=4,
+        context_trigger_tokens=12_000,
+        context_clear_at_least_tokens=2_000,
     )
-    fake_api.push(*[fm.tool(f"t{i}", "devvm_shell", {"command": f"step {i}"}) for i in range(50)])
-    fake_api.push(fm.text("Done."))
-    await h.agent.handle("go")
-    assert len(host.ran) == 50
+    step = 0
+    for message in range(5):
+        script = []
+        for _ in range(10):
+            command = f"big {step // 2}" if step % 2 == 0 else f"uptime {step}"
+            script.append(fm.tool(f"t{step}", "devvm_shell", {"command": command}))
+            step += 1
+        script.append(fm.text(f"Checkpoint {message}."))
+        fake_api.push(*script)
+        await h.agent.handle(f"go on ({message})")
+    assert len(host.ran) == 50 and not h.agent.manual
+    assert len(fake_api.bodies) == 55
     sizes = [len(json.dumps(b)) for b in fake_api.bodies]
-    assert max(sizes) < 60_000 + 50 * 1500 + 20_000, max(sizes)
-    last = fake_api.bodies[-1]["messages"]
+    naive = sum(len(v) for v in big.values())  # 1 MB: what the outputs hold
+    assert max(sizes) < 150_000 < naive, max(sizes)
+    # What the model sees stays under the trigger plus the results of a few steps.
+    assert max(fake_api.seen_tokens) < 12_000 + 2 * 2_500, max(fake_api.seen_tokens)
+    assert any(edits for edits in fake_api.applied_edits)
+    body = fake_api.bodies[-2]  # the last tool loop: its turns go back with their thinking
+    sent = [b for m in body["messages"] if m["role"] == "assistant" for b in m["content"]]
+    assert sum(b["type"] == "thinking" for b in sent) >= 9
+    # The earlier operator messages' turns lost their thinking at a boundary, and the results
+    # before the last few were shortened there (their output_id still readable).
     results = [
-        b for m in last if m["role"] == "user" for b in m["content"] if b["type"] == "tool_result"
+        b
+        for m in body["messages"]
+        if m["role"] == "user"
+        for b in m["content"]
+        if b["type"] == "tool_result"
     ]
     assert results[0]["content"].startswith("[older result, shortened]")
     assert f"output_id {h.agent.outputs.id_for(1)} " in results[0]["content"]
-    assert not results[-1]["content"].startswith("[older result")
     assert_tool_results_first(fake_api.bodies)
 
 
@@ -249,7 +280,7 @@ def test_importing_the_agent_does_not_import_the_sdk():
 
 
 async def test_pve_host_unreachable_is_named_the_cold_case(make_agent, fake_api):
-    from breakglass_tui.config import COLD_PATH_POINTER
+    from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
     from breakglass_tui.hosts.types import VerbResult
 
     class ColdHost(ScriptedHost):
@@ -267,7 +298,7 @@ async def test_pve_host_unreachable_is_named_the_cold_case(make_agent, fake_api)
     await h.agent.handle("the devvm is down")
     result = fake_api.bodies[1]["messages"][2]["content"][0]
     assert result["is_error"] is True
-    assert "COLD CASE" in result["content"] and COLD_PATH_POINTER in result["content"]
+    assert "COLD CASE" in result["content"] and DEFAULT_COLD_PATH_POINTER in result["content"]
     assert "Cold case" in h.agent.write_report().read_text()
 
 

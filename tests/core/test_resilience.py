@@ -69,10 +69,11 @@ async def test_error_event_mid_stream_is_retried_and_partial_text_discarded(make
     [err] = h.of(ApiError)
     assert err.kind == "overloaded" and err.will_retry and "mid-stream" in err.message
     assert fake_api.bodies[0]["messages"] == fake_api.bodies[1]["messages"]
-    assert h.agent.messages[-1] == {
-        "role": "assistant",
-        "content": [{"type": "text", "text": "Done."}],
-    }
+    # Only the complete answer is kept: its signed thinking block, then its text.
+    kept = h.agent.messages[-1]
+    assert kept["role"] == "assistant"
+    assert [b["type"] for b in kept["content"]] == ["thinking", "text"]
+    assert kept["content"][0]["signature"] and kept["content"][1]["text"] == "Done."
 
 
 async def test_stalled_stream_hits_the_read_timeout_and_is_retried(make_agent, fake_api):
@@ -117,15 +118,17 @@ async def test_max_tokens_in_the_middle_of_a_tool_input_is_not_executed(make_age
     assert "toolu_1" not in str(fake_api.bodies[-1]["messages"])
 
 
-async def test_refusal_is_retried_then_reported_without_manual_mode(make_agent, fake_api):
+async def test_refusal_without_a_fallback_is_reported_without_manual_mode(make_agent, fake_api):
+    """The same request would be refused again ("reset context after refusal"): no retry on the
+    same model; the refused turn is not kept; without a fallback model the operator is told."""
     host = ScriptedHost()
     h = make_agent(host)
-    fake_api.push(
-        fm.text("I can't", stop_reason="refusal"), fm.text("I can't", stop_reason="refusal")
-    )
+    fake_api.push(fm.text("I can't", stop_reason="refusal"))
     await h.agent.handle("do something odd")
-    assert [e.kind for e in h.of(ApiError)] == ["refusal", "refusal"]
-    assert any("declined" in n.text for n in h.of(Notice))
+    assert len(fake_api.requests) == 1
+    [err] = h.of(ApiError)
+    assert err.kind == "refusal" and "category cyber" in err.message and not err.will_retry
+    assert any("declined" in n.text and "BREAKGLASS_FALLBACK_MODEL" in n.text for n in h.of(Notice))
     assert not h.agent.manual and host.ran == []
     assert h.agent.messages[-1]["role"] == "user"
 
@@ -166,7 +169,7 @@ async def test_step_limit_ends_with_a_summary_without_tools(make_agent, fake_api
     assert last["tool_choice"] == {"type": "none"}
     assert "step limit" in last["messages"][-1]["content"][-1]["text"]
     assert any("Step limit reached" in n.text for n in h.of(Notice))
-    assert h.agent.messages[-1]["content"][0]["text"].startswith("Summary:")
+    assert h.agent.messages[-1]["content"][-1]["text"].startswith("Summary:")
     assert_tool_results_first(fake_api.bodies)
 
 

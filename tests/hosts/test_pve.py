@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from breakglass_tui.config import COLD_PATH_POINTER
+from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
 from breakglass_tui.hosts.pve import PveClient
 from breakglass_tui.hosts.session import HostSession
 from breakglass_tui.hosts.ssh import ConnectOptions
@@ -165,8 +165,26 @@ async def test_an_unreachable_pve_host_is_the_cold_case():
     )
     result = await PveClient(target, PVE_LOGIN).verb("reset")
     assert not result.ok and result.cold_case
-    assert result.message.endswith(COLD_PATH_POINTER)
+    assert result.message.endswith(DEFAULT_COLD_PATH_POINTER)
     assert "cannot be reached" in result.message
+
+
+async def test_the_cold_case_names_the_sites_own_path_when_configured():
+    """BREAKGLASS_COLD_PATH_POINTER (the chart's server.coldPathPointer) replaces the neutral
+    default, in the verb's answer and in Claude's system prompt."""
+    from breakglass_tui.config import Settings
+    from breakglass_tui.core.prompt import system_prompt
+
+    pointer = "Cold case: knock on the PVE host's SSH port, then follow runbooks/cold.md."
+    settings = Settings(cold_path_pointer=pointer)
+    unreachable = SshTarget(
+        "127.0.0.1", free_port(), "breakglass", "[127.0.0.1]:1 ssh-ed25519 AAAA\n", name="pve"
+    )
+    session = HostSession(unreachable, unreachable, client_keys=[PVE_KEY], settings=settings)
+    result = await session.pve.verb("status")
+    assert result.cold_case and result.message.endswith(pointer)
+    assert DEFAULT_COLD_PATH_POINTER not in result.message
+    assert pointer in system_prompt(102, settings.cold_path_pointer)[0]["text"]
 
 
 async def test_a_wrong_pve_host_key_is_refused_and_not_the_cold_case(pve_sshd: Sshd):

@@ -55,6 +55,19 @@ def sample_events() -> list[ev.Event]:
         ev.AssistantTurnEnded(turn_id="t1", stop_reason="end_turn", usage=usage, total_usage=usage),
         ev.ModeChanged(manual=True, reason="API overloaded"),
         ev.ReportReady(filename="r.md", markdown="# report"),
+        ev.AssistantThinkingStarted(turn_id="t2", redacted=True),
+        ev.AssistantThinkingDelta(turn_id="t2", text="the disk next"),
+        ev.AssistantThinkingEnded(turn_id="t2", duration_s=2.5),
+        ev.ModelSwitched(model="claude-opus-5-5", reason="refusal"),
+        ev.AssistantTurnEnded(
+            turn_id="t2",
+            stop_reason="end_turn",
+            usage=ev.Usage(input_tokens=3, cost_known=False),
+            total_usage=ev.Usage(input_tokens=3, cost_known=False),
+        ),
+        ev.SessionStarted(
+            session_id="s2", operator="viktor", lab=False, model="m", spend_limit_usd=20.0
+        ),
     ]
 
 
@@ -65,6 +78,12 @@ def test_every_event_type_round_trips_through_json() -> None:
         assert back == event, type(event).__name__
     # The sample covers the nested types; every type at least has a registered name.
     assert {"ToolOutput", "VerbCompleted", "ProbeUpdated"} <= set(EVENT_TYPES)
+    assert {
+        "AssistantThinkingStarted",
+        "AssistantThinkingDelta",
+        "AssistantThinkingEnded",
+        "ModelSwitched",
+    } <= {type(e).__name__ for e in samples}
 
 
 def test_unknown_event_types_are_skipped() -> None:

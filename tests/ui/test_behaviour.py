@@ -12,6 +12,7 @@ from breakglass_tui.hosts.types import OutputChunk
 from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
 from breakglass_tui.ui.widgets.chat import ChatInput, ToolBlock
+from breakglass_tui.ui.widgets.status_header import StatusHeader
 from tests.ui.conftest import make_app, settle
 from tests.ui.fakes import T0, verb
 
@@ -324,3 +325,16 @@ async def test_any_exit_closes_the_backend(agents):
         app.exit()  # as when the browser tab closes: no Ctrl+Q
         await pilot.pause(0.2)
     assert agents[0].closed
+
+
+def test_header_says_cost_unknown_never_zero_and_marks_the_spend_limit():
+    header = StatusHeader()
+    header.spend_limit = 20.0
+    header.show_usage(ev.Usage(input_tokens=10, cost_usd=0.0, cost_known=False))
+    assert header.usage == "10 tokens · cost unknown" and header.usage_level == ""
+    header.show_usage(ev.Usage(input_tokens=10, cost_usd=3.5))
+    assert header.usage == "10 tokens · $3.50 of $20.00" and header.usage_level == ""
+    header.show_usage(ev.Usage(input_tokens=10, cost_usd=16.5))
+    assert header.usage_level == "warning"  # 80 % of the limit: the header turns yellow
+    header.show_usage(ev.Usage(input_tokens=10, cost_usd=20.0))
+    assert header.usage_level == "error"

@@ -13,7 +13,7 @@ import pytest
 from breakglass_tui.config import Settings
 from breakglass_tui.ui.app import BreakglassApp
 from breakglass_tui.ui.backend import AppOptions
-from breakglass_tui.ui.widgets.chat import ToolBlock
+from breakglass_tui.ui.widgets.chat import ThinkingBlock, ToolBlock
 from tests.support import fake_messages_api as api
 from tests.support.fake_messages_api import FakeMessagesApi
 
@@ -149,7 +149,53 @@ async def test_claude_streams_an_answer_with_tool_blocks_over_the_lab(tmp_path, 
             await app.shutdown()
     finally:
         await fake.close()
+    fake.assert_no_rejections()  # the strict fake refused nothing
     assert os.environ.get("ANTHROPIC_API_KEY") == "sk-ant-test-not-a-secret"  # only monkeypatched
+
+
+async def test_the_between_tools_text_reaches_the_chat_as_a_dimmed_timed_thinking_block(
+    tmp_path, monkeypatch
+):
+    """On the current models the text between tool calls comes in thinking blocks: the chat
+    shows it live, dimmed, under its turn, with how long Claude has been thinking; folded once
+    the turn answered in words. Model text is shown as text, never as markup."""
+    fake = await FakeMessagesApi().start()
+    try:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-secret")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        slow = api.tool(
+            "toolu_1",
+            "devvm_shell",
+            {"command": "df -h"},
+            text=None,
+            thinking="SSH answers; the disk [bold]next[/] — df first.",
+        )
+        slow.frame_delay_s = 0.4
+        fake.push(slow, api.text("The disk is full.", thinking="df says 100%: the disk."))
+        app = lab_app(tmp_path, "disk-full")
+        async with app.run_test(size=(160, 48)) as pilot:
+            await ready(app, pilot)
+            assert "of $20.00" in app.header.usage or app.header.usage == ""
+            await pilot.press(*"what is wrong?", "enter")
+            await until(pilot, lambda: app.query(ThinkingBlock), 20, "a thinking block")
+            live = app.query(ThinkingBlock).first()
+            await until(pilot, lambda: "thinking…" in str(live.title), 10, "the live clock")
+            await until(pilot, lambda: not app._agent_running(), 30, "the turn")
+            await pilot.pause(0.3)
+            first, second = app.query(ThinkingBlock)
+            assert "thought for" in str(first.title) and "thought for" in str(second.title)
+            shown = str(first.query_one(".thinking-text").render())
+            assert "the disk [bold]next[/] — df first." in shown  # as written, not as markup
+            assert not first.collapsed  # a turn of only tool calls: its thinking stays open
+            assert second.collapsed  # the turn answered in words: its thinking folds
+            children = list(app.chat.conversation.children)
+            answer = app.query("Markdown.assistant").last()
+            assert children.index(second) < children.index(answer)  # above the turn's words
+            assert "tokens · $" in app.header.usage and "of $20.00" in app.header.usage
+            await app.shutdown()
+    finally:
+        await fake.close()
+    fake.assert_no_rejections()
 
 
 async def test_the_api_failing_mid_turn_is_said_and_the_session_goes_on(tmp_path, monkeypatch):
@@ -172,3 +218,4 @@ async def test_the_api_failing_mid_turn_is_said_and_the_session_goes_on(tmp_path
             await app.shutdown()
     finally:
         await fake.close()
+    fake.assert_no_rejections()  # the strict fake refused nothing

@@ -306,6 +306,7 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
             await second.shutdown()
     finally:
         await fake.close()
+    fake.assert_no_rejections()  # the strict fake refused nothing
     assert os.environ.get("ANTHROPIC_API_KEY") == "sk-ant-test-not-a-secret"
 
 

@@ -28,7 +28,8 @@ def help_markdown() -> str:
     return (
         "# breakglass — help\n\n"
         "Warm case only: the devvm is wedged while the cluster is healthy. If the PVE host or the"
-        " cluster is down (the cold case), use the knock-gated PVE SSH path or the iDRAC.\n\n"
+        " cluster is down (the cold case), use your site's cold path: the console names it"
+        " (BREAKGLASS_COLD_PATH_POINTER) when it finds the PVE host unreachable.\n\n"
         f"| key | does |\n|---|---|\n{keys}\n\n"
         f"| command | does |\n|---|---|\n{commands}\n\n"
         "Mutating verbs (reset, stop, start, cycle) capture a forensics bundle first, always.\n"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
 from textual.suggester import SuggestFromList
 from textual.widgets import Collapsible, Input, Static
 
@@ -124,6 +127,64 @@ class ToolBlock(Collapsible):
         )
 
 
+class ThinkingBlock(Collapsible):
+    """What Claude thinks before and between its tool calls, dimmed, under its turn: open while
+    it streams (the operator never sits in silence), with how long Claude has been thinking;
+    folded once the turn answered in words. Model text: never markup."""
+
+    def __init__(self, started_at: float) -> None:
+        self._started_at = started_at
+        self._text = ""
+        self._thought_s = 0.0
+        self._open_blocks = 0
+        self._redacted = 0
+        self._running = True
+        self._body = Static(Text(""), markup=False, classes="thinking-text")
+        super().__init__(self._body, title=self._heading(), collapsed=False, classes="thinking")
+
+    def on_mount(self) -> None:
+        self._timer = self.set_interval(1.0, self._tick)
+
+    def _tick(self) -> None:
+        if self._running:
+            self.title = self._heading()
+
+    def _heading(self) -> Content:
+        if self._running:
+            seconds = max(0.0, time.time() - self._started_at)
+            words = f"thinking… {seconds:.0f} s"
+        else:
+            words = f"thought for {self._thought_s:.1f} s"
+        if self._redacted:
+            words += f" · {self._redacted} redacted block{'s' if self._redacted > 1 else ''}"
+        return Content(words)
+
+    def start_block(self, *, redacted: bool) -> None:
+        self._open_blocks += 1
+        self._running = True
+        if redacted:
+            self._redacted += 1
+        self.title = self._heading()
+
+    def write(self, text: str) -> None:
+        self._text += sanitize_text(text)
+        self._body.update(Text(self._text))
+
+    def end_block(self, duration_s: float) -> None:
+        self._open_blocks = max(0, self._open_blocks - 1)
+        self._thought_s += duration_s
+        self._running = self._open_blocks > 0
+        self.title = self._heading()
+
+    def finish(self, *, fold: bool) -> None:
+        """The turn ended: stop the clock; fold the block if the turn answered in words."""
+        self._running = False
+        self._open_blocks = 0
+        self.title = self._heading()
+        if fold:
+            self.collapsed = True
+
+
 class ChatPane(Vertical):
     """Conversation (anchored to the bottom until the operator scrolls) above the input."""
 
@@ -131,6 +192,7 @@ class ChatPane(Vertical):
         super().__init__(**kwargs)
         self._turns: dict[str, tuple[Markdown, MarkdownStream]] = {}
         self._tools: dict[str, ToolBlock] = {}
+        self._thinking: dict[str, ThinkingBlock] = {}
 
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="conversation")
@@ -169,11 +231,40 @@ class ChatPane(Vertical):
 
     async def end_turn(self, turn_id: str) -> None:
         turn = self._turns.pop(turn_id, None)
+        answered = False
         if turn is not None:
             markdown, stream = turn
             await stream.stop()
-            if not markdown.source.strip():
+            answered = bool(markdown.source.strip())
+            if not answered:
                 await markdown.remove()
+        block = self._thinking.pop(turn_id, None)
+        if block is not None:
+            block.finish(fold=answered)
+
+    async def thinking_start(self, turn_id: str, *, started_at: float, redacted: bool) -> None:
+        """Claude began a thinking block in ``turn_id``: one dimmed block per turn, above the
+        turn's words."""
+        block = self._thinking.get(turn_id)
+        if block is None:
+            block = ThinkingBlock(started_at)
+            self._thinking[turn_id] = block
+            turn = self._turns.get(turn_id)
+            if turn is not None and turn[0].parent is not None:
+                await self.conversation.mount(block, before=turn[0])
+            else:
+                await self._add(block)
+        block.start_block(redacted=redacted)
+
+    def thinking_delta(self, turn_id: str, text: str) -> None:
+        block = self._thinking.get(turn_id)
+        if block is not None:
+            block.write(text)
+
+    def thinking_end(self, turn_id: str, duration_s: float) -> None:
+        block = self._thinking.get(turn_id)
+        if block is not None:
+            block.end_block(duration_s)
 
     async def end_all_turns(self) -> None:
         for turn_id in list(self._turns):

@@ -23,6 +23,8 @@ class StatusHeader(Widget):
     operator: reactive[str] = reactive("")
     targets: reactive[str] = reactive("")
     usage: reactive[str] = reactive("")
+    usage_level: reactive[str] = reactive("")  # "", "warning" (80 % of the spend limit), "error"
+    spend_limit: reactive[float | None] = reactive(None)
     # Set in a read-only tab: who drives the incident, since when (empty while this tab drives).
     driver: reactive[str] = reactive("")
 
@@ -38,7 +40,8 @@ class StatusHeader(Widget):
         first.append("   ● ", style=mark(self.claude_ok))
         first.append(self.claude)
         if self.usage:
-            first.append(f" · {self.usage}", style="dim")
+            style = {"warning": "bold yellow", "error": "bold red"}.get(self.usage_level, "dim")
+            first.append(f" · {self.usage}", style=style)
         second = Text(no_wrap=True, overflow="ellipsis", style="dim")
         if self.driver:
             second.append(self.driver, style="not dim bold yellow")
@@ -82,9 +85,21 @@ class StatusHeader(Widget):
         self.driver = text
 
     def show_usage(self, usage: Usage) -> None:
+        """Tokens and cost so far, against the spend limit: "cost unknown" (never $0.00) when a
+        model without a known price was used; yellow from 80 % of the limit, red at it."""
         tokens = usage.input_tokens + usage.output_tokens
         tokens += usage.cache_creation_input_tokens + usage.cache_read_input_tokens
-        self.usage = f"{tokens:,} tokens · ${usage.cost_usd:.2f}"
+        limit = self.spend_limit
+        if not usage.cost_known:
+            cost, level = "cost unknown", ""
+        elif limit:
+            cost = f"${usage.cost_usd:.2f} of ${limit:.2f}"
+            share = usage.cost_usd / limit
+            level = "error" if share >= 1 else "warning" if share >= 0.8 else ""
+        else:
+            cost, level = f"${usage.cost_usd:.2f}", ""
+        self.usage_level = level
+        self.usage = f"{tokens:,} tokens · {cost}"
 
 
 def short_reason(reason: str) -> str:

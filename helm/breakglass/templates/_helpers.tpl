@@ -20,20 +20,41 @@ app.kubernetes.io/part-of: breakglass-tui
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
-{{/* The namespace guard: isolation from claude-agent is the point of this deployment (ADR 0001). */}}
+{{/* The namespace guard: isolation from claude-agent is the point of this deployment (ADR 0001).
+The operator owns the namespace (docs/install.md): on a real install (lookup sees the cluster; helm
+template and lint see nothing) it must carry the Pod Security "restricted" label. */}}
 {{- define "breakglass.namespace" -}}
 {{- if ne .Release.Namespace .Values.namespace.name -}}
 {{- fail (printf "this chart installs only into namespace %q (values namespace.name), not %q: run helm with -n %s" .Values.namespace.name .Release.Namespace .Values.namespace.name) -}}
 {{- end -}}
+{{- $ns := lookup "v1" "Namespace" "" .Release.Namespace -}}
+{{- if $ns -}}
+{{- $labels := $ns.metadata.labels | default dict -}}
+{{- if ne (get $labels "pod-security.kubernetes.io/enforce") "restricted" -}}
+{{- fail (printf "namespace %s lacks the label pod-security.kubernetes.io/enforce=restricted: label it as docs/install.md step 6 shows (kubectl label namespace %s pod-security.kubernetes.io/enforce=restricted ...), then install again" .Release.Namespace .Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
 {{- .Release.Namespace -}}
 {{- end -}}
 
+{{/* The image, by digest when one is given. The production example's all-zero digest is a
+placeholder: refuse to render it rather than deploy an image that does not exist. */}}
 {{- define "breakglass.image" -}}
+{{- if eq .Values.image.digest (printf "sha256:%s" (repeat 64 "0")) -}}
+{{- fail "image.digest is still the placeholder of values-production.yaml (sha256:000…): fill in the digest your build printed (docs/install.md step 1: buildah push --digestfile)" -}}
+{{- end -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
 {{- else -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Labels of the `helm test` pod: the NetworkPolicy admits exactly these besides the ingress. */}}
+{{- define "breakglass.testLabels" -}}
+app.kubernetes.io/name: breakglass-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
 {{- end -}}
 
 {{- define "breakglass.publicUrl" -}}
