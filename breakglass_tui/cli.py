@@ -11,9 +11,10 @@ import contextlib
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
+from breakglass_tui.lab.catalog import SCENARIOS, describe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,22 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
             " BREAKGLASS_* settings; set ANTHROPIC_API_KEY to let Claude drive, else it runs in"
             " manual mode (slash commands only)."
         ),
-        epilog="Try it first on the lab: breakglass-tui --lab --scenario disk-full",
+        epilog="Try it first on the lab: breakglass-tui --lab --scenario disk-full. Scenarios: "
+        + describe()
+        + ".",
     )
     parser.add_argument(
         "--lab",
         action="store_true",
-        help="start a simulated devvm and PVE host on loopback and point the console at them",
+        help="rehearse on loopback: a real Linux devvm under QEMU (restored from a saved state in"
+        " seconds; the first run builds it, about a minute) and a PVE host running the real"
+        " breakglass-verb; without QEMU, a sandboxed shell on this machine",
     )
     parser.add_argument(
-        "--real-guest",
+        "--sandbox",
         action="store_true",
-        help="with --lab: a real Linux devvm under QEMU instead of the simulated one (slower to"
-        " start; needs qemu-system-x86 and the guest image)",
+        help="with --lab: the sandboxed shell on this machine instead of the real devvm (starts"
+        " at once, stages fewer scenarios; needs bubblewrap and root)",
     )
+    # The real devvm is --lab's default now; the old flag is still accepted.
+    parser.add_argument("--real-guest", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--scenario",
-        choices=SCENARIOS,
+        choices=tuple(SCENARIOS),
         default="healthy",
         help="what is wrong with the lab's devvm (with --lab; default: healthy)",
     )
@@ -53,16 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario != "healthy" and not args.lab:
         print("breakglass-tui: --scenario needs --lab", file=sys.stderr)
         return 2
-    if args.real_guest and not args.lab:
-        print("breakglass-tui: --real-guest needs --lab", file=sys.stderr)
-        return 2
-    if args.real_guest:
-        problem = real_guest_problem()
-        if problem:
-            print(f"breakglass-tui: {problem}", file=sys.stderr)
+    for flag in ("real_guest", "sandbox"):
+        if getattr(args, flag) and not args.lab:
+            print(f"breakglass-tui: --{flag.replace('_', '-')} needs --lab", file=sys.stderr)
             return 2
     settings = None
-    if not args.lab:
+    choice: LabPlan | None = None
+    lab_problem = os.environ.get("BREAKGLASS_LAB_PROBLEM")  # a tab of breakglass-serve --lab
+    if args.lab:
+        choice = choose_lab(args.scenario, "sandbox" if args.sandbox else "auto")
+    elif lab_problem:
+        choice = LabPlan("none", lab_problem, args.scenario)
+    else:
         # Real targets: a missing or invalid setting stops us here, before the screen opens.
         from breakglass_tui.config import ConfigError, load_settings
 
@@ -75,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     from breakglass_tui.ui.app import BreakglassApp
     from breakglass_tui.ui.backend import AppOptions
 
-    with incident_dir(args.lab, settings) as incidents:
+    with incident_dir(choice is not None, settings) as incidents:
         app = BreakglassApp(
             AppOptions(
-                lab=args.lab,
-                scenario=args.scenario,
+                lab=choice is not None,
+                scenario=choice.scenario if choice else args.scenario,
                 settings=settings,
-                real_guest=args.real_guest,
+                devvm=choice.devvm if choice else "auto",
+                lab_note=choice.note if choice else None,
                 incident_dir=incidents,
             ),
             handle_signals=True,
@@ -105,19 +115,40 @@ def incident_dir(lab: bool, settings):
             yield Path(tmp)
 
 
-def real_guest_problem() -> str | None:
-    """Why the real-guest lab cannot run here (QEMU or the guest image missing), else None.
-    Checked before the screen opens, so the message stays readable in the terminal."""
-    print("breakglass-tui: checking QEMU and the real-guest image…", file=sys.stderr)
-    try:
-        from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available
-    except ImportError as exc:  # a broken install, not a missing QEMU: say so plainly
-        return f"the real-guest lab could not be loaded ({exc}): reinstall with scripts/setup.sh"
-    try:
-        check_available()
-    except GuestUnavailable as exc:
-        return str(exc)
-    return None
+@dataclass(frozen=True)
+class LabPlan:
+    devvm: str  # "guest", "sandbox" or "none"
+    note: str | None
+    scenario: str
+
+
+def choose_lab(scenario: str, devvm: str = "auto") -> LabPlan:
+    """Which devvm --lab rehearses on, decided before the screen opens. The real devvm's first
+    run (the image built, a booted state saved: about a minute) happens here, its progress on
+    the terminal, so the console then starts in seconds; if it fails, the sandbox stands in and
+    the console says why in one sentence."""
+    from breakglass_tui.lab.choice import choose_devvm
+
+    choice = choose_devvm(scenario, devvm)
+    if choice.devvm == "guest":
+        from breakglass_tui.lab.guest import plan
+
+        if not plan.ready(choice.scenario):
+            print("breakglass-tui: preparing the lab's devvm (first run)…", file=sys.stderr)
+            try:
+                plan.prepare(
+                    choice.scenario,
+                    progress=lambda line: print(f"breakglass-tui: {line}", file=sys.stderr),
+                )
+            except Exception as exc:  # shown in the console; the sandbox may stand in
+                fallback = choose_devvm(scenario, "sandbox")
+                reason = f"The real devvm could not be prepared ({exc})"
+                if fallback.devvm is None:
+                    return LabPlan("none", f"{reason}; {fallback.note}", scenario)
+                return LabPlan(
+                    "sandbox", f"{reason}: this drill runs on a sandboxed shell.", fallback.scenario
+                )
+    return LabPlan(choice.devvm or "none", choice.note, choice.scenario)
 
 
 def check_real_settings(settings) -> None:

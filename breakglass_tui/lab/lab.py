@@ -11,8 +11,9 @@ Two devvms, one shape (``devvm``, ``pve``, ``devvm_key``, ``pve_key``, ``client_
   (:class:`~breakglass_tui.lab.sim_pve.SimPve`) as its PVE side. For fast tests, and for ``--lab``
   where QEMU is missing.
 
-:func:`choose_devvm` picks one for ``--lab`` (cheaply: no lab is started) and says in one
-sentence what is missing when the real devvm cannot run; :func:`start_lab` starts the one chosen.
+:func:`~breakglass_tui.lab.choice.choose_devvm` picks one for ``--lab`` (cheaply: no lab is
+started) and says in one sentence what is missing when the real devvm cannot run;
+:func:`start_lab` starts the one chosen.
 Both labs generate every key in memory, pin every host key, listen on 127.0.0.1 only, and run the
 real ``breakglass-verb`` as the PVE host's forced command.
 """
@@ -35,10 +36,11 @@ import asyncssh
 from breakglass_tui.hosts.types import SshTarget
 from breakglass_tui.lab import loopback
 from breakglass_tui.lab.catalog import SANDBOX_SCENARIOS, SCENARIOS
+from breakglass_tui.lab.choice import LabChoice, LabUnavailable, choose_devvm
 from breakglass_tui.lab.devvm_sim import DevvmSim
 from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
 from breakglass_tui.lab.pve_host import VERB_PATH, LabPveHost
-from breakglass_tui.lab.sandbox import SandboxDevvm, sandbox_problem
+from breakglass_tui.lab.sandbox import SandboxDevvm
 from breakglass_tui.lab.sim_pve import SimPve
 
 __all__ = [
@@ -55,60 +57,6 @@ log = logging.getLogger(__name__)
 
 SANDBOX_USER = "root"  # the sandbox has no sudo of its own (bubblewrap forbids new privileges)
 PVE_USER = "root"
-GET_QEMU = "run 'bash scripts/lab.sh' as root (it installs qemu-system-x86 and qemu-utils)"
-
-
-class LabUnavailable(RuntimeError):
-    """No devvm can run here; the message says why, in one sentence, and what to do."""
-
-
-@dataclass(frozen=True)
-class LabChoice:
-    """Which devvm a ``--lab`` drill runs on, and the one sentence to show about it (None when
-    it is the real devvm as asked)."""
-
-    devvm: str | None  # "guest", "sandbox", or None: none can run here
-    note: str | None = None
-    scenario: str = "healthy"
-
-
-def choose_devvm(scenario: str = "healthy", devvm: str = "auto") -> LabChoice:
-    """The devvm for a drill of `scenario`: "guest" (the real devvm) wherever QEMU is installed,
-    else "sandbox" (saying how to get QEMU), else none (saying why). `devvm` forces one.
-    Cheap: it looks for programs and the cached image; it builds and starts nothing."""
-    from breakglass_tui.lab.guest.plan import guest_problem  # stdlib only: fast
-
-    if devvm not in ("auto", "guest", "sandbox"):
-        raise ValueError(f"unknown devvm {devvm!r}: choose auto, guest or sandbox")
-    if devvm in ("auto", "guest"):
-        problem = guest_problem()
-        if problem is None:
-            return LabChoice("guest", None, scenario)
-        if devvm == "guest":
-            return LabChoice(None, f"The real devvm cannot run here: {problem}.", scenario)
-    else:
-        problem = None
-    sandbox = sandbox_problem()
-    if sandbox is None:
-        if problem is None:  # the sandbox was asked for
-            note = None
-        else:
-            note = f"{problem}: this drill runs on a sandboxed shell on this machine instead;"
-            note += f" for the real devvm, {GET_QEMU}."
-        if scenario not in SANDBOX_SCENARIOS:
-            note = (
-                f"The sandboxed shell cannot stage {scenario} (the real devvm can: {GET_QEMU}),"
-                f" so this drill runs on a healthy sandboxed shell."
-            )
-            return LabChoice("sandbox", note, "healthy")
-        return LabChoice("sandbox", note, scenario)
-    reason = problem or sandbox
-    return LabChoice(
-        None,
-        f"The lab has no devvm here: {reason}, and {sandbox}; run it on a Debian machine as root"
-        " with 'bash scripts/lab.sh'.",
-        scenario,
-    )
 
 
 def _join_reaper(kvm_pid: int | None) -> None:

@@ -29,10 +29,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-
-import asyncssh
+from typing import TYPE_CHECKING
 
 from breakglass_tui.lab.catalog import SANDBOX_SCENARIOS
+
+if TYPE_CHECKING:
+    import asyncssh
 
 log = logging.getLogger(__name__)
 

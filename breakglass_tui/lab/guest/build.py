@@ -99,7 +99,7 @@ ALTERNATIVES = {
 }
 # The modules the initramfs loads (their dependencies are found from each module's .modinfo and
 # loaded first: the package ships no modules.dep, depmod runs at install time). ext4 is built in.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console")
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng")
 ENABLED_UNITS = ("webapp", "cron")
 HOST_KEY_SEED = b"breakglass-tui lab guest host key v1"
 # Fixed so the image is reproducible: the time of every file this builder writes (2025-01-01),

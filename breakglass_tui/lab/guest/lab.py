@@ -318,7 +318,7 @@ def check_available(cache: Path | None = None, progress: Progress | None = None)
 
 
 # -- the saved state ---------------------------------------------------------------------------
-def _vm_config(
+def vm_config(
     *,
     image: GuestImage,
     accel: str,
@@ -328,6 +328,8 @@ def _vm_config(
     run_dir: Path,
     incoming: Path | None,
 ) -> dict[str, Any]:
+    """vm.json of the lab's VM: the image's kernel, disks as (overlay, backing) by name, a saved
+    state to restore at the first start (incoming) or None for a cold boot."""
     return {
         "vmid": VMID,
         "name": "devvm",
@@ -348,7 +350,8 @@ def _vm_config(
     }
 
 
-def _overlay(path: Path, backing: Path | str) -> None:
+def overlay(path: Path, backing: Path | str) -> None:
+    """A qcow2 overlay at path over backing (the backing is only read)."""
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(path)],
         check=True,
@@ -501,10 +504,10 @@ async def _save(
         # renamed when it is complete.
         for disk, base in bases.items():
             relative = os.path.relpath(base, saved.directory)  # noqa: ASYNC240  (no I/O)
-            await asyncio.to_thread(_overlay, partial / f"{disk}.qcow2", relative)
+            await asyncio.to_thread(overlay, partial / f"{disk}.qcow2", relative)
         write_json_atomic(
             paths.vm_json,
-            _vm_config(
+            vm_config(
                 image=image,
                 accel=accel,
                 memory_mb=memory_mb,
@@ -581,12 +584,12 @@ def _lay_out(
     qm_path = guest_qm.write_qm_wrapper(root)
     disks = {}
     for disk, base in (("root", saved.root_disk), ("data", saved.data_disk)):
-        _overlay(root / f"{disk}.qcow2", base)
+        overlay(root / f"{disk}.qcow2", base)
         disks[disk] = (root / f"{disk}.qcow2", base)
     ssh_port = _free_port()
     write_json_atomic(
         root / "vm.json",
-        _vm_config(
+        vm_config(
             image=image,
             accel=accel,
             memory_mb=memory_mb,

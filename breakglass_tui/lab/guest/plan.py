@@ -145,8 +145,11 @@ def prepare(
     """Build the image and save the states `scenario` starts from, if they are not there yet
     (progress gets a line per step). GuestUnavailable when that fails."""
     import asyncio
+    import warnings
 
-    from breakglass_tui.lab.guest.lab import check_available, ensure_saved_state
+    with warnings.catch_warnings():  # asyncssh's import warns about DSA keys, which we never use
+        warnings.simplefilter("ignore")
+        from breakglass_tui.lab.guest.lab import check_available, ensure_saved_state
 
     image = check_available(cache, progress)
     asyncio.run(
@@ -154,3 +157,25 @@ def prepare(
             image, accel=choose_accel(), cache=cache, progress=progress, scenario=scenario
         )
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m breakglass_tui.lab.guest.plan [SCENARIO…]``: build the image and save the
+    states the drills start from (every scenario's by default), saying what it does."""
+    import sys
+
+    from breakglass_tui.lab.catalog import GUEST_SCENARIOS
+    from breakglass_tui.lab.guest.lab import GuestUnavailable
+
+    scenarios = argv if argv is not None else sys.argv[1:]
+    try:
+        for scenario in scenarios or GUEST_SCENARIOS:
+            prepare(scenario, progress=lambda line: print(f"lab: {line}", file=sys.stderr))
+    except GuestUnavailable as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
