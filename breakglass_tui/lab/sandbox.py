@@ -65,6 +65,7 @@ boot() {
         do sleep 0.05; i=$((i + 1)); done
     fi
     /usr/sbin/sshd -D -r -e -f /etc/ssh/sshd_config 2>> /var/log/sshd.log &
+    echo $(( $(cat /var/lib/lab/boots 2> /dev/null || echo 0) + 1 )) > /var/lib/lab/boots
 }
 trap 'kill -KILL -1 2> /dev/null; boot' HUP
 boot
@@ -99,7 +100,7 @@ GROUP = "root:x:0:\nnogroup:x:65534:\n"
 SHADOW = "root:*:20000:0:99999:7:::\nsshd:*:20000:0:99999:7:::\nnobody:*:20000:0:99999:7:::\n"
 HOSTS = "127.0.0.1\tlocalhost\n127.0.1.1\tdevvm\n"
 
-_probe_result: str | bool | None = False  # False: not probed yet
+_probed: dict[str, str | None] = {}  # PATH -> the probe's verdict
 
 
 class SandboxUnavailable(RuntimeError):
@@ -109,9 +110,9 @@ class SandboxUnavailable(RuntimeError):
 def sandbox_problem() -> str | None:
     """Why the sandbox devvm cannot run here, in one sentence, or None. Probed once (a real
     bwrap run: a read-only container without capabilities fails it)."""
-    global _probe_result
-    if _probe_result is not False:
-        return _probe_result  # type: ignore[return-value]
+    key = os.environ.get("PATH", "")
+    if key in _probed:
+        return _probed[key]
     problem: str | None = None
     if shutil.which(BWRAP) is None:
         problem = "bubblewrap is not installed (apt-get install bubblewrap)"
@@ -133,7 +134,7 @@ def sandbox_problem() -> str | None:
             if done.returncode != 0:
                 reason = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
                 problem = f"bubblewrap cannot make a sandbox here ({reason[0]})"
-    _probe_result = problem
+    _probed[key] = problem
     return problem
 
 
@@ -160,6 +161,16 @@ def _base_args() -> list[str]:
     for path in ("/etc/ld.so.cache", "/etc/alternatives", "/etc/nsswitch.conf", "/etc/localtime"):
         args += ["--ro-bind-try", path, path]
     return args
+
+
+def _pipe_with(content: bytes) -> int:
+    """The read end of a pipe holding content (written and closed: the reader gets EOF)."""
+    r, w = os.pipe()
+    try:
+        os.write(w, content)
+    finally:
+        os.close(w)
+    return r
 
 
 def _free_port() -> int:
@@ -190,7 +201,7 @@ class SandboxDevvm:
         self.data_size = data_size
         self.port = 0  # sshd's port on 127.0.0.1
         self.process: subprocess.Popen[bytes] | None = None
-        self.init_pid: int | None = None  # the sandbox's init, as this machine sees it
+        self.init_pid: int | None = None  # the sandbox's init script, as this machine sees it
         self.boots = 0
 
     async def start(self, timeout_s: float = 30.0) -> int:
@@ -227,46 +238,57 @@ class SandboxDevvm:
         return files
 
     def _spawn(self) -> None:
-        args = [BWRAP, *_base_args(), "--size", str(self.data_size), "--tmpfs", "/data"]
+        args = [*_base_args(), "--size", str(self.data_size), "--tmpfs", "/data"]
         for d in ("/data/log/app", "/var/log", "/var/lib/lab", "/etc/ssh", "/opt/lab"):
             args += ["--dir", d]
         # Each file's content goes through a pipe of its own (bwrap --file FD PATH): written to
-        # the sandbox's tmpfs, never to this machine's disk.
-        pipes: list[tuple[int, int]] = []
-        writers: list[tuple[int, bytes]] = []
+        # the sandbox's tmpfs, never to this machine's disk. Every file is small: it fits in its
+        # pipe's buffer before bwrap reads it.
+        fds: list[int] = []
         for path, content in self._files().items():
-            r, w = os.pipe()
-            pipes.append((r, w))
-            writers.append((w, content))
+            fds.append(_pipe_with(content))
             secret = path in ("/etc/shadow", "/etc/ssh/ssh_host_ed25519_key")
-            args += ["--perms", "0600" if secret else "0644", "--file", str(r), path]
+            args += ["--perms", "0600" if secret else "0644", "--file", str(fds[-1]), path]
         info_r, info_w = os.pipe()
-        args += ["--info-fd", str(info_w), "--", "/bin/sh", "/opt/lab/init"]
-        keep = [r for r, _ in pipes] + [info_w]
+        args += ["--info-fd", str(info_w)]
+        # The arguments through a pipe too (bwrap --args): the sandbox's PID 1 is bwrap, and a
+        # command line naming /opt/lab/log-spammer would match the `pkill -f` of a repair.
+        fds.append(_pipe_with(b"".join(a.encode() + b"\0" for a in args)))
         try:
             self.process = subprocess.Popen(
-                args,
+                [BWRAP, "--args", str(fds[-1]), "--", "/bin/sh", "/opt/lab/init"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=keep,
+                pass_fds=[*fds, info_w],
                 start_new_session=True,
             )
         finally:
-            for r, _ in pipes:
-                os.close(r)
+            for fd in fds:
+                os.close(fd)
             os.close(info_w)
-        for w, content in writers:
-            with contextlib.suppress(BrokenPipeError):
-                os.write(w, content)  # small files: each fits in a pipe's buffer
-            os.close(w)
         with os.fdopen(info_r, "rb") as info:
             raw = info.read()
         try:
-            self.init_pid = int(json.loads(raw)["child-pid"])
+            reaper = int(json.loads(raw)["child-pid"])
         except (ValueError, KeyError, TypeError):
             err = self._stderr()
             raise SandboxUnavailable(f"bubblewrap did not start the sandbox devvm: {err}") from None
+        # bwrap's child is the sandbox's PID 1, a reaper of its own; the init script is its child.
+        self.init_pid = self._child_of(reaper)
+
+    @staticmethod
+    def _child_of(pid: int, timeout_s: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        path = Path(f"/proc/{pid}/task/{pid}/children")
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                children = path.read_text().split()
+                if children:
+                    return int(children[0])
+            if time.monotonic() > deadline:
+                raise SandboxUnavailable("the sandbox devvm's init did not start")
+            time.sleep(0.01)
 
     def _stderr(self) -> str:
         if self.process is None or self.process.poll() is None:
@@ -293,13 +315,26 @@ class SandboxDevvm:
                 await writer.wait_closed()
             return
 
+    def _boots(self) -> int:
+        """How many times the sandbox's init booted (its counter, read through /proc)."""
+        try:
+            return int(Path(f"/proc/{self.init_pid}/root/var/lib/lab/boots").read_text())
+        except (OSError, ValueError):
+            return 0
+
     async def reboot(self, timeout_s: float = 30.0) -> None:
-        """Every process of the sandbox dies; its init starts the writers and sshd again."""
+        """Every process of the sandbox dies; its init starts the writers and sshd again.
+        Returns once that boot is done and sshd listens."""
         if self.init_pid is None:
             return
+        before = self._boots()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.init_pid, signal.SIGHUP)
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + timeout_s
+        while self._boots() <= before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the sandbox devvm did not reboot within {timeout_s:g} s")
+            await asyncio.sleep(0.02)
         await self._wait_listening(timeout_s)
         self.boots += 1
 
