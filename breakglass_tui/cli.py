@@ -84,19 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     from breakglass_tui.ui.app import BreakglassApp
     from breakglass_tui.ui.backend import AppOptions
 
-    with incident_dir(choice is not None, settings) as incidents:
-        app = BreakglassApp(
-            AppOptions(
-                lab=choice is not None,
-                scenario=choice.scenario if choice else args.scenario,
-                settings=settings,
-                devvm=choice.devvm if choice else "auto",
-                lab_note=choice.note if choice else None,
-                incident_dir=incidents,
-            ),
-            handle_signals=True,
-        )
-        app.run()
+    prestarted = None
+    if choice is not None and choice.devvm == "guest":
+        # QEMU starts restoring the devvm now, while the console itself starts.
+        from breakglass_tui.lab.guest.drill import prestart
+
+        prestarted = prestart(choice.scenario)
+    try:
+        with incident_dir(choice is not None, settings) as incidents:
+            app = BreakglassApp(
+                AppOptions(
+                    lab=choice is not None,
+                    scenario=choice.scenario if choice else args.scenario,
+                    settings=settings,
+                    devvm=choice.devvm if choice else "auto",
+                    lab_note=choice.note if choice else None,
+                    lab_prestart=prestarted,
+                    incident_dir=incidents,
+                ),
+                handle_signals=True,
+            )
+            app.run()
+    finally:
+        if prestarted is not None:
+            prestarted.abandon()  # not adopted (the app ended first): its QEMU goes
     return app.return_code or 0
 
 

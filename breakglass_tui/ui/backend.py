@@ -69,6 +69,9 @@ class AppOptions:
     # "sandbox", or "none" (none can run here: lab_note says why, and the console opens anyway).
     devvm: str = "auto"
     lab_note: str | None = None  # one sentence about the lab to show in the chat
+    # With devvm "guest": the devvm the command line already started restoring (lab.guest.drill
+    # Prestart), adopted by the lab so the console is ready sooner.
+    lab_prestart: Any = None
     # Where the incident store lives (one incident, many tabs); None: no incident is kept (the
     # UI's own tests, the benchmark).
     incident_dir: Path | None = None
@@ -242,7 +245,8 @@ async def _start_lab(options: AppOptions, emit: Emit) -> Any:
     def progress(line: str) -> None:  # called from the build's thread too
         loop.call_soon_threadsafe(emit, Notice(level="info", text=f"lab: {line}"))
 
-    lab = await start_lab(options.scenario, devvm=options.devvm, progress=progress)
+    extra = {"prestarted": options.lab_prestart} if options.lab_prestart is not None else {}
+    lab = await start_lab(options.scenario, devvm=options.devvm, progress=progress, **extra)
     note = options.lab_note or lab.note
     if note:
         emit(Notice(level="warning", text=note))

@@ -14,13 +14,8 @@ import pytest
 
 from breakglass_tui.lab.guest import qm as guest_qm
 from breakglass_tui.lab.guest.build import GuestImage
-from breakglass_tui.lab.guest.lab import (
-    GuestUnavailable,
-    check_available,
-    overlay,
-    start_real_lab,
-    vm_config,
-)
+from breakglass_tui.lab.guest.drill import overlay, vm_config
+from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available, start_real_lab
 from breakglass_tui.lab.guest.qm import QMP_TIMEOUT_S
 from breakglass_tui.lab.qm_standin import QmpClient, pid_alive, write_json_atomic
 from tests.support.realparts import free_port

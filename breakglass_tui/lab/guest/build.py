@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -70,6 +71,7 @@ PACKAGES = (
     "login",
     "passwd",
     "ncurses-bin",
+    "ncurses-base",  # terminfo: top and less need it, even in batch mode
     "e2fsprogs",
     "iproute2",
     "iputils-ping",
@@ -258,6 +260,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@functools.cache
 def sources_hash() -> str:
     """A hash of this builder and its files: what the image is made by (not of)."""
     h = hashlib.sha256(BUILDER_VERSION.encode() + Path(__file__).read_bytes())
@@ -431,6 +434,8 @@ def configure(root: Path) -> None:
         for skel in sorted((root / "etc/skel").iterdir()):
             shutil.copyfile(skel, path / skel.name)
             os.chown(path / skel.name, uid, uid)
+        (path / ".ssh").mkdir(mode=0o700, exist_ok=True)
+        os.chown(path / ".ssh", uid, uid)
         os.chown(path, uid, uid)
         path.chmod(0o700 if uid == 0 else 0o750)
     for d in ("data", "var/lib/app", "var/log/lab", "var/tmp"):
@@ -672,7 +677,8 @@ def build(
     target = cache / "images" / image_id
     image = GuestImage(target, image_id)
     if not image.complete():
-        _assemble(image, debs, say)
+        assemble(image, debs, say)
+        _prune(cache, keep=image_id)
     (cache / "current.json").write_text(
         json.dumps({"image_id": image_id, "sources": sources_hash()}) + "\n"
     )
@@ -680,7 +686,26 @@ def build(
     return image
 
 
-def _assemble(image: GuestImage, debs: list[Path], say: Progress) -> None:
+def _prune(cache: Path, keep: str) -> None:
+    """Remove the images this builder made before (a new one replaces them), and their saved
+    states."""
+    for directory in sorted((cache / "images").glob("*")):
+        try:
+            builder = json.loads((directory / "manifest.json").read_text()).get("builder")
+        except (OSError, ValueError):
+            continue
+        if directory.name == keep or builder != BUILDER_VERSION:
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        for saved in (cache / "saved").glob(f"{directory.name}-*"):
+            if saved.is_dir():
+                shutil.rmtree(saved, ignore_errors=True)
+            else:
+                saved.unlink(missing_ok=True)
+
+
+def assemble(image: GuestImage, debs: list[Path], say: Progress = _quiet) -> None:
+    """Make the image from these .deb files (the kernel's among them) into image.directory."""
     started = time.monotonic()
     kernel_deb = next(d for d in debs if re.match(r"linux-image-\d", d.name))
     userland = [d for d in debs if d is not kernel_deb]
@@ -737,6 +762,7 @@ def _assemble(image: GuestImage, debs: list[Path], say: Progress) -> None:
         )
         (staging / "host_key.pub").write_text(host_key()[1] + "\n")
         manifest = {
+            "builder": BUILDER_VERSION,
             "image_id": image.image_id,
             "kernel_release": release,
             "debs": {deb.name: _sha256(deb) for deb in sorted(debs, key=lambda p: p.name)},

@@ -26,7 +26,6 @@ transient fault, after which the disk works again.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import fcntl
 import logging
@@ -34,8 +33,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -51,8 +48,17 @@ from breakglass_tui.lab import loopback
 from breakglass_tui.lab.catalog import GUEST_SCENARIOS, SCENARIOS
 from breakglass_tui.lab.guest import qm as guest_qm
 from breakglass_tui.lab.guest.build import GuestBuildError, GuestImage, build, find_image
+from breakglass_tui.lab.guest.drill import (
+    Prestart,
+    RealPve,
+    free_port,
+    lay_out,
+    overlay,
+    run_dir_for,
+    vm_config,
+    write_verb_config,
+)
 from breakglass_tui.lab.guest.plan import (
-    APPEND,
     MEMORY_MB,
     SAVED_SCENARIOS,
     SavedState,
@@ -62,8 +68,7 @@ from breakglass_tui.lab.guest.plan import (
 from breakglass_tui.lab.guest.qm import GuestPaths
 from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
 from breakglass_tui.lab.pve_host import VERB_PATH, LabPveHost
-from breakglass_tui.lab.qm_standin import QmError, pid_alive, qmp, wait_gone, write_json_atomic
-from breakglass_tui.lab.verb_config import lab_verb_config
+from breakglass_tui.lab.qm_standin import QmError, pid_alive, wait_gone, write_json_atomic
 
 __all__ = [
     "SCENARIOS",
@@ -80,18 +85,13 @@ log = logging.getLogger(__name__)
 
 DEVVM_USER = "breakglass"  # as on the production devvm: NOPASSWD sudo, every command `sudo -n`
 PVE_USER = "root"
-VMID = 102
 QEMU = "qemu-system-x86_64"
+START_TIMEOUT_S = 120.0  # a restore, prestarted in the background
 BOOT_TIMEOUT_S = 180.0  # a cold boot under TCG on a busy 2-core machine: usually 15-40 s
 SETUP_TIMEOUT_S = 180.0  # putting a scenario in place (filling a disk under TCG)
 # The blkdebug rules of the storage faults: how many of the guest's writes fail with EIO.
 ROOT_FAULT_WRITES = 8  # enough to reach ext4's journal, which then aborts
 DATA_FAULT_WRITES = 1  # the checkpointer's write: QEMU (werror=stop) pauses the VM
-_MAX_SOCKET_PATH = 100  # sockaddr_un holds 108 bytes
-
-# Over the verb's own defaults (production deadlines: QEMU's TCG is slow, but not slower than a
-# loaded PVE host): a budget with a short cooldown, so a rehearsal can reset and then cycle.
-VERB_CONFIG: dict[str, Any] = {"budget": {"max_mutating_per_hour": 6, "cooldown_s": 30}}
 
 Progress = Callable[[str], None]
 
@@ -100,88 +100,8 @@ class GuestUnavailable(RuntimeError):
     """The real-guest lab cannot run here; the message names the cause and the next step."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _quiet(message: str) -> None:
     return None
-
-
-class RealPve:
-    """The lab's PVE host directory and its real QEMU (the ``sim`` of :class:`RealLab`).
-
-    Attributes as :class:`~breakglass_tui.lab.sim_pve.SimPve`: root, vmid, qm_path,
-    qemu_run_dir, state_dir, verb_config_path."""
-
-    def __init__(self, root: Path, qemu_run_dir: Path, own_run_dir: bool) -> None:
-        self.root = root
-        self.vmid = VMID
-        self.qm_path = root / "bin" / "qm"
-        self.qemu_run_dir = qemu_run_dir
-        self.state_dir = root / "state"
-        self.verb_config_path = root / "verb.toml"
-        self.console_log_path = root / "console.log"
-        self.paths = GuestPaths(root)
-        self._own_run_dir = own_run_dir
-
-    def kvm_pid(self) -> int | None:
-        """The PID of the live QEMU process (from the pid file), or None."""
-        return self.paths.kvm_pid()
-
-    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run one QMP command on the VM (blocking; raises QmError)."""
-        return qmp(self.paths, command, arguments)
-
-    def vm_state(self) -> dict[str, Any]:
-        """{"status": "running"|"stopped", "qmp_status": ..., "pid": ...} from /proc and QMP."""
-        pid = self.kvm_pid()
-        if pid is None:
-            return {"vmid": self.vmid, "status": "stopped", "qmp_status": None, "pid": None}
-        try:
-            qmp_status = self.qmp("query-status")["status"]
-        except QmError:
-            qmp_status = None
-        return {"vmid": self.vmid, "status": "running", "qmp_status": qmp_status, "pid": pid}
-
-    def start_vm(self) -> int:
-        """Start the VM's QEMU (not logged as a qm call): the first time from the saved state,
-        later from its disks. A running VM is left alone."""
-        return self.kvm_pid() or guest_qm.start_qemu(self.paths)
-
-    def calls(self) -> list[tuple[float, str]]:
-        """Every qm call received, in order, with time.time()."""
-        return self.paths.read_calls()
-
-    def call_texts(self) -> list[str]:
-        return [text for _, text in self.calls()]
-
-    def console(self) -> str:
-        """The guest's serial console so far (since the lab started it: a restored guest's boot
-        happened before its state was saved)."""
-        try:
-            return self.console_log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def boots(self) -> int:
-        """How many times the guest booted in this lab (a reset or a cycle is one more)."""
-        return self.console().count("breakglass-guest: ready")
-
-    def cleanup(self) -> None:
-        """Kill the QEMU processes this lab started (by PID, checked to be ours)."""
-        for pid in self.paths.started_pids():
-            if not guest_qm.is_lab_qemu(pid, self.root) or not pid_alive(pid):
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not wait_gone(pid, 5):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        if self._own_run_dir:
-            shutil.rmtree(self.qemu_run_dir, ignore_errors=True)
 
 
 @dataclass
@@ -249,7 +169,33 @@ async def wait_for_ssh(target: SshTarget, key: asyncssh.SSHKey, timeout_s: float
     raise TimeoutError(f"the devvm's SSH did not answer within {timeout_s:g} s (last: {last})")
 
 
+async def wait_for_banner(target: SshTarget, timeout_s: float) -> None:
+    """Wait until target's SSH server sends its banner (TimeoutError if it does not)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            async with asyncio.timeout(5):
+                reader, writer = await asyncio.open_connection(target.host, target.port)
+                try:
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+            if line.startswith(b"SSH-2.0-"):
+                return
+            last = f"no SSH banner ({line[:40]!r})"
+        except (OSError, TimeoutError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the devvm's sshd did not answer within {timeout_s:g} s (last: {last})")
+
+
 # -- the guest's lab channel -------------------------------------------------------------------
+def _seed() -> str:
+    """64 random bytes as \\xHH escapes, for the guest's random pool (its printf decodes them)."""
+    return "".join(f"\\x{b:02x}" for b in secrets.token_bytes(64))
+
+
 class LabChannel:
     """The host end of the guest's lab channel (``lab-agent`` in the guest): one command per
     line, one answer per command."""
@@ -318,57 +264,6 @@ def check_available(cache: Path | None = None, progress: Progress | None = None)
 
 
 # -- the saved state ---------------------------------------------------------------------------
-def vm_config(
-    *,
-    image: GuestImage,
-    accel: str,
-    memory_mb: int,
-    ssh_port: int,
-    disks: dict[str, tuple[Path, Path]],
-    run_dir: Path,
-    incoming: Path | None,
-) -> dict[str, Any]:
-    """vm.json of the lab's VM: the image's kernel, disks as (overlay, backing) by name, a saved
-    state to restore at the first start (incoming) or None for a cold boot."""
-    return {
-        "vmid": VMID,
-        "name": "devvm",
-        "qemu": shutil.which(QEMU),
-        "accel": accel,
-        "memory_mb": memory_mb,
-        "kernel": str(image.kernel),
-        "initrd": str(image.initrd),
-        "append": APPEND,
-        "ssh_port": ssh_port,
-        "root_disk": str(disks["root"][0]),
-        "root_backing": str(disks["root"][1]),
-        "data_disk": str(disks["data"][0]),
-        "data_backing": str(disks["data"][1]),
-        "qemu_run_dir": str(run_dir),
-        "image_id": image.image_id,
-        "incoming": str(incoming) if incoming else None,
-    }
-
-
-def overlay(path: Path, backing: Path | str) -> None:
-    """A qcow2 overlay at path over backing (the backing is only read)."""
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(path)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-def _run_dir(root: Path) -> tuple[Path, bool]:
-    """The QEMU run dir under root, or a short one in /tmp when sockets there would not fit."""
-    run_dir = root / "run"
-    if len(str(run_dir / f"{VMID}.qmp")) > _MAX_SOCKET_PATH:
-        return Path(tempfile.mkdtemp(prefix="bg-qrun-")), True
-    run_dir.mkdir(exist_ok=True)
-    return run_dir, False
-
-
 async def ensure_saved_state(
     image: GuestImage,
     *,
@@ -469,8 +364,7 @@ async def _make_scenario_state(
             raise GuestUnavailable(f"QEMU would not restore the devvm: {exc}") from None
         channel = await LabChannel.open(channel_path)
         try:
-            seed = base64.b64encode(secrets.token_bytes(64)).decode()
-            await channel.command(f"time {int(time.time())} {seed}")
+            await channel.command(f"time {int(time.time())} {_seed()}")
             await channel.command(f"scenario {scenario}", timeout_s=SETUP_TIMEOUT_S)
             await channel.command("quiesce", timeout_s=60)
         finally:
@@ -496,7 +390,7 @@ async def _save(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     work = Path(tempfile.mkdtemp(prefix="bg-save-"))
-    run_dir, own_run = _run_dir(work)
+    run_dir, own_run = run_dir_for(work)
     paths = GuestPaths(work)
     started = time.monotonic()
     try:
@@ -511,7 +405,7 @@ async def _save(
                 image=image,
                 accel=accel,
                 memory_mb=memory_mb,
-                ssh_port=_free_port(),
+                ssh_port=free_port(),
                 disks={disk: (partial / f"{disk}.qcow2", base) for disk, base in bases.items()},
                 run_dir=run_dir,
                 incoming=incoming,
@@ -566,52 +460,6 @@ async def _wait_booted(
 
 
 # -- a drill -----------------------------------------------------------------------------------
-def _lay_out(
-    root: Path,
-    image: GuestImage,
-    saved: SavedState,
-    accel: str,
-    verb_overrides: dict[str, Any] | None,
-    memory_mb: int,
-) -> tuple[RealPve, int]:
-    """Write the lab PVE directory (qm wrapper, vm.json, the drill's disk overlays, verb.toml);
-    returns the RealPve and the devvm's SSH port. Blocking: run it in a thread."""
-    root = root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    run_dir, own_run = _run_dir(root)
-    (root / "state").mkdir(mode=0o700, exist_ok=True)
-    pve = RealPve(root, run_dir, own_run)
-    qm_path = guest_qm.write_qm_wrapper(root)
-    disks = {}
-    for disk, base in (("root", saved.root_disk), ("data", saved.data_disk)):
-        overlay(root / f"{disk}.qcow2", base)
-        disks[disk] = (root / f"{disk}.qcow2", base)
-    ssh_port = _free_port()
-    write_json_atomic(
-        root / "vm.json",
-        vm_config(
-            image=image,
-            accel=accel,
-            memory_mb=memory_mb,
-            ssh_port=ssh_port,
-            disks=disks,
-            run_dir=run_dir,
-            incoming=saved.vmstate,
-        ),
-    )
-    pve.verb_config_path.write_text(
-        lab_verb_config(
-            root,
-            vmid=VMID,
-            qm=qm_path,
-            qemu_run_dir=run_dir,
-            state_dir=root / "state",
-            layers=(VERB_CONFIG, verb_overrides),
-        )
-    )
-    return pve, ssh_port
-
-
 async def _wait_qmp_status(pve: RealPve, want: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     seen = None
@@ -653,9 +501,13 @@ async def _put_in_place(
         return
     if scenario not in SAVED_SCENARIOS:  # those are in place in their saved state already
         await channel.command(f"scenario {scenario}", timeout_s=timeout_s)
-    await wait_for_ssh(devvm, key, timeout_s)
     if scenario == "wedged":
         await asyncio.to_thread(pve.qmp, "stop")
+        return
+    # The restored sshd listened before the state was saved, and the key is in place: its
+    # banner proves it answers (a whole login would cost a second under TCG, and the console's
+    # first probe logs in anyway).
+    await wait_for_banner(devvm, timeout_s)
 
 
 async def start_real_lab(
@@ -668,16 +520,19 @@ async def start_real_lab(
     cache: Path | None = None,
     wedge: str = "pause",
     progress: Progress | None = None,
+    prestarted: Prestart | None = None,
 ) -> RealLab:
     """Start a drill on the real devvm in `scenario` (one of GUEST_SCENARIOS) and the lab PVE
     host. The first drill on a machine builds the image and saves a booted state (saying so
-    through `progress`); later ones restore that state, in seconds.
+    through `progress`); later ones restore that state, in seconds. `prestarted`: its devvm,
+    already being restored (:func:`prestart`), is adopted.
 
     `wedge` chooses how ``wedged`` wedges: "pause" (QMP stop: vCPUs paused) or "panic" (a kernel
     panic, shown on the console; QEMU keeps running, the guest never answers).
 
-    Returns once the scenario is in place: SSH answers (the in-guest scenarios), the vCPUs are
-    paused or the kernel panicked (wedged), or QEMU paused the VM on the I/O error (io-stall).
+    Returns once the scenario is in place: the guest's sshd answers (the in-guest scenarios), the
+    vCPUs are paused or the kernel panicked (wedged), or QEMU paused the VM on the I/O error
+    (io-stall).
     `verb_overrides` are merged into the verb's config, table by table."""
     if wedge not in ("pause", "panic"):
         raise ValueError(f"unknown wedge {wedge!r}: choose pause or panic")
@@ -685,17 +540,19 @@ async def start_real_lab(
         raise ValueError(f"unknown lab scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
     if not VERB_PATH.exists():
         raise GuestUnavailable(f"the breakglass verb is missing at {VERB_PATH}: reinstall")
-    image = await asyncio.to_thread(check_available, cache, progress)
-    accel = choose_accel()
-    saved = await ensure_saved_state(
-        image,
-        accel=accel,
-        memory_mb=memory_mb,
-        cache=cache,
-        progress=progress,
-        boot_timeout_s=boot_timeout_s,
-        scenario=scenario,
-    )
+    if prestarted is not None:
+        image, saved = prestarted.image, prestarted.saved
+    else:
+        image = await asyncio.to_thread(check_available, cache, progress)
+        saved = await ensure_saved_state(
+            image,
+            accel=choose_accel(),
+            memory_mb=memory_mb,
+            cache=cache,
+            progress=progress,
+            boot_timeout_s=boot_timeout_s,
+            scenario=scenario,
+        )
     devvm_key, pve_key, pve_host_key = (
         new_key(c) for c in (loopback.DEVVM_KEY, loopback.PVE_KEY, loopback.PVE_HOST_KEY)
     )
@@ -704,29 +561,36 @@ async def start_real_lab(
     pve: RealPve | None = None
     pve_host = LabPveHost()
     pve_started: asyncio.Task[int] | None = None
+    t0 = time.monotonic()
     try:
-        if root is None:
-            root = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="bg-realab-"))
-        pve, ssh_port = await asyncio.to_thread(
-            _lay_out, root, image, saved, accel, verb_overrides, memory_mb
-        )
-        root = pve.root
-        pve_started = asyncio.create_task(
-            pve_host.start_verb(pve.verb_config_path, authorized_key=pve_key, host_key=pve_host_key)
-        )
-        t0 = time.monotonic()
         try:
-            await asyncio.to_thread(pve.start_vm)
+            if prestarted is not None:
+                pve, ssh_port = await asyncio.to_thread(prestarted.result, START_TIMEOUT_S)
+                root = pve.root
+            else:
+                if root is None:
+                    root = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="bg-realab-"))
+                pve, ssh_port = await asyncio.to_thread(
+                    lay_out, root, image, saved, choose_accel(), None, memory_mb
+                )
+                root = pve.root
+            if verb_overrides:
+                await asyncio.to_thread(write_verb_config, pve, verb_overrides)
+            pve_started = asyncio.create_task(
+                pve_host.start_verb(
+                    pve.verb_config_path, authorized_key=pve_key, host_key=pve_host_key
+                )
+            )
+            if prestarted is None:
+                t0 = time.monotonic()
+                await asyncio.to_thread(pve.start_vm)
         except QmError as exc:
             raise GuestUnavailable(f"QEMU would not restore the devvm: {exc}") from None
         devvm = pinned_target(ssh_port, DEVVM_USER, image.host_key_line, "devvm")
         channel = await LabChannel.open(guest_qm.lab_socket(pve.paths))
         try:
-            seed = base64.b64encode(secrets.token_bytes(64)).decode()
-            await channel.command(f"time {int(time.time())} {seed}")
-            await channel.command(
-                f"key {base64.b64encode(public_line(devvm_key).encode()).decode()}"
-            )
+            await channel.command(f"time {int(time.time())} {_seed()}")
+            await channel.command(f"key {public_line(devvm_key)}")
             await _put_in_place(pve, channel, scenario, wedge, devvm, devvm_key, SETUP_TIMEOUT_S)
         finally:
             await channel.close()

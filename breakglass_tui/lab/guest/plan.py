@@ -9,6 +9,7 @@ seconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -87,6 +88,7 @@ class SavedState:
         return (self.directory / "done").exists()
 
 
+@functools.cache
 def _qemu_version(qemu: str) -> str:
     done = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30)
     return done.stdout.strip()
