@@ -1,4 +1,4 @@
-"""The real-guest lab: a real Linux devvm under QEMU on loopback, failing for real.
+"""The real devvm's lab: a Debian guest under QEMU on loopback, failing for real.
 
 :func:`start_real_lab` returns the same shape as the sandbox lab's
 :class:`~breakglass_tui.lab.lab.Lab` (``devvm``, ``pve``, ``devvm_key``, ``pve_key``,
@@ -11,16 +11,18 @@ with ``sudo -n``, as on the production devvm. The PVE side is
 :class:`~breakglass_tui.lab.pve_host.LabPveHost` running the real ``breakglass-verb`` with
 :mod:`breakglass_tui.lab.guest.qm` as its ``qm``.
 
-Ready in seconds. The first drill on a machine boots the guest once (about 20 s under TCG) and
-saves its state (RAM and devices, QEMU's migration to a file) beside copy-on-write overlays of its
-disks, in the cache. Every drill then starts QEMU from that saved state on throw-away overlays of
-its own (so it starts clean), sets the guest's clock and the login key over the guest's lab
-channel (a virtio-serial port, like Proxmox's guest-agent channel), and puts the scenario in
-place: it enables the unit that causes the failure, as a real devvm's enabled service would be
-(a reset or a cycle boots the guest from its disks, and the failure comes back), and waits until
-the failure is real. ``wedged`` pauses the vCPUs over QMP (or panics the kernel); ``io-stall`` and
-``read-only-root`` make the host's storage fail (a blkdebug filter under the disk, QMP): a
-transient fault, after which the disk works again.
+Ready in seconds. The first drill on a machine boots the guest once (about 10-20 s under TCG)
+and saves its state (RAM and devices, QEMU's migration to a file) beside copy-on-write overlays of
+its disks, in the cache; for each scenario that breaks the guest from the inside it also saves
+the state just after putting the failure in place (it enables the unit that causes it, as a real
+devvm's enabled service would be: a reset or a cycle boots the guest from its disks, and the
+failure comes back). Every drill then starts QEMU from its saved state on throw-away overlays of
+its own (so it starts clean) and sets the guest's clock, random pool and login key over the
+guest's lab channel (a virtio-serial port, like Proxmox's guest-agent channel). ``wedged`` pauses
+the vCPUs over QMP (or panics the kernel); ``io-stall`` and ``read-only-root`` make the host's
+storage fail (a blkdebug filter under the disk, QMP): a transient fault, after which the disk
+works again. The light half (laying a drill out, starting QEMU) is :mod:`.drill`, so the command
+line can start the restore before its screen is up.
 """
 
 from __future__ import annotations

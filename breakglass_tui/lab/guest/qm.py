@@ -7,6 +7,11 @@ the lab (:func:`write_vm_config`). QEMU runs daemonized with the pid file
 does, so the real ``breakglass-verb`` reads a real ``/proc/<pid>``, real QMP and a real
 ``screendump`` of the guest.
 
+The VM's disks are qcow2 overlays (the drill's) over read-only backing images, every block node
+named, so the lab can put a fault filter under a disk of the running VM (:func:`add_disk_fault`).
+The first ``start`` of a lab restores the saved state vm.json names (``-incoming``); later ones
+boot the guest from its disks, as Proxmox does (:func:`start_qemu`, :func:`save_state`).
+
 Subcommands, output and exit codes follow Proxmox's ``qm``: ``qm status <vmid> [--verbose]``
 (``status: running``), ``qm start``, ``qm stop [--timeout N]`` (QMP ``quit``, then SIGTERM, then
 SIGKILL by the pid file's PID, and it checks the process is gone), ``qm shutdown`` (ACPI
