@@ -66,11 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     settings = None
     choice: LabPlan | None = None
-    lab_problem = os.environ.get("BREAKGLASS_LAB_PROBLEM")  # a tab of breakglass-serve --lab
     if args.lab:
         choice = choose_lab(args.scenario, "sandbox" if args.sandbox else "auto")
-    elif lab_problem:
-        choice = LabPlan("none", lab_problem, args.scenario)
     else:
         # Real targets: a missing or invalid setting stops us here, before the screen opens.
         from breakglass_tui.config import ConfigError, load_settings

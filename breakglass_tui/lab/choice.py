@@ -15,10 +15,6 @@ from breakglass_tui.lab.sandbox import sandbox_problem
 GET_QEMU = "run 'bash scripts/lab.sh' as root, which installs QEMU"
 
 
-class LabUnavailable(RuntimeError):
-    """No devvm can run here; the message says why, in one sentence, and what to do."""
-
-
 @dataclass(frozen=True)
 class LabChoice:
     """Which devvm a ``--lab`` drill runs on, and the one sentence to show about it (None when
@@ -31,7 +27,8 @@ class LabChoice:
 
 def choose_devvm(scenario: str = "healthy", devvm: str = "auto") -> LabChoice:
     """The devvm for a drill of `scenario`: "guest" (the real devvm) wherever QEMU is installed,
-    else "sandbox" (saying how to get QEMU), else none (saying why). `devvm` forces one.
+    else "sandbox" (saying how to get QEMU), else None (saying why: the lab then runs without a
+    devvm, its PVE host and the console working). `devvm` forces one.
     Cheap: it looks for programs and the cached image; it builds and starts nothing."""
     if devvm not in ("auto", "guest", "sandbox"):
         raise ValueError(f"unknown devvm {devvm!r}: choose auto, guest or sandbox")

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import asyncssh
 from breakglass_tui.hosts.types import SshTarget
 from breakglass_tui.lab import loopback
 from breakglass_tui.lab.catalog import SANDBOX_SCENARIOS, SCENARIOS
-from breakglass_tui.lab.choice import LabChoice, LabUnavailable, choose_devvm
+from breakglass_tui.lab.choice import LabChoice, choose_devvm
 from breakglass_tui.lab.devvm_sim import DevvmSim
 from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
 from breakglass_tui.lab.pve_host import VERB_PATH, LabPveHost
@@ -47,9 +48,9 @@ __all__ = [
     "SCENARIOS",
     "Lab",
     "LabChoice",
-    "LabUnavailable",
     "choose_devvm",
     "start_lab",
+    "start_lab_without_devvm",
     "start_sandbox_lab",
 ]
 
@@ -79,8 +80,8 @@ class Lab:
     pve_key: asyncssh.SSHKey = field(repr=False)
     sim: SimPve
     scenario: str
-    sandbox: SandboxDevvm = field(repr=False)
-    devvm_sim: DevvmSim = field(repr=False)
+    sandbox: SandboxDevvm | None = field(repr=False)  # None: a lab without a devvm
+    devvm_sim: DevvmSim | None = field(repr=False)
     pve_host: LabPveHost = field(repr=False)
     workdir: Path
     note: str | None = None  # what to tell the operator about this lab (one sentence)
@@ -98,10 +99,12 @@ class Lab:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(Exception):
-            await self.devvm_sim.close()
-        with contextlib.suppress(Exception):
-            await self.sandbox.close()
+        if self.devvm_sim is not None:
+            with contextlib.suppress(Exception):
+                await self.devvm_sim.close()
+        if self.sandbox is not None:
+            with contextlib.suppress(Exception):
+                await self.sandbox.close()
         with contextlib.suppress(Exception):
             # Verbs running now have deadlines of their own; the lab does not wait long for them.
             await self.pve_host.close(grace_s=2.0)
@@ -205,6 +208,61 @@ async def start_sandbox_lab(
     )
 
 
+async def start_lab_without_devvm(
+    scenario: str = "healthy", *, workdir: Path | None = None, note: str | None = None
+) -> Lab:
+    """Where no devvm can run (a read-only container without capabilities): the simulated
+    Proxmox and the PVE host running the real verb, and a devvm address where nothing listens.
+    The console opens, says why (`note`), and its verbs, audit and manual mode work."""
+    if not VERB_PATH.exists():
+        raise RuntimeError(f"the breakglass verb is missing at {VERB_PATH}: reinstall the package")
+    devvm_key, pve_key, devvm_host_key, pve_host_key = (
+        new_key(c)
+        for c in (
+            loopback.DEVVM_KEY,
+            loopback.PVE_KEY,
+            loopback.DEVVM_HOST_KEY,
+            loopback.PVE_HOST_KEY,
+        )
+    )
+    own = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="breakglass-lab-")) if workdir is None else Path(workdir)
+    sim: SimPve | None = None
+    pve_host: LabPveHost | None = None
+    try:
+        sim = await asyncio.to_thread(SimPve.create, root / "pve")
+        await asyncio.to_thread(sim.start_vm)
+        pve_host = LabPveHost()
+        pve_port = await pve_host.start_verb(
+            sim.verb_config_path, authorized_key=pve_key, host_key=pve_host_key
+        )
+    except BaseException:
+        if pve_host is not None:
+            await pve_host.close(grace_s=0.5)
+        if sim is not None:
+            await asyncio.to_thread(sim.cleanup)
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    with contextlib.closing(socket.socket()) as s:  # a port nothing listens on: refused
+        s.bind(("127.0.0.1", 0))
+        devvm_port = s.getsockname()[1]
+    return Lab(
+        devvm=pinned_target(devvm_port, SANDBOX_USER, public_line(devvm_host_key), "devvm"),
+        pve=pinned_target(pve_port, PVE_USER, public_line(pve_host_key), "pve"),
+        devvm_key=devvm_key,
+        pve_key=pve_key,
+        sim=sim,
+        scenario=scenario,
+        sandbox=None,
+        devvm_sim=None,
+        pve_host=pve_host,
+        workdir=root,
+        note=note,
+        _own_workdir=own,
+    )
+
+
 async def start_lab(
     scenario: str = "healthy",
     *,
@@ -212,12 +270,15 @@ async def start_lab(
     progress: Callable[[str], None] | None = None,
     **options: Any,
 ) -> Any:
-    """Start a drill of `scenario` on the devvm :func:`choose_devvm` picks (or `devvm` names):
-    a RealLab or a Lab, its ``note`` holding the one sentence to show. LabUnavailable (one
-    sentence) when no devvm can run here. `options` go to the chosen lab's start function."""
+    """Start a drill of `scenario` on the devvm :func:`choose_devvm` picks (or `devvm` names:
+    "guest", "sandbox", or "none" for the lab without a devvm): a RealLab or a Lab, its ``note``
+    holding the one sentence to show. Where no devvm can run, the lab without one, saying why.
+    `options` go to the chosen lab's start function."""
+    if devvm == "none":
+        return await start_lab_without_devvm(scenario)
     choice = choose_devvm(scenario, devvm)
     if choice.devvm is None:
-        raise LabUnavailable(choice.note or "The lab has no devvm here.")
+        return await start_lab_without_devvm(scenario, note=choice.note)
     if choice.devvm == "guest":
         from breakglass_tui.lab.guest.lab import start_real_lab
 

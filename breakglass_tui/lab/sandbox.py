@@ -46,6 +46,7 @@ UNITS = Path(__file__).with_name("guest") / "files" / "rootfs" / "usr" / "local"
 SCENARIO_UNITS = {"disk-full": ("log-spammer",), "deleted-open": ("report-exporter",)}
 # What sshd needs, and no more: it switches users for privilege separation, chroots its pre-auth
 # child, and kills its children. No CAP_SYS_ADMIN: the read-only binds stay read-only.
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE")
 
 INIT = """#!/bin/sh
@@ -151,7 +152,10 @@ def _root_links() -> list[str]:
 
 
 def _base_args() -> list[str]:
-    args = ["--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
+    # Nothing of this process's environment goes in (no token, no key): a devvm's own.
+    args = ["--clearenv", "--setenv", "PATH", SANDBOX_PATH, "--setenv", "HOME", "/root"]
+    args += ["--setenv", "LANG", "C.UTF-8"]
+    args += ["--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
     args += ["--unshare-uts", "--hostname", "devvm", "--cap-drop", "ALL"]
     for cap in CAPS:
         args += ["--cap-add", cap]

@@ -56,20 +56,13 @@ class ServeBackend:
             from breakglass_tui.lab.choice import choose_devvm
 
             choice = await asyncio.to_thread(choose_devvm, self.scenario, self.devvm)
-            if choice.devvm is None:
-                # No devvm can run here (a read-only container without capabilities): every tab
-                # still opens its console, which says so in one sentence.
-                env["BREAKGLASS_LAB_PROBLEM"] = choice.note or "The lab has no devvm here."
-                state.child_env = env
-                state.keys_loaded = state.config_ok = True
-                state.problem = ""
-                log.warning("lab without a devvm", extra={"problem": choice.note})
-                return
             from breakglass_tui.lab.lab import start_lab
 
+            # No devvm can run here (a read-only container without capabilities): the lab
+            # without one, and every tab's console says why in one sentence.
             self._lab = lab = await start_lab(
                 choice.scenario,
-                devvm=choice.devvm,
+                devvm=choice.devvm or "none",
                 progress=lambda line: log.info("lab: %s", line),
             )
             if choice.note:

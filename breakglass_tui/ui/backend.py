@@ -232,14 +232,13 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
 
 
 async def _start_lab(options: AppOptions, emit: Emit) -> Any:
-    """The lab behind --lab: the devvm options.devvm names (or the best one here). Its one
-    sentence (QEMU missing, a scenario the sandbox cannot stage) and the first run's progress
-    (the image built, a booted state saved) are said in the chat."""
+    """The lab behind --lab: the devvm options.devvm names (or the best one here; "none": the
+    lab without a devvm, where none can run). Its one sentence (QEMU missing, a scenario the
+    sandbox cannot stage, no devvm at all) and the first run's progress (the image built, a
+    booted state saved) are said in the chat."""
     from breakglass_tui.core.events import Notice
-    from breakglass_tui.lab.lab import LabUnavailable, start_lab
+    from breakglass_tui.lab.lab import start_lab
 
-    if options.devvm == "none":
-        raise LabUnavailable(options.lab_note or "The lab has no devvm here.")
     loop = asyncio.get_running_loop()
 
     def progress(line: str) -> None:  # called from the build's thread too

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -164,8 +165,10 @@ async def test_only_the_lab_key_and_root_log_in(devvm_factory):
 
 
 async def test_keys_reach_the_sandbox_through_pipes_not_the_disk(tmp_path, monkeypatch):
-    """The host key is written into the sandbox's tmpfs, never to a file of this machine."""
+    """The host key is written into the sandbox's tmpfs, never to a file of this machine; and
+    nothing of this process's environment (a token, say) goes into the sandbox."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("VAULT_TOKEN", "hvs.not-for-the-devvm")
     host_key = new_key("lab-devvm-host")
     sandbox = SandboxDevvm("healthy", host_key=host_key, authorized_keys=[public_line(new_key())])
     await sandbox.start()
@@ -173,6 +176,8 @@ async def test_keys_reach_the_sandbox_through_pipes_not_the_disk(tmp_path, monke
         secret = host_key.export_private_key("openssh")
         for path in tmp_path.rglob("*"):
             assert not path.is_file() or secret not in path.read_bytes()
+        environ = Path(f"/proc/{sandbox.init_pid}/environ").read_bytes()
+        assert b"hvs.not-for-the-devvm" not in environ and b"PATH=/usr/local/sbin" in environ
     finally:
         await sandbox.close()
 
