@@ -267,7 +267,6 @@ def sources_hash() -> str:
     for path in sorted(p for p in FILES.rglob("*") if p.is_file() or p.is_symlink()):
         h.update(str(path.relative_to(FILES)).encode() + b"\0")
         h.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
-        h.update(b"x" if os.access(path, os.X_OK) else b"-")
     h.update(HOST_KEY_SEED)
     return h.hexdigest()
 
@@ -404,9 +403,7 @@ def configure(root: Path) -> None:
         if dest.is_symlink() or dest.exists():
             dest.unlink()
         shutil.copyfile(src, dest)
-        mode, uid, gid = _SPECIAL_MODES.get(
-            rel, (0o755 if os.access(src, os.X_OK) else 0o644, 0, 0)
-        )
+        mode, uid, gid = _SPECIAL_MODES.get(rel, (_mode_for(rel), 0, 0))
         os.chown(dest, uid, gid)
         dest.chmod(mode)
     # The init is /sbin/init; reboot and friends are busybox's (no systemd, no sysvinit).
@@ -443,6 +440,14 @@ def configure(root: Path) -> None:
     (root / "var/tmp").chmod(0o1777)
     (root / "tmp").mkdir(exist_ok=True)
     (root / "tmp").chmod(0o1777)
+
+
+# Programs, by where they are (not by the source's mode bits, which an install may not keep).
+_PROGRAM_DIRS = ("usr/bin/", "usr/sbin/", "usr/local/bin/", "usr/local/sbin/", "usr/local/lib/lab/")
+
+
+def _mode_for(rel: str) -> int:
+    return 0o755 if rel.startswith(_PROGRAM_DIRS) else 0o644
 
 
 def _symlink(path: Path, target: str) -> None:

@@ -288,6 +288,7 @@ async def ensure_saved_state(
     base = await _ensure(
         states[0],
         lambda target: _make_base_state(image, target, accel, memory_mb, say, boot_timeout_s),
+        prune=True,
     )
     if len(states) == 1:
         return base
@@ -297,16 +298,32 @@ async def ensure_saved_state(
     )
 
 
-async def _ensure(saved: SavedState, make: Callable[[SavedState], Awaitable[None]]) -> SavedState:
+async def _ensure(
+    saved: SavedState, make: Callable[[SavedState], Awaitable[None]], *, prune: bool = False
+) -> SavedState:
     if saved.complete():
         return saved
     lock = await asyncio.to_thread(_lock, saved.directory.with_name(saved.directory.name + ".lock"))
     try:
         if not saved.complete():  # else another lab made it while we waited
             await make(saved)
+            if prune:
+                await asyncio.to_thread(_prune_saved, saved)
         return saved
     finally:
         lock.close()
+
+
+def _prune_saved(kept: SavedState) -> None:
+    """A new booted state replaces the states saved before it (for an older image, or another
+    QEMU or machine): remove them, with their scenarios' states and locks."""
+    for path in sorted(kept.directory.parent.iterdir()):
+        if path.name.startswith(kept.directory.name):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _lock(path: Path) -> Any:
