@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -681,9 +682,12 @@ def build(
     image_id = image_id_for(debs)
     target = cache / "images" / image_id
     image = GuestImage(target, image_id)
-    if not image.complete():
-        assemble(image, debs, say)
-        _prune(cache, keep=image_id)
+    (cache / "images").mkdir(parents=True, exist_ok=True)
+    with (cache / "images" / f"{image_id}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others find it done
+        if not image.complete():
+            assemble(image, debs, say)
+            _prune(cache, keep=image_id)
     (cache / "current.json").write_text(
         json.dumps({"image_id": image_id, "sources": sources_hash()}) + "\n"
     )
@@ -699,7 +703,7 @@ def _prune(cache: Path, keep: str) -> None:
             builder = json.loads((directory / "manifest.json").read_text()).get("builder")
         except (OSError, ValueError):
             continue
-        if directory.name == keep or builder != BUILDER_VERSION:
+        if directory.name == keep or builder != BUILDER_VERSION or not directory.is_dir():
             continue
         shutil.rmtree(directory, ignore_errors=True)
         for saved in (cache / "saved").glob(f"{directory.name}-*"):
