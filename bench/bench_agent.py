@@ -36,7 +36,7 @@ from breakglass_tui.core.agent import BreakglassAgent  # noqa: E402
 from breakglass_tui.core.outputs import estimate_tokens  # noqa: E402
 from breakglass_tui.hosts.session import HostSession  # noqa: E402
 from breakglass_tui.hosts.types import CommandOutcome, Ending, OutputChunk  # noqa: E402
-from breakglass_tui.lab.lab import start_lab  # noqa: E402
+from breakglass_tui.lab.lab import start_sandbox_lab  # noqa: E402
 from tests.core.conftest import ScriptedHost  # noqa: E402
 from tests.support import fake_messages_api as fm  # noqa: E402
 
@@ -95,7 +95,7 @@ def agent(state: Path, hosts: Any, api: fm.FakeMessagesApi, **kw: Any) -> Breakg
 
 async def loop_overhead(steps: int) -> dict[str, float]:
     api = await fm.FakeMessagesApi().start()
-    lab = await start_lab("healthy")
+    lab = await start_sandbox_lab("healthy")
     hosts = HostSession(lab.devvm, lab.pve, client_keys=lab.client_keys)
     try:
         await hosts.run("true")  # connect once, as the agent's first step would

@@ -11,15 +11,15 @@ import contextlib
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from breakglass_tui.lab.catalog import SCENARIOS, describe
 from breakglass_tui.startup import state_dir_problem, terminal_problem
 
 if TYPE_CHECKING:
     from breakglass_tui.ui.stopping import Stopper
-
-SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,22 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
             " BREAKGLASS_* settings; set ANTHROPIC_API_KEY to let Claude drive, else it runs in"
             " manual mode (slash commands only)."
         ),
-        epilog="Try it first on the lab: breakglass-tui --lab --scenario disk-full",
+        epilog="Try it first on the lab: breakglass-tui --lab --scenario disk-full. Scenarios: "
+        + describe()
+        + ".",
     )
     parser.add_argument(
         "--lab",
         action="store_true",
-        help="start a simulated devvm and PVE host on loopback and point the console at them",
+        help="rehearse on loopback: a real Linux devvm under QEMU (restored from a saved state in"
+        " seconds; the first run builds it, about a minute) and a PVE host running the real"
+        " breakglass-verb; without QEMU, a sandboxed shell on this machine",
     )
     parser.add_argument(
-        "--real-guest",
+        "--sandbox",
         action="store_true",
-        help="with --lab: a real Linux devvm under QEMU instead of the simulated one (slower to"
-        " start; needs qemu-system-x86 and the guest image)",
+        help="with --lab: the sandboxed shell on this machine instead of the real devvm (starts"
+        " at once, stages fewer scenarios; needs bubblewrap and root)",
     )
+    # The real devvm is --lab's default now; the old flag is still accepted.
+    parser.add_argument("--real-guest", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--scenario",
-        choices=SCENARIOS,
+        choices=tuple(SCENARIOS),
         default="healthy",
         help="what is wrong with the lab's devvm (with --lab; default: healthy)",
     )
@@ -59,12 +65,9 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
     args = build_parser().parse_args(argv)
     if args.scenario != "healthy" and not args.lab:
         return _fail("--scenario needs --lab")
-    if args.real_guest and not args.lab:
-        return _fail("--real-guest needs --lab")
-    if args.real_guest:
-        problem = real_guest_problem()
-        if problem:
-            return _fail(problem)
+    for flag in ("real_guest", "sandbox"):
+        if getattr(args, flag) and not args.lab:
+            return _fail(f"--{flag.replace('_', '-')} needs --lab")
     # Settings are validated here for the lab too: a bad value stops us before the screen opens.
     from breakglass_tui.config import ConfigError, load_settings
 
@@ -82,30 +85,47 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
     from breakglass_tui.ui.app import BreakglassApp
     from breakglass_tui.ui.backend import AppOptions
 
+    choice: LabPlan | None = None
+    if args.lab:
+        choice = choose_lab(args.scenario, "sandbox" if args.sandbox else "auto")
+        if stopper is not None and stopper.requested.is_set():
+            return stopper.exit_code  # hung up while the lab's devvm was being prepared
+    prestarted = None
+    if choice is not None and choice.devvm == "guest":
+        # QEMU starts restoring the devvm now, while the console itself starts.
+        from breakglass_tui.lab.guest.drill import prestart
+
+        prestarted = prestart(choice.scenario)
     try:
-        incidents_cm = incident_dir(args.lab, settings)
-        incidents = incidents_cm.__enter__()
-    except OSError as exc:
-        return _fail(
-            f"cannot create the lab's incident directory ({exc.strerror or exc}): check that"
-            " TMPDIR is writable and has space, or set BREAKGLASS_STATE_DIR."
-        )
-    try:
-        app = BreakglassApp(
-            AppOptions(
-                lab=args.lab,
-                scenario=args.scenario,
-                settings=settings,
-                real_guest=args.real_guest,
-                incident_dir=incidents,
-            ),
-            stopper=stopper,
-            driver_class=terminal_driver(),
-        )
-        app.run()
+        try:
+            incidents_cm = incident_dir(choice is not None, settings)
+            incidents = incidents_cm.__enter__()
+        except OSError as exc:
+            return _fail(
+                f"cannot create the lab's incident directory ({exc.strerror or exc}): check"
+                " that TMPDIR is writable and has space, or set BREAKGLASS_STATE_DIR."
+            )
+        try:
+            app = BreakglassApp(
+                AppOptions(
+                    lab=choice is not None,
+                    scenario=choice.scenario if choice else args.scenario,
+                    settings=settings,
+                    devvm=choice.devvm if choice else "auto",
+                    lab_note=choice.note if choice else None,
+                    lab_prestart=prestarted,
+                    incident_dir=incidents,
+                ),
+                stopper=stopper,
+                driver_class=terminal_driver(),
+            )
+            app.run()
+        finally:
+            with contextlib.suppress(OSError):
+                incidents_cm.__exit__(None, None, None)
     finally:
-        with contextlib.suppress(OSError):
-            incidents_cm.__exit__(None, None, None)
+        if prestarted is not None:
+            prestarted.abandon()  # not adopted (the app ended first): its QEMU goes
     return app.return_code or 0
 
 
@@ -140,19 +160,40 @@ def incident_dir(lab: bool, settings):
             yield Path(tmp)
 
 
-def real_guest_problem() -> str | None:
-    """Why the real-guest lab cannot run here (QEMU or the guest image missing), else None.
-    Checked before the screen opens, so the message stays readable in the terminal."""
-    print("breakglass-tui: checking QEMU and the real-guest image…", file=sys.stderr)
-    try:
-        from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available
-    except ImportError as exc:  # a broken install, not a missing QEMU: say so plainly
-        return f"the real-guest lab could not be loaded ({exc}): reinstall with scripts/setup.sh"
-    try:
-        check_available()
-    except GuestUnavailable as exc:
-        return str(exc)
-    return None
+@dataclass(frozen=True)
+class LabPlan:
+    devvm: str  # "guest", "sandbox" or "none"
+    note: str | None
+    scenario: str
+
+
+def choose_lab(scenario: str, devvm: str = "auto") -> LabPlan:
+    """Which devvm --lab rehearses on, decided before the screen opens. The real devvm's first
+    run (the image built, a booted state saved: about a minute) happens here, its progress on
+    the terminal, so the console then starts in seconds; if it fails, the sandbox stands in and
+    the console says why in one sentence."""
+    from breakglass_tui.lab.choice import choose_devvm
+
+    choice = choose_devvm(scenario, devvm)
+    if choice.devvm == "guest":
+        from breakglass_tui.lab.guest import plan
+
+        if not plan.ready(choice.scenario):
+            print("breakglass-tui: preparing the lab's devvm (first run)…", file=sys.stderr)
+            try:
+                plan.prepare(
+                    choice.scenario,
+                    progress=lambda line: print(f"breakglass-tui: {line}", file=sys.stderr),
+                )
+            except Exception as exc:  # shown in the console; the sandbox may stand in
+                fallback = choose_devvm(scenario, "sandbox")
+                reason = f"The real devvm could not be prepared ({exc})"
+                if fallback.devvm is None:
+                    return LabPlan("none", f"{reason}; {fallback.note}", scenario)
+                return LabPlan(
+                    "sandbox", f"{reason}: this drill runs on a sandboxed shell.", fallback.scenario
+                )
+    return LabPlan(choice.devvm or "none", choice.note, choice.scenario)
 
 
 def check_real_settings(settings) -> None:

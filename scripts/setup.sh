@@ -3,7 +3,8 @@
 # those missing), a virtual environment in .venv, and the project with the extras asked for.
 #   scripts/setup.sh            the app
 #   scripts/setup.sh test       the app, the test tools and the real parts the tests start
-#   scripts/setup.sh guest      the app, QEMU and the real-guest lab's devvm image
+#   scripts/setup.sh guest      the app, QEMU, bubblewrap and the lab's real devvm (its image built
+#                               from Debian packages, cached)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-app}
@@ -11,12 +12,17 @@ mode=${1:-app}
 debs=(openssh-client)
 if [ "$mode" = test ]; then
     # Real parts for the tests: sshd for the forced command, sudo as on the devvm, QEMU for QMP
-    # and the real guest, Chromium for the page, tmux for the newcomer-in-a-terminal test; and
-    # the image test's tools: mmdebstrap makes the Debian base, buildah builds the Containerfile,
-    # podman runs it with runc (crun refuses this kind of host's cgroups).
+    # and the real devvm, bubblewrap for the sandbox devvm, Chromium for the page, tmux for the
+    # newcomer-in-a-terminal test; and the image test's tools: mmdebstrap makes the Debian base,
+    # buildah builds the Containerfile, podman runs it with runc (crun refuses this kind of
+    # host's cgroups).
     debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc)
-elif [ "$mode" = guest ]; then
-    debs+=(qemu-system-x86)
+fi
+if [ "$mode" = test ] || [ "$mode" = guest ]; then
+    # The lab: QEMU runs the real devvm (qemu-utils makes its disks), e2fsprogs writes them;
+    # bubblewrap and OpenSSH's sshd make the sandbox devvm; the sandbox and the devvm's own
+    # tools (ps, fuser, lsof) are this machine's in the sandbox.
+    debs+=(qemu-system-x86 qemu-utils e2fsprogs bubblewrap openssh-server procps psmisc lsof)
 fi
 missing=()
 for p in "${debs[@]}"; do
@@ -40,8 +46,16 @@ extras=""
     || { cat /tmp/breakglass-pip.log >&2; echo "setup: pip install failed (log above)" >&2; exit 1; }
 
 if [ "$mode" = test ] || [ "$mode" = guest ]; then
-    # The real-guest lab's devvm image, built from Debian packages (cached; a rebuild with the
-    # same inputs is a no-op). apt-get download needs package lists: fetch them if it fails.
-    .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null 2>&1 \
-        || { apt-get -o DPkg::Lock::Timeout=600 update -qq && .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null; }
+    # The real devvm's image, built from Debian packages (cached: nothing to do once built). apt
+    # resolves and downloads them from fresh package lists; the build says what it does.
+    if ! .venv/bin/python -c 'import sys; from breakglass_tui.lab.guest.build import find_image; sys.exit(find_image() is None)'; then
+        echo "setup: building the lab's devvm image from Debian packages (cached once built)" >&2
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
+        .venv/bin/python -m breakglass_tui.lab.guest.build >/dev/null
+    fi
+fi
+if [ "$mode" = test ]; then
+    # The states the tests' drills start from: the devvm booted once, and each scenario put in
+    # place once (about a minute and a half the first time; cached).
+    .venv/bin/python -m breakglass_tui.lab.guest.plan
 fi

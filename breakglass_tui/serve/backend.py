@@ -7,6 +7,7 @@ tab drives the same lab exactly as it would drive real targets.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,11 @@ class ServeBackend:
         lab: bool,
         scenario: str,
         state_dir: Path,
-        real_guest: bool = False,
+        devvm: str = "auto",
     ) -> None:
         self.settings = settings
         self.lab_mode = lab
-        self.real_guest = real_guest
+        self.devvm = devvm  # with --lab: "auto" (the real devvm where QEMU runs) or "sandbox"
         self.scenario = scenario
         self.state_dir = state_dir
         self._lab: Any = None
@@ -64,15 +65,21 @@ class ServeBackend:
 
         env = {"BREAKGLASS_STATE_DIR": str(self.state_dir)}
         if self.lab_mode:
-            if self.real_guest:
-                # GuestUnavailable says what to install; /readyz shows it.
-                from breakglass_tui.lab.guest.lab import start_real_lab
+            from breakglass_tui.lab.choice import choose_devvm
 
-                self._lab = lab = await start_real_lab(self.scenario)
-            else:
-                from breakglass_tui.lab.lab import start_lab
+            choice = await asyncio.to_thread(choose_devvm, self.scenario, self.devvm)
+            from breakglass_tui.lab.lab import start_lab
 
-                self._lab = lab = await start_lab(self.scenario)
+            # No devvm can run here (a read-only container without capabilities): the lab
+            # without one, and every tab's console says why in one sentence.
+            self._lab = lab = await start_lab(
+                choice.scenario,
+                devvm=choice.devvm or "none",
+                progress=lambda line: log.info("lab: %s", line),
+            )
+            if choice.note:
+                env["BREAKGLASS_LAB_NOTE"] = choice.note
+                log.warning("lab: %s", choice.note)
             self._agent = await KeyAgent.start_private()
             await self._agent.add_keys(lab.client_keys)
             for prefix, target, key in (

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from breakglass_tui.config import ConfigError, Settings, load_settings
+from breakglass_tui.lab.catalog import SCENARIOS
 from breakglass_tui.startup import state_dir_problem
 
 TLS_VARIABLES = ("BREAKGLASS_TLS_CERT_FILE", "BREAKGLASS_TLS_KEY_FILE", "BREAKGLASS_CLIENT_CA_FILE")
-SCENARIOS = ("healthy", "disk-full", "oom", "stuck-service", "wedged", "io-stall")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,14 +75,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " tab closes their oldest read-only one",
     )
     parser.add_argument(
-        "--lab", action="store_true", help="serve the embedded lab instead of real targets"
-    )
-    parser.add_argument("--scenario", choices=SCENARIOS, default="healthy", help="lab scenario")
-    parser.add_argument(
-        "--real-guest",
+        "--lab",
         action="store_true",
-        help="with --lab: a real Linux devvm under QEMU instead of the simulated one",
+        help="serve the lab instead of real targets: a real Linux devvm under QEMU (restored in"
+        " seconds; the first run builds it), or a sandboxed shell on this machine without QEMU",
     )
+    parser.add_argument(
+        "--scenario", choices=tuple(SCENARIOS), default="healthy", help="lab scenario"
+    )
+    parser.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="with --lab: the sandboxed shell on this machine instead of the real devvm",
+    )
+    # The real devvm is --lab's default now; the old flag is still accepted.
+    parser.add_argument("--real-guest", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -152,9 +159,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.real_guest and not args.lab:
-        print("breakglass-serve: --real-guest needs --lab", file=sys.stderr)
-        return 2
+    for flag in ("real_guest", "sandbox"):
+        if getattr(args, flag) and not args.lab:
+            print(f"breakglass-serve: --{flag.replace('_', '-')} needs --lab", file=sys.stderr)
+            return 2
     try:
         settings = settings_from(args)
     except ConfigError as exc:
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         lab=args.lab,
         scenario=args.scenario,
         state_dir=state_dir,
-        real_guest=args.real_guest,
+        devvm="sandbox" if args.sandbox else "auto",
     )
     server = BreakglassServer(
         app_command(),

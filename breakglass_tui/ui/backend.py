@@ -68,8 +68,13 @@ class AppOptions:
     lab: bool = True
     scenario: str = "healthy"
     settings: Settings | None = None  # real targets: validated by the CLI before the app starts
-    # With --lab: a real Linux devvm under QEMU (lab.guest) instead of the simulated one.
-    real_guest: bool = False
+    # With --lab, the devvm: "auto" (the real devvm where QEMU runs, else the sandbox), "guest",
+    # "sandbox", or "none" (none can run here: lab_note says why, and the console opens anyway).
+    devvm: str = "auto"
+    lab_note: str | None = None  # one sentence about the lab to show in the chat
+    # With devvm "guest": the devvm the command line already started restoring (lab.guest.drill
+    # Prestart), adopted by the lab so the console is ready sooner.
+    lab_prestart: Any = None
     # Where the incident store lives (one incident, many tabs); None: no incident is kept (the
     # UI's own tests, the benchmark).
     incident_dir: Path | None = None
@@ -180,7 +185,7 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
     knows it drives (``emit`` is the default for it)."""
     # Imported in a thread: asyncssh and the agent take a second or more, and the screen must
     # keep answering keys meanwhile (anthropic itself is imported by the agent, lazily).
-    await asyncio.to_thread(_import_heavy, options.lab, options.real_guest)
+    await asyncio.to_thread(_import_heavy, options.lab)
     from breakglass_tui.config import load_settings
     from breakglass_tui.core.agent import BreakglassAgent
     from breakglass_tui.hosts.session import HostSession
@@ -190,17 +195,9 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
     lab = None
     try:
         if options.lab:
-            if options.real_guest:
-                # GuestUnavailable names what is missing; the app shows it on screen.
-                from breakglass_tui.lab.guest.lab import start_real_lab
-
-                lab = await start_real_lab(options.scenario)
-                targets = f"lab (real guest) · scenario {options.scenario}"
-            else:
-                from breakglass_tui.lab.lab import start_lab
-
-                lab = await start_lab(options.scenario)
-                targets = f"lab · scenario {options.scenario}"
+            lab = await _start_lab(options, emit)
+            kind = "real devvm" if hasattr(lab, "image") else "sandbox devvm"
+            targets = f"lab ({kind}) · scenario {lab.scenario}"
             closers.append(lab.close)
             hosts = HostSession(lab.devvm, lab.pve, client_keys=lab.client_keys, settings=settings)
             keys = "lab keys (in memory)"
@@ -214,6 +211,11 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
             hosts = HostSession(devvm, pve, agent_path=loaded.agent.socket_path, settings=settings)
             keys = f"keys loaded ({loaded.source})"
             targets = f"devvm {devvm.host} · pve {pve.host}"
+            # A tab of `breakglass-serve --lab`: the server chose the lab's devvm, and says why.
+            if os.environ.get("BREAKGLASS_LAB_NOTE"):
+                from breakglass_tui.core.events import Notice
+
+                emit(Notice(level="warning", text=os.environ["BREAKGLASS_LAB_NOTE"]))
         closers.insert(0, hosts.close)
     except BaseException:
         await _close_all(closers)
@@ -256,11 +258,33 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
     )
 
 
-def _import_heavy(lab: bool, real_guest: bool = False) -> None:
+async def _start_lab(options: AppOptions, emit: Emit) -> Any:
+    """The lab behind --lab: the devvm options.devvm names (or the best one here; "none": the
+    lab without a devvm, where none can run). Its one sentence (QEMU missing, a scenario the
+    sandbox cannot stage, no devvm at all) and the first run's progress (the image built, a
+    booted state saved) are said in the chat."""
+    from breakglass_tui.core.events import Notice
+    from breakglass_tui.lab.lab import start_lab
+
+    loop = asyncio.get_running_loop()
+
+    def progress(line: str) -> None:  # called from the build's thread too
+        loop.call_soon_threadsafe(emit, Notice(level="info", text=f"lab: {line}"))
+
+    extra = {"prestarted": options.lab_prestart} if options.lab_prestart is not None else {}
+    lab = await start_lab(options.scenario, devvm=options.devvm, progress=progress, **extra)
+    note = options.lab_note or lab.note
+    if note:
+        emit(Notice(level="warning", text=note))
+    return lab
+
+
+def _import_heavy(lab: bool) -> None:
     modules = ["breakglass_tui.config", "breakglass_tui.hosts.session", "breakglass_tui.core.agent"]
-    modules.append("breakglass_tui.lab.lab" if lab else "breakglass_tui.hosts.keyagent")
-    if lab and real_guest:
-        modules.append("breakglass_tui.lab.guest.lab")
+    if lab:
+        modules += ["breakglass_tui.lab.lab", "breakglass_tui.lab.guest.lab"]
+    else:
+        modules.append("breakglass_tui.hosts.keyagent")
     for name in modules:
         importlib.import_module(name)
 

@@ -1,10 +1,12 @@
-"""End-to-end incidents in the real lab (simulated devvm and PVE host over real SSH, the real
-breakglass-verb as forced command), with Claude scripted through the fake Messages API."""
+"""End-to-end incidents in the sandbox lab (real commands behind a real sshd on the sandbox devvm,
+the simulated PVE host running the real breakglass-verb as forced command), with Claude scripted
+through the fake Messages API. The same incidents on the real devvm are in tests/guest."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,20 +22,25 @@ from breakglass_tui.core.events import (
 from breakglass_tui.core.hostapi import HostSessionLike
 from breakglass_tui.hosts.session import HostSession
 from breakglass_tui.hosts.types import Reachability
-from breakglass_tui.lab.lab import Lab, start_lab
+from breakglass_tui.lab.lab import Lab, start_sandbox_lab
 from tests.core.test_loop import assert_tool_results_first
 from tests.support import fake_messages_api as fm
 
 
 @pytest.fixture
 async def lab_session(request) -> AsyncIterator[tuple[Lab, HostSession]]:
-    lab = await start_lab(request.param, boot_delay_s=0.3)
+    lab = await start_sandbox_lab(request.param, boot_delay_s=0.3)
     hosts = HostSession(lab.devvm, lab.pve, client_keys=lab.client_keys)
     try:
         yield lab, hosts
     finally:
         await hosts.close()
         await lab.close()
+
+
+# The sandbox devvm has no service manager: its writer is a process, stopped as one. The
+# bracket keeps the pattern from matching this command's own line.
+STOP_WRITER = "pkill -f 'sh /opt/lab/[l]og-spammer'"
 
 
 def text_of(content: str | list[dict]) -> str:
@@ -57,17 +64,17 @@ async def test_disk_full_is_repaired_over_several_steps(lab_session, make_agent,
     h = make_agent(hosts)
     fake_api.push(
         fm.tool("t1", "probe_devvm", {}),
-        fm.tool("t2", "devvm_shell", {"command": "df -h /"}),
-        fm.tool("t3", "devvm_shell", {"command": "du -sh /var/log/app/* | sort -h | tail -n 5"}),
+        fm.tool("t2", "devvm_shell", {"command": "df -h /data"}),
+        fm.tool("t3", "devvm_shell", {"command": "du -sh /data/log/app/* | sort -h | tail -n 5"}),
         fm.reply(
             "The runaway log filled the disk; stopping its writer and truncating it.",
             [
-                ("t4", "devvm_shell", {"command": "systemctl stop log-spammer"}),
-                ("t5", "devvm_shell", {"command": "truncate -s 0 /var/log/app/runaway.log"}),
+                ("t4", "devvm_shell", {"command": STOP_WRITER}),
+                ("t5", "devvm_shell", {"command": "truncate -s 0 /data/log/app/runaway.log"}),
             ],
         ),
-        fm.tool("t6", "devvm_shell", {"command": "df -h /"}),
-        fm.text("Incident summary: / was 100% full from runaway.log; writer stopped, log emptied."),
+        fm.tool("t6", "devvm_shell", {"command": "df -h /data"}),
+        fm.text("Incident summary: /data was 100% full from runaway.log; writer stopped, emptied."),
     )
     await h.agent.handle("the devvm is acting up")
 
@@ -75,7 +82,7 @@ async def test_disk_full_is_repaired_over_several_steps(lab_session, make_agent,
     assert len(bodies) == 6
     assert "healthy" in results(bodies[1])[0]
     assert "100%" in results(bodies[2])[0]
-    assert "runaway.log" in results(bodies[3])[0] and "38G" in results(bodies[3])[0]
+    assert re.search(r"^3\dM\s+/data/log/app/runaway\.log$", results(bodies[3])[0], re.M)
     assert all("exit 0" in r for r in results(bodies[4]))
     after = results(bodies[5])[0]
     assert "exit 0" in after and "100%" not in after
@@ -83,7 +90,7 @@ async def test_disk_full_is_repaired_over_several_steps(lab_session, make_agent,
     assert all(e.ok for e in h.of(ToolCallEnded))
     assert_tool_results_first(bodies)
     # The devvm really is repaired: ask it ourselves.
-    check = await hosts.run("df -h /")
+    check = await hosts.run("df -h /data")
     assert check.ok and "100%" not in check.stdout
     records = [json.loads(x) for x in (Path(h.agent.settings.state_dir) / "audit.jsonl").open()]
     commands = [
@@ -91,7 +98,7 @@ async def test_disk_full_is_repaired_over_several_steps(lab_session, make_agent,
         for r in records
         if r["kind"] == "tool_call" and r["tool"] == "devvm_shell"
     ]
-    assert commands[2:4] == ["systemctl stop log-spammer", "truncate -s 0 /var/log/app/runaway.log"]
+    assert commands[2:4] == [STOP_WRITER, "truncate -s 0 /data/log/app/runaway.log"]
 
 
 @pytest.mark.parametrize("lab_session", ["disk-full"], indirect=True)
@@ -105,15 +112,15 @@ async def test_disk_full_with_two_dozen_large_reads_runs_to_the_repair_on_the_cu
     _lab, hosts = lab_session
     h = make_agent(hosts)
     assert h.agent.settings.model == "claude-sonnet-5-5"
-    reads = [f"tail -n {2000 + 10 * i} /var/log/app/runaway.log" for i in range(24)]
+    reads = [f"tail -n {2000 + 10 * i} /data/log/app/runaway.log" for i in range(24)]
     fake_api.push(
         fm.tool("t0", "probe_devvm", {}),
-        fm.tool("t1", "devvm_shell", {"command": "df -h /"}),
+        fm.tool("t1", "devvm_shell", {"command": "df -h /data"}),
         *[fm.tool(f"r{i}", "devvm_shell", {"command": c}) for i, c in enumerate(reads)],
-        fm.tool("t2", "devvm_shell", {"command": "systemctl stop log-spammer"}),
-        fm.tool("t3", "devvm_shell", {"command": "truncate -s 0 /var/log/app/runaway.log"}),
-        fm.tool("t4", "devvm_shell", {"command": "df -h /"}),
-        fm.text("Repaired: the runaway log filled /; its writer is stopped and the log emptied."),
+        fm.tool("t2", "devvm_shell", {"command": STOP_WRITER}),
+        fm.tool("t3", "devvm_shell", {"command": "truncate -s 0 /data/log/app/runaway.log"}),
+        fm.tool("t4", "devvm_shell", {"command": "df -h /data"}),
+        fm.text("Repaired: the runaway log filled /data; its writer is stopped, the log emptied."),
     )
     await h.agent.handle("the devvm's disk is full")
     assert len(fake_api.bodies) == 30 and not fake_api.script and not h.agent.manual
@@ -122,7 +129,7 @@ async def test_disk_full_with_two_dozen_large_reads_runs_to_the_repair_on_the_cu
         "exit 0" in results(fake_api.bodies[-1])[0]
         and "100%" not in results(fake_api.bodies[-1])[0]
     )
-    check = await hosts.run("df -h /")
+    check = await hosts.run("df -h /data")
     assert check.ok and "100%" not in check.stdout
     # The large reads pushed the context past the trigger: old results were cleared on the
     # API's side, the conversation sent was never edited, and every turn went back verbatim.

@@ -3,7 +3,6 @@ real QEMU process; and the lab's refusal, with the next step, when QEMU or the i
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import pytest
 
 from breakglass_tui.lab.guest import qm as guest_qm
 from breakglass_tui.lab.guest.build import GuestImage
+from breakglass_tui.lab.guest.drill import overlay, vm_config
 from breakglass_tui.lab.guest.lab import GuestUnavailable, check_available, start_real_lab
 from breakglass_tui.lab.guest.qm import QMP_TIMEOUT_S
 from breakglass_tui.lab.qm_standin import (
@@ -32,24 +32,25 @@ from tests.support.realparts import free_port
 
 @pytest.fixture
 def pve_root(tmp_path: Path, guest_image: GuestImage) -> Iterator[Path]:
-    """A lab PVE directory with vm.json for the guest image (QEMU not started)."""
+    """A lab PVE directory with vm.json for the guest image, its disks on overlays of the
+    image's (QEMU not started; a `qm start` boots it)."""
     root = tmp_path / "pve"
     (root / "run").mkdir(parents=True)
-    (root / "disk.raw").write_bytes(b"\0" * 1024 * 1024)
+    disks = {}
+    for disk, base in (("root", guest_image.root_disk), ("data", guest_image.data_disk)):
+        overlay(root / f"{disk}.qcow2", base)
+        disks[disk] = (root / f"{disk}.qcow2", base)
     write_json_atomic(
         root / "vm.json",
-        {
-            "vmid": 102,
-            "qemu": shutil.which("qemu-system-x86_64"),
-            "memory_mb": 128,
-            "kernel": str(guest_image.kernel),
-            "initrd": str(guest_image.initrd),
-            "append": "console=ttyS0 quiet bg_scenario=healthy bg_authkey="
-            + base64.b64encode(b"none").decode(),
-            "ssh_port": free_port(),
-            "data_disk": str(root / "disk.raw"),
-            "qemu_run_dir": str(root / "run"),
-        },
+        vm_config(
+            image=guest_image,
+            accel="tcg",
+            memory_mb=128,
+            ssh_port=free_port(),
+            disks=disks,
+            run_dir=root / "run",
+            incoming=None,
+        ),
     )
     guest_qm.write_qm_wrapper(root)
     try:
@@ -216,7 +217,8 @@ async def test_unbuildable_image_says_what_to_run(
     start_real_lab, not a traceback, and nothing left running."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "qemu-system-x86_64").symlink_to(shutil.which("qemu-system-x86_64"))
+    for qemu in ("qemu-system-x86_64", "qemu-img"):
+        (bin_dir / qemu).symlink_to(shutil.which(qemu))
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("BREAKGLASS_GUEST_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(GuestUnavailable) as caught:

@@ -1,15 +1,14 @@
-"""End to end on the real-guest lab: a real Linux devvm under QEMU fails for real, the breakglass
-agent (scripted through the fake Messages API, over real HTTP, with the real anthropic SDK)
-diagnoses and repairs it through the hosts layer and the real ``breakglass-verb``, and the test
-then asks the guest itself whether it is really well: disk has space, the hog is gone, the service
-answers, SSH works, and forensics bundles hold a real screendump PNG.
+"""End to end on the real devvm: a Debian guest under QEMU, restored from its saved state, fails
+for real; the breakglass agent (scripted through the fake Messages API, over real HTTP, with the
+real anthropic SDK) diagnoses and repairs it through the hosts layer (as ``breakglass`` with
+``sudo -n``, over the guest's OpenSSH) and the real ``breakglass-verb``; then the test asks the
+guest itself whether it is really well.
 
 Each scripted conversation is what a good model would do; the test checks what the agent really
 sent back to the model (the tool results in the fake API's recorded request bodies hold the real
-``100%``, the real OOM-killer line, the real stuck state), then checks the guest on its own,
-over its own SSH commands, after the agent is done.
-
-One boot per scenario (~8-30 s each under TCG on a busy machine)."""
+``100%``, the real OOM-killer line, the real ``Read-only file system``), then checks the guest on
+its own, over its own commands, after the agent is done. One scenario per test: a drill starts in
+seconds from its saved state; a reset or a cycle boots the guest for real."""
 
 from __future__ import annotations
 
@@ -97,6 +96,10 @@ def shell_commands(h: Any) -> list[str]:
     ]
 
 
+def verbs_of(h: Any) -> dict[str, Any]:
+    return {e.result.verb: e.result for e in h.of(VerbCompleted)}
+
+
 async def saved_bundle(h: Any, bundle_id: str | None, timeout_s: float = 30) -> Path:
     """The agent fetched the bundle to the operator's state dir (the forensics pane's copy),
     screendump included: its directory."""
@@ -122,61 +125,108 @@ def assert_conversation(h: Any, api: fm.FakeMessagesApi, requests: int) -> None:
     assert h.agent.messages[-1]["role"] == "assistant"
 
 
-@pytest.mark.parametrize("real_lab", ["disk-full"], indirect=True)
-async def test_disk_full_runaway_log_is_truncated_by_the_agent(
+async def unit_state(hosts: HostSession, unit: str) -> tuple[str, str]:
+    """(is-active, is-enabled) of a unit, as the guest's service manager says."""
+    out = await hosts.run(f"systemctl is-active {unit}; systemctl is-enabled {unit}")
+    active, enabled = out.stdout.split()
+    return active, enabled
+
+
+async def data_usage(hosts: HostSession) -> tuple[int, int]:
+    """(% of blocks, % of inodes) used on /data, from the guest's df."""
+    out = await hosts.run("df --output=pcent,ipcent /data | tail -n 1")
+    blocks, inodes = out.stdout.split()
+    return int(blocks.rstrip("%")), int(inodes.rstrip("%"))
+
+
+# -- the scenarios -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("real_lab", ["healthy"], indirect=True)
+async def test_healthy_devvm_is_found_healthy_and_left_alone(
     real_lab: tuple[RealLab, HostSession], make_agent, fake_api
 ) -> None:
+    lab, hosts = real_lab
+    h = make_agent(hosts)
+    look = "uptime; df -h / /data; free -m; systemctl --failed; systemctl is-active webapp"
+    fake_api.push(
+        fm.tool("h1", "probe_devvm", {}),
+        fm.tool("h2", "devvm_shell", {"command": look}),
+        fm.text("The devvm is healthy: SSH answers, the disks have room, every unit runs."),
+    )
+    await h.agent.handle("is the devvm all right?")
+
+    assert_conversation(h, fake_api, 3)
+    assert "healthy" in sent(fake_api, "h1")
+    seen = sent(fake_api, "h2")
+    assert "exit 0" in seen and "load average" in seen and "/dev/vdb" in seen
+    assert seen.rstrip().endswith("active")
+    assert not h.of(VerbCompleted)  # nothing powered, nothing changed
+    assert (await data_usage(hosts))[0] < 10
+    assert await unit_state(hosts, "webapp") == ("active", "enabled")
+    assert lab.sim.boots() == 0  # restored, never booted in this lab
+
+
+@pytest.mark.parametrize("real_lab", ["disk-full"], indirect=True)
+async def test_disk_full_survives_a_reset_and_is_repaired_by_the_agent(
+    real_lab: tuple[RealLab, HostSession], make_agent, fake_api
+) -> None:
+    """The failure comes from an enabled unit: a reset does not repair it (the drill must not
+    teach that it would); stopping and disabling the writer and emptying its log does."""
     _lab, hosts = real_lab
-    # The scenario is real before the agent starts: /data is full, writes fail.
     before = await hosts.run("df -P /data | tail -n 1; du -sk /data/log/app/*")
     assert before.ok and "100%" in before.stdout and "runaway.log" in before.stdout
     writing = await hosts.run("echo more >> /data/log/app/other.log")
     assert not writing.ok and "No space left on device" in writing.stderr
 
-    h = make_agent(hosts)
-    repair = "systemctl stop log-spammer && : > /data/log/app/runaway.log"
+    h = make_agent(hosts, wait_probe_interval_s=0.5)
+    repair = "systemctl disable --now log-spammer && : > /data/log/app/runaway.log"
     verify = "sleep 2; df -h /data; echo ok >> /data/log/app/other.log && echo writable"
     fake_api.push(
         fm.tool("d1", "probe_devvm", {}),
         fm.tool("d2", "devvm_shell", {"command": "df -h /data"}),
-        fm.tool("d3", "devvm_shell", {"command": "du -sh /data/log/app/*"}),
-        fm.tool("d4", "devvm_shell", {"command": "ps -o pid,args"}),
         fm.reply(
-            "runaway.log filled /data. Capturing forensics before I change anything.",
-            [("d5", "pve_verb", {"verb": "forensics"})],
+            "/data is full. You asked for a reset first: forensics, then reset.",
+            [("d3", "pve_verb", {"verb": "reset"})],
         ),
+        fm.tool("d4", "wait_for_devvm", {"timeout_s": 150}),
+        fm.tool("d5", "devvm_shell", {"command": "df -h /data; du -sh /data/log/app/*"}),
+        fm.tool("d6", "devvm_shell", {"command": "systemctl status log-spammer"}),
         fm.reply(
-            "Stopping the log shipper that writes it, then truncating the log.",
-            [("d6", "devvm_shell", {"command": repair})],
+            "Still full after the reset: log-spammer is enabled and writes again at every boot."
+            " Disabling it and emptying its log.",
+            [("d7", "devvm_shell", {"command": repair})],
         ),
-        fm.tool("d7", "devvm_shell", {"command": verify}),
-        fm.text("Incident summary: /data was 100% full from runaway.log; writer stopped, emptied."),
+        fm.tool("d8", "devvm_shell", {"command": verify}),
+        fm.text(
+            "Incident summary: /data was 100% full from runaway.log; writer disabled, emptied."
+        ),
     )
-    await h.agent.handle("the devvm is acting up: the app cannot write its logs")
+    await h.agent.handle("the devvm is acting up: the app cannot write its logs; try a reset")
 
-    assert_conversation(h, fake_api, 8)
+    assert_conversation(h, fake_api, 9)
     assert "healthy" in sent(fake_api, "d1")
-    df = sent(fake_api, "d2")
-    assert "exit 0" in df and re.search(r"100%\s+/data$", df, re.M), df  # the real df, full
-    du = re.search(r"^(\d+(?:\.\d+)?)M\s+/data/log/app/runaway\.log$", sent(fake_api, "d3"), re.M)
-    assert du and float(du.group(1)) >= 40, sent(fake_api, "d3")  # the culprit, ~48 MB
-    assert "supervise log-spammer" in sent(fake_api, "d4")  # its writer, running
-    forensics = {e.result.verb: e.result for e in h.of(VerbCompleted)}["forensics"]
-    assert forensics.ok and forensics.state_before == "running"
-    assert "pve_verb forensics: ok" in sent(fake_api, "d5")
-    assert ended(h, "d6").ok and "exit 0" in sent(fake_api, "d6")
-    checked = sent(fake_api, "d7")
+    assert re.search(r"100%\s+/data$", sent(fake_api, "d2"), re.M), sent(fake_api, "d2")
+    reset = verbs_of(h)["reset"]
+    assert reset.ok and reset.bundle_id  # forensics first, inside the reset
+    assert "the devvm answers" in sent(fake_api, "d4")
+    after_reset = sent(fake_api, "d5")
+    assert re.search(r"100%\s+/data$", after_reset, re.M), after_reset  # a reset did not fix it
+    du = re.search(r"^(\d+(?:\.\d+)?)M\s+/data/log/app/runaway\.log$", after_reset, re.M)
+    assert du and float(du.group(1)) >= 20, after_reset
+    status = sent(fake_api, "d6")
+    assert "Active: active (running)" in status and "; enabled)" in status
+    assert ended(h, "d7").ok and "exit 0" in sent(fake_api, "d7")
+    checked = sent(fake_api, "d8")
     assert "writable" in checked and "100%" not in checked
-    assert shell_commands(h)[3] == repair
+    assert repair in shell_commands(h)
 
-    # Ask the guest ourselves, once the writer would have written again (3 s after the stop).
+    # Ask the guest ourselves, once the writer would have written again.
     await asyncio.sleep(1)
-    after = await hosts.run("df -P /data | tail -n 1; systemctl is-active log-spammer")
-    used_pct = int(after.stdout.split()[4].rstrip("%"))
-    assert used_pct < 10 and "inactive" in after.stdout
+    assert (await data_usage(hosts))[0] < 10
+    assert await unit_state(hosts, "log-spammer") == ("inactive", "disabled")
     assert (await hosts.run("echo fine >> /data/log/app/other.log")).ok
-    await assert_bundle_has_screendump(hosts, forensics.bundle_id)
-    await saved_bundle(h, forensics.bundle_id)
+    await assert_bundle_has_screendump(hosts, reset.bundle_id)
 
 
 @pytest.mark.parametrize("real_lab", ["oom"], indirect=True)
@@ -187,51 +237,43 @@ async def test_oom_hog_is_stopped_by_the_agent(
     # The kernel's OOM killer really fired, on the hog, before the agent starts.
     dmesg = await eventually(hosts, "dmesg", "Out of memory", timeout_s=60)
     assert "(tail)" in dmesg
-    status = await hosts.run("systemctl status memhog")
-    assert "Restarts:" in status.stdout
 
     h = make_agent(hosts)
     verify = (
-        "sleep 8; systemctl is-active memhog;"
-        " ps -o pid,args | grep 'tail /dev/[z]ero' || echo 'no hog process'; free -m"
+        "sleep 8; systemctl is-active memhog; pgrep -a -x tail || echo 'no hog process'; free -m"
     )
     fake_api.push(
-        fm.tool("m1", "probe_devvm", {}),
-        fm.tool("m2", "devvm_shell", {"command": "free -m"}),
-        fm.tool("m3", "devvm_shell", {"command": "dmesg | grep -iE 'out of memory|oom' | tail"}),
-        fm.tool("m4", "devvm_shell", {"command": "systemctl status memhog"}),
+        fm.tool("m1", "devvm_shell", {"command": "free -m; dmesg | grep -i 'out of memory'"}),
+        fm.tool("m2", "devvm_shell", {"command": "systemctl status memhog"}),
         fm.reply(
-            "The OOM killer keeps killing memhog's tail; it is restarted and leaks again."
-            " Capturing forensics, then stopping it.",
-            [("m5", "pve_verb", {"verb": "forensics"})],
+            "The OOM killer keeps killing memhog's tail; it restarts and leaks again."
+            " Capturing forensics, then disabling it.",
+            [("m3", "pve_verb", {"verb": "forensics"})],
         ),
-        fm.tool("m6", "devvm_shell", {"command": "systemctl stop memhog"}),
+        fm.tool("m4", "devvm_shell", {"command": "systemctl disable --now memhog"}),
         # Past the unit's restart delay (6 s): no hog came back.
-        fm.tool("m7", "devvm_shell", {"command": verify, "timeout_s": 60}),
-        fm.text("Incident summary: memhog leaked until OOM-killed, over and over; stopped."),
+        fm.tool("m5", "devvm_shell", {"command": verify, "timeout_s": 60}),
+        fm.text("Incident summary: memhog leaked until OOM-killed, over and over; disabled."),
     )
     await h.agent.handle("the devvm is very slow")
 
-    assert_conversation(h, fake_api, 8)
-    assert "healthy" in sent(fake_api, "m1")
-    assert "Mem:" in sent(fake_api, "m2")
-    oom = sent(fake_api, "m3")
-    assert re.search(r"Out of memory: Killed process \d+ \(tail\)", oom), oom  # the kernel's line
-    memhog = sent(fake_api, "m4")
+    assert_conversation(h, fake_api, 6)
+    oom = sent(fake_api, "m1")
+    assert "Mem:" in oom and re.search(r"Out of memory: Killed process \d+ \(tail\)", oom), oom
+    memhog = sent(fake_api, "m2")
     assert "memhog.service - Report cache warmer" in memhog and "Restarts:" in memhog
-    forensics = {e.result.verb: e.result for e in h.of(VerbCompleted)}["forensics"]
+    forensics = verbs_of(h)["forensics"]
     assert forensics.ok
-    assert ended(h, "m6").ok and "exit 0" in sent(fake_api, "m6")
-    after_stop = sent(fake_api, "m7")
+    assert ended(h, "m4").ok and "exit 0" in sent(fake_api, "m4")
+    after_stop = sent(fake_api, "m5")
     assert "inactive" in after_stop and "no hog process" in after_stop
-    assert "systemctl stop memhog" in shell_commands(h)
 
-    # Ask the guest ourselves. [z]: the pattern must not match the shell running grep.
-    hog = await hosts.run("ps -o pid,args | grep 'tail /dev/[z]ero'")
+    # Ask the guest ourselves.
+    hog = await hosts.run("pgrep -x tail")
     assert hog.exit_status == 1 and hog.stdout == ""
-    state = await hosts.run("systemctl is-active memhog; free -m | awk '/Mem:/ {print $4}'")
-    lines = state.stdout.split()
-    assert lines[0] == "inactive" and int(lines[1]) > 100  # MB free again
+    assert await unit_state(hosts, "memhog") == ("inactive", "disabled")
+    free = await hosts.run("free -m | awk '/Mem:/ {print $7}'")
+    assert int(free.stdout) > 100  # MB available again
     await assert_bundle_has_screendump(hosts, forensics.bundle_id)
     await saved_bundle(h, forensics.bundle_id)
 
@@ -242,52 +284,40 @@ async def test_stuck_service_is_restarted_by_the_agent(
 ) -> None:
     _lab, hosts = real_lab
     stuck = await hosts.run("systemctl status webapp")
-    assert stuck.exit_status == 3 and "waiting for /run/webapp.lock" in stuck.stdout
-    fetch = await hosts.run("wget -qO- http://127.0.0.1:8080/")
-    assert not fetch.ok
+    assert stuck.exit_status == 3 and "activating (start)" in stuck.stdout
+    assert not (await hosts.run("curl -sf -m 3 http://127.0.0.1:8080/")).ok
 
     h = make_agent(hosts)
     verify = (
-        "for i in $(seq 1 20); do wget -qO- http://127.0.0.1:8080/ && break; sleep 1; done;"
+        "for i in $(seq 1 20); do curl -sf -m 3 http://127.0.0.1:8080/ && break; sleep 1; done;"
         " systemctl status webapp"
     )
     fake_api.push(
-        fm.tool("s1", "probe_devvm", {}),
-        fm.tool("s2", "devvm_shell", {"command": "netstat -ltn"}),
-        fm.tool("s3", "devvm_shell", {"command": "systemctl status webapp"}),
-        fm.tool("s4", "devvm_shell", {"command": "journalctl -u webapp -n 20"}),
-        fm.tool("s5", "devvm_shell", {"command": "wget -qO- -T 5 http://127.0.0.1:8080/"}),
+        fm.tool("s1", "devvm_shell", {"command": "ss -ltn; curl -sS -m 5 http://127.0.0.1:8080/"}),
+        fm.tool("s2", "devvm_shell", {"command": "systemctl status webapp"}),
+        fm.tool("s3", "devvm_shell", {"command": "ps -o pid,args -p $(cat /run/webapp.lock/pid)"}),
         fm.reply(
-            "webapp is stuck waiting for its lock. Capturing forensics, then restarting it.",
-            [("s6", "pve_verb", {"verb": "forensics"})],
+            "webapp waits on a lock its stale child holds: restarting the unit kills the child.",
+            [("s4", "devvm_shell", {"command": "systemctl restart webapp"})],
         ),
-        fm.tool("s7", "devvm_shell", {"command": "systemctl restart webapp"}),
-        fm.tool("s8", "devvm_shell", {"command": verify, "timeout_s": 60}),
+        fm.tool("s5", "devvm_shell", {"command": verify, "timeout_s": 60}),
         fm.text("Incident summary: webapp was stuck on a stale lock; restarted; it serves again."),
     )
     await h.agent.handle("the web app on the devvm does not answer")
 
-    assert_conversation(h, fake_api, 9)
-    assert "healthy" in sent(fake_api, "s1")
-    listening = sent(fake_api, "s2")
+    assert_conversation(h, fake_api, 6)
+    listening = sent(fake_api, "s1")
     assert ":22 " in listening and ":8080 " not in listening  # sshd listens, the web app not
-    status = sent(fake_api, "s3")
-    assert "exit 3" in status and "waiting for /run/webapp.lock" in status  # the stuck state
-    assert "Started webapp.service." in sent(fake_api, "s4")
-    assert not ended(h, "s5").ok and "exit 0" not in sent(fake_api, "s5")  # nothing answers
-    forensics = {e.result.verb: e.result for e in h.of(VerbCompleted)}["forensics"]
-    assert forensics.ok
-    assert ended(h, "s7").ok and "exit 0" in sent(fake_api, "s7")
-    after = sent(fake_api, "s8")
+    status = sent(fake_api, "s2")
+    assert "exit 3" in status and "waiting for /run/webapp.lock" in status  # its own log line
+    assert "sleep 100000" in sent(fake_api, "s3")  # the lock's owner: the stale child, alive
+    assert ended(h, "s4").ok and "exit 0" in sent(fake_api, "s4")
+    after = sent(fake_api, "s5")
     assert "webapp ok" in after and "active (running)" in after
-    assert "systemctl restart webapp" in shell_commands(h)
 
     # Ask the guest ourselves.
-    assert "webapp ok" in await eventually(hosts, "wget -qO- http://127.0.0.1:8080/", "ok")
-    status_now = await hosts.run("systemctl status webapp")
-    assert status_now.ok and "active (running)" in status_now.stdout
-    await assert_bundle_has_screendump(hosts, forensics.bundle_id)
-    await saved_bundle(h, forensics.bundle_id)
+    assert "webapp ok" in await eventually(hosts, "curl -s -m 5 http://127.0.0.1:8080/", "ok")
+    assert await unit_state(hosts, "webapp") == ("active", "enabled")
 
 
 @pytest.mark.parametrize("real_lab", ["wedged"], indirect=True)
@@ -299,8 +329,7 @@ async def test_wedged_guest_is_reset_by_the_agent(
     wedged = await hosts.probe()
     assert wedged.reachability is not Reachability.HEALTHY  # TCP accepted, no banner
     kvm_before = lab.sim.kvm_pid()
-    boots_before = lab.sim.console().count("breakglass-guest: ready")
-    assert boots_before == 1
+    assert lab.sim.boots() == 0  # restored, not booted
 
     h = make_agent(hosts)
     fake_api.push(
@@ -313,7 +342,7 @@ async def test_wedged_guest_is_reset_by_the_agent(
     )
     await h.agent.handle("the devvm does not answer")
 
-    verbs = {e.result.verb: e.result for e in h.of(VerbCompleted)}
+    verbs = verbs_of(h)
     assert verbs["status"].state_after == "paused"
     reset = verbs["reset"]
     assert reset.ok and reset.state_before == "paused" and reset.state_after == "running"
@@ -324,12 +353,10 @@ async def test_wedged_guest_is_reset_by_the_agent(
     assert "paused" in sent(fake_api, "t2")
     assert "pve_verb reset: ok" in sent(fake_api, "t3")
     assert "the devvm answers" in sent(fake_api, "t4")
-    uptime = sent(fake_api, "t5").splitlines()[1]  # after the header: the fresh boot's uptime
-    assert float(uptime.split()[0]) < 300
     # Ask the guest ourselves: a fresh boot of the same QEMU process (its serial console shows
-    # the guest coming up a second time), SSH and the service up.
+    # the guest coming up), SSH and the service up.
     assert lab.sim.kvm_pid() == kvm_before
-    assert lab.sim.console().count("breakglass-guest: ready") == boots_before + 1
+    assert lab.sim.boots() >= 1
     check = await hosts.run("cat /proc/uptime; systemctl is-active webapp")
     assert check.ok and float(check.stdout.split()[0]) < 300 and "active" in check.stdout
     assert (await hosts.probe()).reachability is Reachability.HEALTHY
@@ -345,7 +372,7 @@ async def test_io_stall_forensics_then_cycle_by_the_agent(
     lab, hosts = real_lab
     assert (await asyncio.to_thread(lab.sim.vm_state))["qmp_status"] == "io-error"
     block = await asyncio.to_thread(lab.sim.qmp, "query-block")
-    assert {b["device"]: b.get("io-status") for b in block}["d0"] == "failed"
+    assert {b["qdev"].split("/")[3]: b.get("io-status") for b in block}["vdb"] == "failed"
 
     h = make_agent(hosts, wait_probe_interval_s=0.5)
     fake_api.push(
@@ -363,7 +390,7 @@ async def test_io_stall_forensics_then_cycle_by_the_agent(
     probe = h.of(ProbeUpdated)[0].result
     assert probe.reachability is not Reachability.HEALTHY  # TCP accepted, no banner
     assert probe.reachability.value in sent(fake_api, "i1")
-    verbs = {e.result.verb: e.result for e in h.of(VerbCompleted)}
+    verbs = verbs_of(h)
     assert verbs["status"].state_after == "paused (io-error)"
     assert "paused (io-error)" in sent(fake_api, "i2")
     forensics = verbs["forensics"]
@@ -385,7 +412,7 @@ async def test_io_stall_forensics_then_cycle_by_the_agent(
 
     kvm_before = lab.sim.kvm_pid()
     checkpoint = (
-        "for i in $(seq 1 40); do journalctl -u dbsync -n 5 | grep -q 'records out' && break;"
+        "for i in $(seq 1 40); do journalctl -u dbsync -n 5 | grep -q copied && break;"
         " sleep 1; done; journalctl -u dbsync -n 5"
     )
     fake_api.push(
@@ -405,16 +432,204 @@ async def test_io_stall_forensics_then_cycle_by_the_agent(
     assert cycle.verb == "cycle" and cycle.ok and cycle.state_after == "running", cycle.message
     assert "pve_verb cycle: ok" in sent(fake_api, "i5")
     assert "the devvm answers" in sent(fake_api, "i6")
-    assert "records out" in sent(fake_api, "i7")  # the checkpointer writes to the data disk
+    assert "copied" in sent(fake_api, "i7")  # the checkpointer writes to the data disk
 
     # Ask the guest ourselves: a new QEMU process, SSH works, the data disk takes writes, and
     # the VM keeps running.
     assert lab.sim.kvm_pid() not in (None, kvm_before)
     await lab.wait_for_ssh()
     assert (await hosts.probe()).reachability is Reachability.HEALTHY
-    await eventually(hosts, "journalctl -u dbsync -n 5", "records out", timeout_s=40)
+    assert (await hosts.run("dd if=/dev/zero of=/data/db/probe bs=4k count=4 conv=fsync")).ok
     assert (await asyncio.to_thread(lab.sim.vm_state))["qmp_status"] == "running"
     await assert_bundle_has_screendump(hosts, cycle.bundle_id)
+
+
+@pytest.mark.parametrize("real_lab", ["inode-exhaustion"], indirect=True)
+async def test_inode_exhaustion_is_found_and_cleared_by_the_agent(
+    real_lab: tuple[RealLab, HostSession], make_agent, fake_api
+) -> None:
+    _lab, hosts = real_lab
+    blocks, inodes = await data_usage(hosts)
+    assert inodes == 100 and blocks < 90  # space left, no inode left
+    touch = await hosts.run("touch /data/log/app/probe")
+    assert not touch.ok and "No space left on device" in touch.stderr
+
+    h = make_agent(hosts)
+    repair = "systemctl disable --now session-cache && find /data/cache/sessions -type f -delete"
+    verify = "df -i /data; touch /data/log/app/probe && echo writable"
+    fake_api.push(
+        fm.tool("n1", "devvm_shell", {"command": "df -h /data; touch /data/log/app/probe"}),
+        fm.tool("n2", "devvm_shell", {"command": "df -i /data"}),
+        fm.tool("n3", "devvm_shell", {"command": "du --inodes -s /data/* | sort -n"}),
+        fm.tool("n4", "devvm_shell", {"command": "systemctl status session-cache"}),
+        fm.reply(
+            "session-cache filled /data's inodes with one file per session. Forensics first.",
+            [("n5", "pve_verb", {"verb": "forensics"})],
+        ),
+        fm.reply(
+            "Disabling the unit and deleting its files.",
+            [("n6", "devvm_shell", {"command": repair, "timeout_s": 120})],
+        ),
+        fm.tool("n7", "devvm_shell", {"command": verify}),
+        fm.text("Incident summary: /data had no inodes left (session files); cleared, disabled."),
+    )
+    await h.agent.handle("the app says no space left on device but df shows free space")
+
+    assert_conversation(h, fake_api, 8)
+    first = sent(fake_api, "n1")
+    assert "No space left on device" in first and "/dev/vdb" in first
+    assert re.search(r"100%\s+/data$", sent(fake_api, "n2"), re.M), sent(fake_api, "n2")
+    inodes_by_dir = sent(fake_api, "n3")
+    assert re.search(r"^(\d{4})\s+/data/cache$", inodes_by_dir, re.M), inodes_by_dir
+    assert "Active: active (running)" in sent(fake_api, "n4")
+    assert verbs_of(h)["forensics"].ok
+    assert ended(h, "n6").ok and "exit 0" in sent(fake_api, "n6")
+    assert "writable" in sent(fake_api, "n7")
+
+    # Ask the guest ourselves.
+    assert (await data_usage(hosts))[1] < 10
+    assert await unit_state(hosts, "session-cache") == ("inactive", "disabled")
+    left = await hosts.run("find /data/cache/sessions -type f | wc -l")
+    assert left.stdout.strip() == "0"
+    assert (await hosts.run("touch /data/log/app/again")).ok
+
+
+@pytest.mark.parametrize("real_lab", ["read-only-root"], indirect=True)
+async def test_read_only_root_is_recovered_by_a_reset_and_the_boot_fsck(
+    real_lab: tuple[RealLab, HostSession], make_agent, fake_api
+) -> None:
+    """I/O errors made ext4 abort its journal and refuse every write on /. The storage is
+    healthy again; the repair is a reboot, where e2fsck checks the root before it is mounted
+    read-write (ext4 cannot take / back read-write while it runs)."""
+    lab, hosts = real_lab
+    refused = await hosts.run("touch /var/lib/app/probe")
+    assert not refused.ok and "Read-only file system" in refused.stderr
+
+    h = make_agent(hosts, wait_probe_interval_s=0.5)
+    look = (
+        "dmesg | grep -m 3 'I/O error, dev'; dmesg | grep -m 1 'Aborting journal';"
+        " dmesg | grep -m 1 'Remounting filesystem read-only'"
+    )
+    verify = "touch /var/lib/app/probe && echo writable; cat /var/log/lab/current/fsck-root.log"
+    fake_api.push(
+        fm.tool("r1", "probe_devvm", {}),
+        fm.tool("r2", "devvm_shell", {"command": "touch /var/lib/app/probe; findmnt -no SOURCE /"}),
+        fm.tool("r3", "devvm_shell", {"command": look}),
+        fm.reply(
+            "The root file system hit write errors and ext4 aborted its journal: writes are"
+            " refused until a reboot lets e2fsck check it. Forensics, then a reset.",
+            [("r4", "pve_verb", {"verb": "reset"})],
+        ),
+        fm.tool("r5", "wait_for_devvm", {"timeout_s": 150}),
+        fm.tool("r6", "devvm_shell", {"command": verify}),
+        fm.text("Incident summary: / went read-only after I/O errors; reset; e2fsck; writable."),
+    )
+    await h.agent.handle("nothing on the devvm can write files any more")
+
+    assert_conversation(h, fake_api, 7)
+    assert "healthy" in sent(fake_api, "r1")  # SSH still works: only writes fail
+    first = sent(fake_api, "r2")
+    assert "Read-only file system" in first and "/dev/vda" in first
+    kernel = sent(fake_api, "r3")
+    assert "I/O error, dev vda" in kernel and "Aborting journal on device vda" in kernel
+    assert "Remounting filesystem read-only" in kernel
+    reset = verbs_of(h)["reset"]
+    assert reset.ok and reset.bundle_id
+    assert "the devvm answers" in sent(fake_api, "r5")
+    after = sent(fake_api, "r6")
+    assert "writable" in after and "devvm-root" in after  # e2fsck checked / at boot
+
+    # Ask the guest ourselves: / is writable, ext4 says it is clean, the guest booted again.
+    assert lab.sim.boots() >= 1
+    assert (await hosts.run("touch /var/lib/app/again")).ok
+    state = await hosts.run("dumpe2fs -h /dev/vda 2>/dev/null | grep 'Filesystem state'")
+    assert state.stdout.split(":", 1)[1].strip() == "clean", state.stdout
+    await assert_bundle_has_screendump(hosts, reset.bundle_id)
+
+
+@pytest.mark.parametrize("real_lab", ["pid-exhaustion"], indirect=True)
+async def test_pid_exhaustion_is_stopped_at_its_cgroup_by_the_agent(
+    real_lab: tuple[RealLab, HostSession], make_agent, fake_api
+) -> None:
+    """A fork bomb in one unit reached its TasksMax (the cgroup's pids.max): the unit cannot
+    fork, the rest of the devvm can. Stopping the unit kills its whole cgroup."""
+    _lab, hosts = real_lab
+    cg = "/sys/fs/cgroup/worker-pool.service"
+    full = await hosts.run(f"cat {cg}/pids.current {cg}/pids.max")
+    current, limit = (int(x) for x in full.stdout.split())
+    assert current == limit == 96
+
+    h = make_agent(hosts)
+    count = "ps -e --no-headers | wc -l; pgrep -c -x sleep"
+    fake_api.push(
+        fm.tool("p1", "devvm_shell", {"command": f"uptime; {count}"}),
+        fm.tool("p2", "devvm_shell", {"command": "ps -eo pid,ppid,cgroup,args --sort=-pid | head"}),
+        fm.tool("p3", "devvm_shell", {"command": "systemctl status worker-pool"}),
+        fm.tool("p4", "devvm_shell", {"command": f"cat {cg}/pids.events"}),
+        fm.reply(
+            "worker-pool forked up to its TasksMax and keeps trying. Disabling it kills the lot.",
+            [("p5", "devvm_shell", {"command": "systemctl disable --now worker-pool"})],
+        ),
+        fm.tool("p6", "devvm_shell", {"command": count}),
+        fm.text("Incident summary: a fork bomb in worker-pool, held by its cgroup; disabled."),
+    )
+    await h.agent.handle("builds on the devvm fail with fork errors")
+
+    assert_conversation(h, fake_api, 7)
+    counted = sent(fake_api, "p1").split()
+    assert int(counted[-1]) >= 90  # the pool's workers
+    assert "/worker-pool.service" in sent(fake_api, "p2")
+    status = sent(fake_api, "p3")
+    assert "Tasks: 96 (limit: 96)" in status and "Resource temporarily unavailable" in status
+    assert re.search(r"^max \d+$", sent(fake_api, "p4"), re.M)  # forks the cgroup refused
+    assert ended(h, "p5").ok and "exit 0" in sent(fake_api, "p5")
+    assert int(sent(fake_api, "p6").split()[-1]) < 5
+
+    # Ask the guest ourselves.
+    assert await unit_state(hosts, "worker-pool") == ("inactive", "disabled")
+    left = await hosts.run(f"cat {cg}/pids.current")
+    assert left.stdout.strip() == "0"
+    assert (await hosts.run("pgrep -c -x sleep")).stdout.strip() in ("0", "1", "2")
+
+
+@pytest.mark.parametrize("real_lab", ["deleted-open"], indirect=True)
+async def test_deleted_but_open_file_is_found_with_lsof_and_freed_by_the_agent(
+    real_lab: tuple[RealLab, HostSession], make_agent, fake_api
+) -> None:
+    """df says /data is full, du finds almost nothing: the space belongs to a file that was
+    deleted while a process still writes it. `rm` cannot free it; ending the process does."""
+    _lab, hosts = real_lab
+    assert (await data_usage(hosts))[0] == 100
+    du = await hosts.run("du -sm /data | cut -f1")
+    assert int(du.stdout) < 5
+
+    h = make_agent(hosts)
+    fake_api.push(
+        fm.tool("o1", "devvm_shell", {"command": "df -h /data; du -sh /data"}),
+        fm.tool("o2", "devvm_shell", {"command": "lsof -a -nP +L1 /data"}),
+        fm.reply(
+            "report-exporter holds a deleted spool file open. Forensics, then disabling it.",
+            [("o3", "pve_verb", {"verb": "forensics"})],
+        ),
+        fm.tool("o4", "devvm_shell", {"command": "systemctl disable --now report-exporter"}),
+        fm.tool("o5", "devvm_shell", {"command": "df -h /data; lsof -a -nP +L1 /data"}),
+        fm.text("Incident summary: a deleted spool file held open filled /data; freed."),
+    )
+    await h.agent.handle("the devvm's data disk is full but I cannot find the files")
+
+    assert_conversation(h, fake_api, 6)
+    df_du = sent(fake_api, "o1")
+    assert re.search(r"100%\s+/data$", df_du, re.M), df_du
+    held = sent(fake_api, "o2")
+    assert "(deleted)" in held and "report-" in held and ".spool" in held
+    assert verbs_of(h)["forensics"].ok
+    assert ended(h, "o4").ok and "exit 0" in sent(fake_api, "o4")
+    assert "100%" not in sent(fake_api, "o5")
+
+    # Ask the guest ourselves.
+    assert (await data_usage(hosts))[0] < 10
+    assert (await hosts.run("lsof -a -nP +L1 /data")).stdout == ""
+    assert await unit_state(hosts, "report-exporter") == ("inactive", "disabled")
 
 
 async def test_panicked_guest_is_reset(guest_image) -> None:

@@ -1,52 +1,65 @@
-"""The devvm shell and the probe against the lab's simulated devvm, scenario by scenario.
+"""The devvm shell and the probe against the lab's sandbox devvm: a real sshd and real commands
+behind the lab's port, which shows a wedged or a paused guest as the network would.
 
-The simulated devvm unwraps the shell's leader script (hosts/devvm.py) and prints the
-process-group marker like the real one, so what the breakglass agent sees in the lab is what it
-sees on the real devvm.
+What the breakglass agent sees in the lab is what it sees on a real devvm: the shell's wrapper,
+its process-group marker and its stop mechanism run against OpenSSH, not an imitation of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pytest
 
-from breakglass_tui.hosts.devvm import DevvmShell
+from breakglass_tui.hosts.devvm import STOP_CLOSE_WAIT_S, DevvmShell
 from breakglass_tui.hosts.probe import probe_devvm
 from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending, Reachability, SshTarget
-from breakglass_tui.lab import devvm_sim
+from breakglass_tui.lab.devvm_sim import DevvmSim
+from breakglass_tui.lab.loopback import pinned_target
+from breakglass_tui.lab.sandbox import SandboxDevvm
 from tests.support.realparts import new_key, public_line
 
 KEY = new_key("breakglass-lab-devvm")
 HOST_KEY = new_key("lab-devvm-host")
 
 
-async def started(scenario: str):
-    sim = devvm_sim.DevvmSim(scenario, host_key=HOST_KEY, authorized_keys=[public_line(KEY)])
-    port = await sim.start()
-    pub = public_line(HOST_KEY).split()
-    target = SshTarget("127.0.0.1", port, "breakglass", f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
-    return sim, target
+async def started(scenario: str, **port: object) -> tuple[SandboxDevvm, DevvmSim, SshTarget]:
+    sandbox = SandboxDevvm(
+        "healthy" if scenario == "wedged" else scenario,
+        host_key=HOST_KEY,
+        authorized_keys=[public_line(KEY)],
+    )
+    upstream = await sandbox.start()
+    sim = DevvmSim(upstream, wedged=scenario == "wedged", **port)  # type: ignore[arg-type]
+    await sim.start()
+    return sandbox, sim, pinned_target(sim.port, "root", public_line(HOST_KEY), "devvm")
 
 
-@pytest.mark.parametrize("scenario", ["healthy", "disk-full", "oom", "stuck-service"])
+async def stopped(sandbox: SandboxDevvm, sim: DevvmSim, shell: DevvmShell) -> None:
+    await shell.close()
+    await sim.close()
+    await sandbox.close()
+
+
+@pytest.mark.parametrize("scenario", ["healthy", "disk-full", "deleted-open"])
 async def test_ssh_works_in_the_soft_scenarios(scenario: str):
-    sim, target = await started(scenario)
-    shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=2.0))
+    sandbox, sim, target = await started(scenario)
+    shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     try:
         probe = await probe_devvm(target, client_keys=[KEY], timeout_s=3.0)
         assert probe.reachability is Reachability.HEALTHY, probe.message
-        outcome = await shell.run("id; df -h /", timeout_s=5)
+        outcome = await shell.run("id; df -h /data", timeout_s=5)
         assert outcome.ok and outcome.stdout.startswith("uid=0(root)"), outcome
-        assert "breakglass-pgid" not in outcome.stdout
+        assert "breakglass-pgid" not in outcome.stdout  # the marker line is the shell's own
     finally:
-        await shell.close()
-        await sim.close()
+        await stopped(sandbox, sim, shell)
 
 
 async def test_the_wedged_guest_shows_no_banner_and_commands_fail_cleanly():
-    sim, target = await started("wedged")
+    sandbox, sim, target = await started("wedged")
     shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=1.5))
     try:
         probe = await probe_devvm(target, client_keys=[KEY], timeout_s=2.0)
@@ -55,44 +68,54 @@ async def test_the_wedged_guest_shows_no_banner_and_commands_fail_cleanly():
         outcome = await shell.run("uptime")
         assert outcome.ending is Ending.FAILED and "no SSH banner" in outcome.message
     finally:
-        await shell.close()
-        await sim.close()
+        await stopped(sandbox, sim, shell)
 
 
-async def test_io_stall_commands_come_back_by_their_deadline():
-    sim, target = await started("io-stall")
+@pytest.mark.slow
+async def test_commands_on_a_paused_guest_come_back_by_their_deadline(tmp_path):
+    vm_json = tmp_path / "vm.json"
+    vm = {"vmid": 102, "status": "running", "qmp_status": "running", "boot_id": 1}
+    vm_json.write_text(json.dumps({**vm, "booted_at": time.time()}))
+    sandbox, sim, target = await started("healthy", vm_json=vm_json, poll_s=0.05)
     shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=2.0))
     try:
-        outcome = await shell.run("df -h /; sync", timeout_s=1.5)
-        assert outcome.ending in (Ending.TIMED_OUT, Ending.EXITED)
-        assert outcome.duration_s < 1.5 + 4
+        assert (await shell.run("true")).ok  # connected before the pause
+        vm_json.write_text(json.dumps({**vm, "qmp_status": "io-error", "booted_at": time.time()}))
+        await sim.wait_for_mode("no_banner", 3)
+        started_at = time.monotonic()
+        outcome = await shell.run("df -h /data", timeout_s=1.5)
+        assert outcome.ending in (Ending.TIMED_OUT, Ending.FAILED), outcome
+        assert "probe it" in outcome.message or "stopped" in outcome.message, outcome.message
+        # Back by the deadline plus the stop's own bounded wait on a connection that no longer
+        # answers (the paused guest holds it, as QEMU's network does): never hung.
+        assert time.monotonic() - started_at < 1.5 + STOP_CLOSE_WAIT_S + 20
     finally:
-        await shell.close()
-        await sim.close()
+        await stopped(sandbox, sim, shell)
 
 
-async def test_cancel_stops_the_command_in_the_simulated_guest():
-    sim, target = await started("healthy")
+async def test_cancel_stops_the_command_in_the_sandbox():
+    sandbox, sim, target = await started("healthy")
     shell = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=2.0))
+    watcher = DevvmShell(target, ConnectOptions(client_keys=[KEY], connect_timeout_s=2.0))
 
-    def sleeping() -> list[str]:
-        return [p.command for p in sim.state.processes.values() if "sleep 100" in p.command]
+    async def sleeping() -> bool:
+        return "sleep 100" in (await watcher.run("ps -eo args", timeout_s=5)).stdout
 
     try:
         task = asyncio.create_task(shell.run("sleep 100"))
         for _ in range(100):
-            if sleeping():
+            if await sleeping():
                 break
             await asyncio.sleep(0.02)
-        assert sleeping(), "the command never started in the simulated guest"
+        assert await sleeping(), "the command never started in the sandbox"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         for _ in range(100):
-            if not sleeping():
+            if not await sleeping():
                 break
-            await asyncio.sleep(0.02)
-        assert sleeping() == []
+            await asyncio.sleep(0.05)
+        assert not await sleeping()
     finally:
-        await shell.close()
-        await sim.close()
+        await watcher.close()
+        await stopped(sandbox, sim, shell)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from breakglass_tui.cli import main
+from breakglass_tui.lab.guest.build import default_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,14 +57,68 @@ def test_real_guest_needs_lab(capsys):
     assert "--real-guest needs --lab" in capsys.readouterr().err
 
 
-def test_real_guest_without_qemu_says_what_to_install_before_the_screen_opens(
-    capsys, monkeypatch, tmp_path
-):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-system-x86_64 on this PATH
-    assert main(["--lab", "--real-guest", "--scenario", "wedged"]) == 2
-    err = capsys.readouterr().err
-    assert "qemu-system-x86_64 is not installed" in err
-    assert "apt-get install qemu-system-x86" in err and "without --real-guest" in err
+def test_sandbox_needs_lab(capsys):
+    assert main(["--sandbox"]) == 2
+    assert "--sandbox needs --lab" in capsys.readouterr().err
+
+
+def _path_with(tmp_path: Path, *programs: str) -> str:
+    """A PATH holding only the named programs of this machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for program in programs:
+        (bin_dir / program).symlink_to(shutil.which(program))
+    return str(bin_dir)
+
+
+def test_the_lab_is_the_real_devvm_where_qemu_runs():
+    from breakglass_tui.cli import choose_lab
+
+    plan = choose_lab("oom")
+    assert (plan.devvm, plan.note, plan.scenario) == ("guest", None, "oom")
+
+
+def test_without_qemu_the_lab_says_in_one_sentence_how_to_get_it(monkeypatch, tmp_path):
+    from breakglass_tui.cli import choose_lab
+
+    monkeypatch.setenv("PATH", _path_with(tmp_path, "bwrap", "sh", "true"))  # no QEMU
+    plan = choose_lab("disk-full")
+    assert (plan.devvm, plan.scenario) == ("sandbox", "disk-full")
+    assert plan.note and plan.note.startswith("QEMU is not installed")
+    assert "scripts/lab.sh" in plan.note
+    assert plan.note.endswith(".") and ". " not in plan.note  # one sentence
+    oom = choose_lab("oom")  # beyond what the sandbox can stage: it says so, and runs healthy
+    assert (oom.devvm, oom.scenario) == ("sandbox", "healthy")
+    assert "cannot stage oom" in oom.note and "scripts/lab.sh" in oom.note
+
+
+def test_without_qemu_or_a_sandbox_the_lab_says_why_and_the_console_opens(monkeypatch, tmp_path):
+    from breakglass_tui.cli import choose_lab
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither QEMU nor bubblewrap
+    plan = choose_lab("wedged")
+    assert plan.devvm == "none" and plan.note
+    assert "QEMU is not installed" in plan.note and "bubblewrap" in plan.note
+    assert "scripts/lab.sh" in plan.note
+
+
+async def test_a_lab_without_a_devvm_still_opens_the_console_saying_why():
+    """Where neither QEMU nor the sandbox can run (a read-only container without capabilities):
+    the console opens, says why in one sentence, and takes slash commands."""
+    from breakglass_tui.ui.app import BreakglassApp
+    from breakglass_tui.ui.backend import AppOptions
+
+    sentence = "The lab has no devvm here: QEMU is not installed and bubblewrap is missing."
+    app = BreakglassApp(AppOptions(lab=True, devvm="none", lab_note=sentence))
+    async with app.run_test(size=(160, 48)) as pilot:
+        for _ in range(100):
+            notices = " ".join(str(n.render()) for n in app.query(".notice"))
+            if sentence in notices:
+                break
+            await pilot.pause(0.1)
+        assert sentence in notices
+        assert app.is_running
+        await app.shutdown()
 
 
 def test_a_terminal_lab_keeps_its_incident_in_a_temporary_dir_unless_told(monkeypatch, tmp_path):
@@ -123,6 +178,8 @@ class TmuxSession:
             "TMPDIR": str(self.private_tmp),
             "BREAKGLASS_STATE_DIR": str(tmp_path / "state"),
             "PYTHONPATH": str(ROOT),
+            # A newcomer who ran scripts/lab.sh once: the devvm's image and saved states.
+            "BREAKGLASS_GUEST_CACHE": str(default_cache()),
         }
         command = f"{sys.executable} -m breakglass_tui.cli --lab --scenario {scenario}"
         subprocess.run(
@@ -229,7 +286,7 @@ def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
         tmux.type("/probe")
         time.sleep(1.0)
         tmux.type("/sh df -h")
-        shown = tmux.wait_for("100% /")
+        shown = tmux.wait_for("100% /data")
         assert "Filesystem" in shown
         _tmux(tmux.sock, "send-keys", "C-q")
         assert tmux.wait_no_lab_processes() == []

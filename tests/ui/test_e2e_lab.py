@@ -1,6 +1,8 @@
 """End to end: the real app, the real breakglass agent, the lab's hosts over SSH, and the real
 anthropic SDK against the local fake Messages API. Not pinned as snapshots: ports, durations and
-the lab's clock vary; these assert on what is on screen instead."""
+the lab's clock vary; these assert on what is on screen instead. The first test runs on what
+``--lab`` gives (the real devvm, restored under QEMU); the others on the sandbox devvm, which
+starts at once."""
 
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from tests.support.fake_messages_api import FakeMessagesApi
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
-def lab_app(tmp_path: Path, scenario: str = "healthy") -> BreakglassApp:
+def lab_app(tmp_path: Path, scenario: str = "healthy", devvm: str = "sandbox") -> BreakglassApp:
     settings = Settings(state_dir=tmp_path / "state")
     return BreakglassApp(
-        AppOptions(lab=True, scenario=scenario, settings=settings), download_dir=tmp_path
+        AppOptions(lab=True, scenario=scenario, settings=settings, devvm=devvm),
+        download_dir=tmp_path,
     )
 
 
@@ -57,23 +60,25 @@ async def ready(app: BreakglassApp, pilot) -> None:
 
 
 async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkeypatch):
+    """README's first command: --lab on the real devvm (QEMU, restored from its saved state)."""
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    app = lab_app(tmp_path, "disk-full")
+    app = lab_app(tmp_path, "disk-full", devvm="auto")
     async with app.run_test(size=(160, 48)) as pilot:
         await ready(app, pilot)
         header = app.header
         assert header.devvm == "devvm: reachable"
         assert header.vm_state == "VM 102: running"
         assert "manual mode" in header.claude and "ANTHROPIC_API_KEY" in header.claude
+        assert "real devvm" in header.targets and "disk-full" in header.targets
         lab_root = str(app.backend.lab.sim.root)
-        assert processes_mentioning(lab_root), "the lab's simulated kvm should be running"
+        assert processes_mentioning(lab_root), "the lab's QEMU should be running"
         await pilot.press(*"/sh df -h", "enter")
         await until(pilot, lambda: not app._agent_running(), what="df to finish")
         await pilot.pause(0.2)
         app.output.flush()
         lines = app.output_log().lines
         assert any(line.startswith("Filesystem") for line in lines)
-        assert any("100% /" in line for line in lines), "disk-full shows a full root"
+        assert any("100% /data" in line for line in lines), "disk-full shows a full /data"
         block = app.query(ToolBlock).last()
         assert "$ df -h" in block.heading and block.has_class("-ok")
         await pilot.press("ctrl+q")

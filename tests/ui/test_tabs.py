@@ -244,7 +244,11 @@ def lab_tab(tmp_path: Path) -> BreakglassApp:
     state = tmp_path / "state"
     return BreakglassApp(
         AppOptions(
-            lab=True, scenario="disk-full", settings=Settings(state_dir=state), incident_dir=state
+            lab=True,
+            scenario="disk-full",
+            settings=Settings(state_dir=state),
+            incident_dir=state,
+            devvm="sandbox",
         ),
         download_dir=tmp_path,
         initial_check=False,

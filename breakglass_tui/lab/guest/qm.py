@@ -7,6 +7,11 @@ the lab (:func:`write_vm_config`). QEMU runs daemonized with the pid file
 does, so the real ``breakglass-verb`` reads a real ``/proc/<pid>``, real QMP and a real
 ``screendump`` of the guest.
 
+The VM's disks are qcow2 overlays (the drill's) over read-only backing images, every block node
+named, so the lab can put a fault filter under a disk of the running VM (:func:`add_disk_fault`).
+The first ``start`` of a lab restores the saved state vm.json names (``-incoming``); later ones
+boot the guest from its disks, as Proxmox does (:func:`start_qemu`, :func:`save_state`).
+
 Subcommands, output and exit codes follow Proxmox's ``qm``, from its source, shared with the
 simulated ``qm`` in :mod:`breakglass_tui.lab.qm_standin` (whose docstring cites the files):
 ``qm status <vmid> [--verbose]`` (``status: running``; ``qmpstatus: running`` when QMP does not
@@ -25,6 +30,7 @@ Standard library only: it runs under ``python -S``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -45,6 +51,7 @@ from breakglass_tui.lab.qm_standin import (
     cli_task,
     dispatch,
     entry_point,
+    pid_alive,
     qmp,
     run_worker,
     status_output,
@@ -59,23 +66,6 @@ ENV_ROOT = "BREAKGLASS_GUEST_PVE_DIR"
 QM_MODULE = "breakglass_tui.lab.guest.qm"
 QMP_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 30.0
-
-# The blkdebug rules of the io-stall scenario's data disk: the first write fails with EIO (QEMU,
-# werror=stop, pauses the VM with io-status "failed"); the same event moves blkdebug to state 2
-# where nothing fails, so `cont` (resume) retries the write and it succeeds: a transient storage
-# fault. `once` matters: an error rule left active would fail every later request.
-BLKDEBUG_CONF = """\
-[inject-error]
-event = "write_aio"
-errno = "5"
-state = "1"
-once = "on"
-
-[set-state]
-event = "write_aio"
-state = "1"
-new_state = "2"
-"""
 
 
 class GuestPaths(StandinRoot):
@@ -163,43 +153,72 @@ def is_lab_qemu(pid: int, root: Path) -> bool:
 
 
 # -- starting QEMU -------------------------------------------------------------------------------
+LAB_PORT_NAME = "org.breakglass.lab"  # the virtio-serial port of the guest's lab-agent
+_KVM_GET_API_VERSION = 0xAE00
+
+
 def kvm_usable() -> bool:
-    """Whether /dev/kvm can be opened (else QEMU runs with TCG, much slower)."""
+    """Whether KVM can run a guest here: /dev/kvm opens and answers, and the CPU offers
+    virtualisation (vmx/svm). Some machines expose a /dev/kvm whose guests never run (nested
+    virtualisation without the CPU flag): those use TCG."""
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
-    os.close(fd)
-    return True
+    try:
+        if fcntl.ioctl(fd, _KVM_GET_API_VERSION) != 12:
+            return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " vmx" in flags or " svm" in flags
 
 
-def qemu_argv(paths: GuestPaths, *, io_fault: bool) -> list[str]:
-    """The QEMU command line for the VM in vm.json (io_fault: the data disk behind blkdebug)."""
+def lab_socket(paths: GuestPaths) -> Path:
+    """The host end of the guest's lab channel (a unix socket QEMU listens on)."""
+    return paths.run_dir / f"{paths.vmid}.lab"
+
+
+def _disk(name: str, overlay: str, backing: str, device: str, errors: str) -> list[str]:
+    """A virtio disk on a qcow2 overlay over a read-only backing image, every node named so the
+    lab can put a fault filter (blkdebug) between the overlay and its file at run time."""
+    return [
+        "-blockdev",
+        f"driver=qcow2,node-name={name}-base,read-only=on,file.driver=file,"
+        f"file.filename={backing},file.node-name={name}-base-file",
+        "-blockdev",
+        f"driver=file,node-name={name}-file,filename={overlay}",
+        "-blockdev",
+        f"driver=qcow2,node-name={name},file={name}-file,backing={name}-base",
+        "-device",
+        f"virtio-blk-pci,drive={name},id={device},serial=devvm-{name}{errors}",
+    ]
+
+
+def qemu_argv(paths: GuestPaths, *, incoming: Path | None = None) -> list[str]:
+    """The QEMU command line for the VM in vm.json: a cold boot, or (incoming) a restore of a
+    saved state. Both describe the same machine, device for device, as a restore requires."""
     cfg = paths.config()
     root = paths.root
     port = int(cfg["ssh_port"])
-    drive = "if=none,id=d0,format=raw,werror=stop,rerror=stop,"
-    if io_fault:
-        conf = root / "blkdebug.conf"
-        conf.write_text(BLKDEBUG_CONF)
-        drive += (
-            f"file.driver=blkdebug,file.config={conf},"
-            f"file.image.driver=file,file.image.filename={cfg['data_disk']}"
-        )
-    else:
-        drive += f"file={cfg['data_disk']}"
-    return [
+    argv = [
         cfg["qemu"],
         "-name",
         str(cfg.get("name", "devvm")),
         "-machine",
         "pc",
         "-accel",
-        "kvm" if cfg.get("accel") == "kvm" and kvm_usable() else "tcg",
+        "kvm" if cfg.get("accel") == "kvm" else "tcg",
         "-m",
         str(cfg.get("memory_mb", 256)),
         "-smp",
         "1",
+        "-nodefaults",
         "-display",
         "none",
         "-vga",
@@ -210,14 +229,21 @@ def qemu_argv(paths: GuestPaths, *, io_fault: bool) -> list[str]:
         cfg["initrd"],
         "-append",
         cfg["append"],
+        # restrict=on: the guest reaches neither this host nor the network; the forward to its
+        # sshd still works.
         "-netdev",
-        f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
+        f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
         "-device",
-        "virtio-net-pci,netdev=n0",
-        "-drive",
-        drive,
+        "virtio-net-pci,netdev=n0,id=net0",
+        *_disk("root", cfg["root_disk"], cfg["root_backing"], "vda", ""),
+        # The data disk stops the VM on an I/O error (werror=stop), as Proxmox's default does.
+        *_disk("data", cfg["data_disk"], cfg["data_backing"], "vdb", ",werror=stop,rerror=stop"),
         "-device",
-        "virtio-blk-pci,drive=d0,serial=devvm-data",
+        "virtio-serial-pci,id=vser0",
+        "-chardev",
+        f"socket,id=lab,path={lab_socket(paths)},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=lab,name={LAB_PORT_NAME}",
         "-chardev",
         f"file,id=ser0,path={root / 'console.log'},append=on",
         "-serial",
@@ -228,21 +254,25 @@ def qemu_argv(paths: GuestPaths, *, io_fault: bool) -> list[str]:
         str(paths.pid_file),
         "-daemonize",
     ]
+    if incoming is not None:
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+    return argv
 
 
 def start_qemu(paths: GuestPaths) -> int:
     """Start the VM's QEMU, daemonized; wait for its pid file and QMP; return its PID.
 
-    The io fault (io-stall) is armed once, at the next start: a cycle boots on healthy storage,
-    as after a transient fault on the host."""
-    faults = paths.faults()
-    io_fault = bool(faults.get("io_error_once"))
-    if io_fault:
-        faults["io_error_once"] = False
-        write_json_atomic(paths.faults_json, faults)
+    The first start of a lab restores the saved state named by vm.json's ``incoming`` (read
+    once: a later ``qm start``, after a stop, boots the guest from its disks, as on Proxmox) and
+    resumes the guest when the restore is complete."""
+    cfg = paths.config()
+    incoming = Path(cfg["incoming"]) if cfg.get("incoming") else None
+    if incoming is not None:
+        cfg["incoming"] = None
+        write_json_atomic(paths.vm_json, cfg)
     with contextlib.suppress(FileNotFoundError):
         paths.pid_file.unlink()
-    argv = qemu_argv(paths, io_fault=io_fault)
+    argv = qemu_argv(paths, incoming=incoming)
     with (paths.root / "qemu.log").open("ab") as log:
         log.write(f"{time.strftime('%H:%M:%S')} {shlex.join(argv)}\n".encode())
         log.flush()
@@ -274,7 +304,77 @@ def start_qemu(paths: GuestPaths) -> int:
     append_line(paths.pids_file, str(pid))
     # QMP listens before -daemonize returns; a query proves it.
     qmp(paths, "query-status")
+    if incoming is not None:
+        finish_restore(paths, pid)
     return pid
+
+
+def finish_restore(paths: GuestPaths, pid: int, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait until QEMU has loaded the saved state, then resume the guest."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not pid_alive(pid):
+            tail = (paths.root / "qemu.log").read_text(errors="replace").strip().splitlines()[-2:]
+            raise QmError(f"start failed: QEMU exited while restoring: {' '.join(tail)}")
+        status = (qmp(paths, "query-migrate") or {}).get("status")
+        if status == "completed":
+            break
+        if status == "failed":
+            raise QmError("start failed: QEMU could not load the saved state")
+        if time.monotonic() > deadline:
+            raise QmError(f"start failed: the saved state did not load within {timeout_s:g} s")
+        time.sleep(0.05)
+    if qmp(paths, "query-status").get("status") != "running":
+        qmp(paths, "cont")
+
+
+def save_state(paths: GuestPaths, vmstate: Path, timeout_s: float = 120.0) -> None:
+    """Stop the VM and write its state (RAM and devices) to vmstate, for restores; the disks
+    are flushed first, so the overlays and the state agree. The VM stays stopped."""
+    qmp(paths, "stop")
+    qmp(paths, "migrate", {"uri": f"exec:cat > {shlex.quote(str(vmstate))}"})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = qmp(paths, "query-migrate") or {}
+        if info.get("status") == "completed":
+            return
+        if info.get("status") in ("failed", "cancelled"):
+            raise QmError(f"saving the VM state failed: {info.get('error-desc', info)}")
+        if time.monotonic() > deadline:
+            raise QmError(f"saving the VM state took longer than {timeout_s:g} s")
+        time.sleep(0.1)
+
+
+def add_disk_fault(paths: GuestPaths, disk: str, failures: int) -> None:
+    """Make the next `failures` writes of the guest's disk ("root" or "data") fail with EIO, as
+    failing storage would: a blkdebug filter goes between the disk's qcow2 overlay and its file
+    (QMP blockdev-add, blockdev-reopen). Each rule fails one request and is gone (once): a
+    transient fault, after which the disk works again, until QEMU ends."""
+    rule = {"event": "write_aio", "errno": 5, "once": True}
+    qmp(
+        paths,
+        "blockdev-add",
+        {
+            "driver": "blkdebug",
+            "node-name": f"{disk}-fault",
+            "image": f"{disk}-file",
+            "inject-error": [rule] * failures,
+        },
+    )
+    qmp(
+        paths,
+        "blockdev-reopen",
+        {
+            "options": [
+                {
+                    "driver": "qcow2",
+                    "node-name": disk,
+                    "file": f"{disk}-fault",
+                    "backing": f"{disk}-base",
+                }
+            ]
+        },
+    )
 
 
 def stop_qemu(paths: GuestPaths, timeout_s: float = 10.0) -> None:
