@@ -259,7 +259,7 @@ async def test_no_tab_is_evicted_while_none_drives_yet(tmp_path: Path) -> None:
             await first.close()
             await wait_for(lambda: s.server.sessions == {}, 15)
     finally:
-        await s.runner.cleanup()
+        await s.close()
 
 
 async def test_a_malformed_resize_frame_is_dropped_and_the_session_goes_on(served: Served) -> None:
