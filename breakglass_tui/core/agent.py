@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from breakglass_tui.config import Settings
-from breakglass_tui.core import conversation, forensics, prompt, report
+from breakglass_tui.core import conversation, forensics, injection, manual_note, prompt, report
+from breakglass_tui.core.approval import VerbGate
 from breakglass_tui.core.audit import JsonLines, audit_log, transcript
 from breakglass_tui.core.events import (
     ApiError,
@@ -39,6 +40,7 @@ from breakglass_tui.core.events import (
     AssistantTurnStarted,
     BundleSaved,
     Event,
+    InjectionReported,
     ModeChanged,
     ModelSwitched,
     Notice,
@@ -53,6 +55,7 @@ from breakglass_tui.core.events import (
     Usage,
     VerbCompleted,
 )
+from breakglass_tui.core.fence import escape, new_fence
 from breakglass_tui.core.hostapi import HostSessionLike
 from breakglass_tui.core.ids import new_session_id
 from breakglass_tui.core.outputs import OutputRecord, OutputStore
@@ -85,6 +88,9 @@ Slash commands (they work with or without Claude, through the same hosts layer):
   /help             this list
 Anything else is a message to Claude."""
 
+# A verb's refusal reason as breakglass_verb names them (REFUSED_*): shown outside the fence.
+_REFUSAL = re.compile(r"[a-z_]{1,32}")
+_SIGNAL = re.compile(r"[A-Z0-9]{1,12}")
 _BUNDLE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}$")
 _SLASH_VERBS = {f"/{v}": v for v in VERBS}
 _MAX_TOKENS_CAP = 128_000
@@ -222,6 +228,9 @@ class _ToolRun:
     record: OutputRecord | None = None
     exit_status: int | None = None
     ok: bool | None = None  # for the operator: exit 0 / verb ok; None = not is_error
+    # What the agent itself knows of the run, never the host's text: the manual-mode note
+    # (core.manual_note) is built from these.
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 class BreakglassAgent:
@@ -341,6 +350,13 @@ class BreakglassAgent:
         # The sessions of the incident (session id, operator), this one last.
         self.sessions: list[tuple[str, str]] = [(self.session_id, operator)]
         self._keep_output_kw = _accepts_keyword(hosts.run, "keep_output")
+        # [issue 15] The agent-side bound on Claude's mutating verbs (core.approval).
+        self.verb_gate = VerbGate(
+            limit=settings.max_mutating_verbs_per_message,
+            timeout_s=settings.verb_approval_timeout_s,
+            emit=self._emit,
+            audit=self.audit.write,
+        )
         self._live_record: OutputRecord | None = None
         # The incident's earlier events (the journal, replayed): /report covers all of it.
         if history:
@@ -392,6 +408,11 @@ class BreakglassAgent:
             # What the model is shown (and the saved conversation) is scrubbed like every record.
             await self._converse(self.scrubber.text(text))
 
+    def answer_approval(self, request_id: str, approved: bool) -> bool:
+        """The driving operator's answer to a VerbApprovalAsked (core.approval); False when
+        that question is no longer waiting."""
+        return self.verb_gate.answer(request_id, approved)
+
     async def close(self) -> None:
         """End the session: close the API client and the records. The
         HostSession belongs to the caller and is not closed here."""
@@ -419,6 +440,7 @@ class BreakglassAgent:
         # Each operator message asks the configured model first (a fallback lasts one message).
         if self.model != self.settings.model:
             self._switch_model(self.settings.model, "a new operator message: the configured model")
+        self.verb_gate.new_operator_message()  # [issue 15] core.approval counts per message
         # Kept in the conversation even when Claude cannot be asked now: it is context later.
         blocks = self._manual_context()
         blocks.append({"type": "text", "text": text})
@@ -458,6 +480,12 @@ class BreakglassAgent:
                         )
                         continue
                     steps += 1
+                    # [issue 15] Past the per-message limit a mutating verb waits for approval.
+                    refusal = await self.verb_gate.admit(block["id"], block["name"], block["input"])
+                    if refusal is not None:
+                        self._note(f"Claude's pve_verb {block['input'].get('verb')}: {refusal}")
+                        results.append(_tool_result(block["id"], refusal, is_error=True))
+                        continue
                     run = await self._run_tool(block["id"], block["name"], block["input"])
                     results.append(_tool_result(block["id"], run.content, is_error=run.is_error))
             except BaseException as exc:
@@ -494,7 +522,10 @@ class BreakglassAgent:
             # before is edited inside the loop (the thinking blocks are bound to it); the API's
             # context editing clears old results on its side when the context grows.
             if not (limit_hit or steps >= max_steps):
-                results += self._steering()  # the operator's queued words, after the results
+                steering = self._steering()  # the operator's queued words, after the results
+                if steering:  # a new operator message: the verb limit counts afresh
+                    self.verb_gate.new_operator_message()
+                results += steering
             self._append_user(results)
             if limit_hit or steps >= max_steps:
                 await self._step_limit_summary(max_steps)
@@ -664,15 +695,10 @@ class BreakglassAgent:
             self._saved()
 
     def _manual_context(self) -> list[dict[str, Any]]:
-        if not self._pending_manual:
-            return []
-        text = (
-            "While you were not involved, the operator ran these commands manually (outputs are"
-            " kept: use read_output/grep_output with the output_id):\n"
-            + "\n".join(self._pending_manual)
-        )
+        # [issue 15] Metadata only: no host text in a user-role block (core.manual_note).
+        block = manual_note.context_block(self._pending_manual)
         self._pending_manual.clear()
-        return [{"type": "text", "text": text}]
+        return [block] if block is not None else []
 
     # -- one model turn: retries, the fallback model, the spend limit ----------------------------
 
@@ -833,7 +859,11 @@ class BreakglassAgent:
     ) -> tuple[dict[str, Any], str]:
         """The request for the next turn, and the basis its reply's thinking is bound to."""
         model = self.model
-        system = prompt.system_prompt(self.settings.vmid, self.settings.cold_path_pointer)
+        system = prompt.system_prompt(
+            self.settings.vmid,
+            self.settings.cold_path_pointer,
+            verbs_per_message=self.settings.max_mutating_verbs_per_message,
+        )
         tool_defs = prompt.tool_definitions()
         stored = list(self.messages)
         if extra:
@@ -1118,8 +1148,12 @@ class BreakglassAgent:
                 run = await self._grep_output(tool_input)
             elif name == "list_outputs":
                 run = self._list_outputs()
+            elif name == injection.NAME:
+                run = self._report_injection(tool_input)
             else:
-                run = _ToolRun(f"Unknown tool {name!r}.", is_error=True, summary="unknown tool")
+                run = _ToolRun(
+                    f"Unknown tool {escape(repr(name))}.", is_error=True, summary="unknown tool"
+                )
         except asyncio.CancelledError:
             elapsed = time.monotonic() - started
             self._emit(
@@ -1155,8 +1189,9 @@ class BreakglassAgent:
             )
             raise
         except Exception as exc:  # a tool that fails must not end the incident
+            # The exception's text may carry the host's (an SSH disconnect reason): fenced.
             run = _ToolRun(
-                f"The tool failed: {exc.__class__.__name__}: {exc}",
+                f"The tool failed: {exc.__class__.__name__}\n{new_fence().wrap(str(exc))}",
                 is_error=True,
                 summary=f"failed: {exc.__class__.__name__}: {exc}",
             )
@@ -1255,16 +1290,40 @@ class BreakglassAgent:
             self._show_output(call_id, record.output_id, chunk)
         self._record_stored(call_id, record)
         ending = _describe_ending(outcome)
-        header = f"devvm_shell: {ending} in {outcome.duration_s:.1f} s"
+        # [issue 15] The agent's facts outside the fence; the host's text (the output, and the
+        # hosts layer's message about an ending, which may quote the host) inside it.
+        fence = new_fence()
+        kind = outcome.ending.value
+        if outcome.ending is Ending.EXITED and outcome.signal:
+            # The signal's name comes from the devvm's sshd: shown only when it is a name.
+            named = _SIGNAL.fullmatch(outcome.signal)
+            kind = f"killed by signal {outcome.signal}" if named else "killed by a signal"
+        elif outcome.ending is Ending.EXITED:
+            kind = f"exit {outcome.exit_status}"
+        header = f"devvm_shell: {escape(kind)} in {outcome.duration_s:.1f} s"
         if timeout_note:
-            header += f" | {timeout_note}"
-        content = self.outputs.view(record, header)
+            header += f" | {escape(timeout_note)}"
+        content = self.outputs.view(record, header, fence)
+        if outcome.message and outcome.ending is not Ending.EXITED:
+            content += "\nhow it ended:\n" + fence.wrap(outcome.message)
         summary = f"{ending}, {_size(record.raw_bytes)}, {outcome.duration_s:.1f} s"
         if record.truncated:
             summary += f" (only the first {_size(record.stored_bytes)} kept)"
         is_error = outcome.ending is not Ending.EXITED
+        facts = {
+            "ending": outcome.ending.value,
+            "exit_status": outcome.exit_status,
+            "signal": outcome.signal,
+            "duration_s": outcome.duration_s,
+        }
         return _ToolRun(
-            content, is_error, summary, record, exit_status=outcome.exit_status, ok=outcome.ok
+            content,
+            is_error,
+            summary,
+            record,
+            exit_status=outcome.exit_status,
+            ok=outcome.ok,
+            facts=facts,
         )
 
     def _show_output(self, call_id: str, output_id: str, chunk: OutputChunk) -> None:
@@ -1301,7 +1360,10 @@ class BreakglassAgent:
     async def _pve_verb(self, tool_input: dict[str, Any]) -> _ToolRun:
         verb = tool_input.get("verb")
         if verb not in VERBS:
-            return _ToolRun(f"Unknown verb {verb!r}: one of {', '.join(VERBS)}.", True, "bad input")
+            return _ToolRun(
+                f"Unknown verb {escape(repr(verb))}: one of {', '.join(VERBS)}.", True, "bad input"
+            )
+        fence = new_fence()  # [issue 15] one per tool result, for the verb's and the bundle's text
         result = await self.hosts.verb(verb)
         self.verbs.append(result)
         self._emit(VerbCompleted(result=result))
@@ -1323,7 +1385,11 @@ class BreakglassAgent:
             doc = await self._fetch_bundle(result.bundle_id)
             if doc is not None:
                 bundle = forensics.bundle_view(
-                    result.bundle_id, doc, self.outputs, image_budget_bytes=self.image_budget_bytes
+                    result.bundle_id,
+                    doc,
+                    self.outputs,
+                    image_budget_bytes=self.image_budget_bytes,
+                    fence=fence,
                 )
                 for name, rec in bundle.outputs.items():
                     self._record_stored("", rec)
@@ -1343,20 +1409,22 @@ class BreakglassAgent:
         recorder.feed_text(json.dumps(result.document or _verb_dict(result), indent=1))
         record, _ = self.outputs.finish(recorder)
         self._record_stored("", record)
-        state = f"{result.state_before or '?'} -> {result.state_after or '?'}"
-        header = (
-            f"pve_verb {verb}: {'ok' if result.ok else 'FAILED'} (exit {result.exit_code}),"
-            f" {state}: {result.message}"
-        )
-        if result.bundle_id:
-            header += f" | forensics bundle {result.bundle_id}"
+        # [issue 15] What the agent knows outside the fence; what the host said (the states,
+        # its message) inside it, then its whole answer.
+        bundle_id = result.bundle_id if _BUNDLE_ID.fullmatch(result.bundle_id or "") else None
+        header = f"pve_verb {verb}: {'ok' if result.ok else 'FAILED'} (exit {result.exit_code})"
+        if bundle_id:
+            header += f" | forensics bundle {bundle_id}"
         if result.refused:
-            header += f" | refused by policy: {result.refused}"
+            refused = result.refused if _REFUSAL.fullmatch(result.refused) else "(see below)"
+            header += f" | refused: {refused}"
         if result.cold_case:
             header += " | COLD CASE: host-level recovery is needed, out of scope. " + (
                 self.settings.cold_path_pointer
             )
-        text = self.outputs.view(record, header)
+        state = f"{result.state_before or '?'} -> {result.state_after or '?'}"
+        said = fence.wrap(f"state: {state}\nmessage: {result.message}")
+        text = f"{header}\n{said}\n" + self.outputs.view(record, "the verb's answer", fence)
         content: str | list[dict[str, Any]] = text
         if bundle is not None:
             text += "\n\n" + bundle.text
@@ -1366,8 +1434,21 @@ class BreakglassAgent:
         summary = f"{'ok' if result.ok else 'failed'}: {result.message}"
         if result.bundle_id:
             summary += f" (bundle {result.bundle_id})"
+        facts = {
+            "verb": verb,
+            "ok": result.ok,
+            "exit_code": result.exit_code,
+            "bundle_id": bundle_id,
+            "refused": result.refused,
+        }
         return _ToolRun(
-            content, not result.ok, summary, record, exit_status=result.exit_code, ok=result.ok
+            content,
+            not result.ok,
+            summary,
+            record,
+            exit_status=result.exit_code,
+            ok=result.ok,
+            facts=facts,
         )
 
     async def _fetch_bundle(self, bundle_id: str) -> dict[str, Any] | None:
@@ -1417,11 +1498,16 @@ class BreakglassAgent:
             elapsed_s=round(result.elapsed_s, 3),
             message=result.message,
         )
-        text = f"probe_devvm: {result.reachability.value} in {result.elapsed_s:.2f} s: "
-        text += result.message
-        if result.banner:
-            text += f"\nbanner: {result.banner[:200]}"
-        return _ToolRun(text, False, f"{result.reachability.value}: {result.message}"[:200])
+        # [issue 15] The message and the SSH banner may hold the devvm's text: fenced.
+        said = result.message + (f"\nbanner: {result.banner[:200]}" if result.banner else "")
+        text = f"probe_devvm: {result.reachability.value} in {result.elapsed_s:.2f} s\n"
+        text += new_fence().wrap(said)
+        return _ToolRun(
+            text,
+            False,
+            f"{result.reachability.value}: {result.message}"[:200],
+            facts={"reachability": result.reachability.value},
+        )
 
     async def _wait_for_devvm(self, tool_input: dict[str, Any]) -> _ToolRun:
         """Probe until healthy or the timeout: a rebooting guest refuses for a while."""
@@ -1444,6 +1530,7 @@ class BreakglassAgent:
             f"wait_for_devvm: {verdict} ({probes} probe(s), {elapsed:.1f} s)\n{run.content}",
             False,
             f"{verdict} ({probes} probes)",
+            facts=run.facts,
         )
 
     def _read_output(self, tool_input: dict[str, Any]) -> _ToolRun:
@@ -1452,9 +1539,10 @@ class BreakglassAgent:
                 tool_input.get("output_id", ""),
                 int(tool_input.get("offset", 0)),
                 int(tool_input.get("length", self.outputs.budget_bytes)),
+                new_fence(),
             )
         except (ValueError, TypeError) as exc:
-            return _ToolRun(str(exc), True, "bad input")
+            return _ToolRun(escape(str(exc)), True, "bad input")
         return _ToolRun(text, False, f"{len(text.encode())} bytes")
 
     def _list_outputs(self) -> _ToolRun:
@@ -1474,8 +1562,11 @@ class BreakglassAgent:
             lines.append(f"- {call['output_id']}: {label} ({facts})")
         if not lines:
             return _ToolRun("No outputs are kept yet.", False, "0 outputs")
+        # The labels and summaries hold the hosts' words (a verb's message, a bundle's file
+        # names): the list is fenced.
         return _ToolRun(
-            f"{len(lines)} outputs (read_output/grep_output):\n" + "\n".join(lines[-200:]),
+            f"{len(lines)} outputs (read_output/grep_output):\n"
+            + new_fence().wrap("\n".join(lines[-200:])),
             False,
             f"{len(lines)} outputs",
         )
@@ -1486,10 +1577,22 @@ class BreakglassAgent:
                 tool_input.get("output_id", ""),
                 str(tool_input.get("pattern", "")),
                 int(tool_input.get("max_matches", 50)),
+                fence=new_fence(),
             )
         except (ValueError, TypeError) as exc:
-            return _ToolRun(str(exc), True, "bad input")
+            return _ToolRun(escape(str(exc)), True, "bad input")
         return _ToolRun(text, False, text.split("\n", 1)[0])
+
+    def _report_injection(self, tool_input: dict[str, Any]) -> _ToolRun:
+        """[issue 15] Claude says host text tried to instruct it: a warning for the operator
+        (core.injection)."""
+        event, text = injection.report(tool_input)
+        if event is None:
+            return _ToolRun(text, True, "bad input")
+        self._emit(event)
+        self.audit.write("injection_reported", output_id=event.output_id, summary=event.summary)
+        self._note(injection.notice_text(event))
+        return _ToolRun(text, False, f"reported: {event.summary}"[:200])
 
     # -- manual mode ---------------------------------------------------------------------------
 
@@ -1524,16 +1627,13 @@ class BreakglassAgent:
         try:
             run = await self._run_tool(call_id, name, tool_input, manual=True)
         except asyncio.CancelledError:
-            self._pending_manual.append(f"- {self.scrubber.text(text)}: cancelled by the operator")
+            self._pending_manual.append(manual_note.cancelled(self.scrubber.text(text)))
             raise
-        # Claude learns of it on its next turn, briefly; the whole output stays readable by id.
-        entry = f"- {self.scrubber.text(text)}: {self.scrubber.text(run.summary)}"
-        if run.record is not None:
-            entry += f" (output_id {run.record.output_id})"
-            tail = run.record.tail or run.record.head
-            if tail:
-                entry += "\n  last output: " + tail[-600:].decode("utf-8", "ignore").strip()
-        self._pending_manual.append(entry)
+        # [issue 15] Claude learns of it on its next turn as metadata only (core.manual_note);
+        # the output itself it reads by id, fenced.
+        self._pending_manual.append(
+            manual_note.entry(self.scrubber.text(text), name, run.facts, run.record)
+        )
 
     # -- the incident so far (resume, take-over) -----------------------------------------------
 
@@ -1599,6 +1699,8 @@ class BreakglassAgent:
                     self._note(f"Claude: {text}", at)
             elif isinstance(event, Notice) and event.level != "info":
                 self._note(event.text, at)
+            elif isinstance(event, InjectionReported):
+                self._note(injection.notice_text(event), at)
         for begun in started.values():  # its tab closed mid-call
             label = _label(begun.tool, begun.input)
             self.calls.append(

@@ -30,6 +30,8 @@ import hashlib
 import json
 from typing import Any
 
+from breakglass_tui.core import fence
+
 PRIVATE_KEYS = ("_model", "_basis")
 THINKING_TYPES = ("thinking", "redacted_thinking")
 CONTEXT_MANAGEMENT_BETA = "context-management-2025-06-27"
@@ -140,10 +142,13 @@ def shorten_old_results(
         text = _result_text(block)
         if text.startswith(SHORTENED) or len(text) <= 600:
             continue
-        header, _, rest = text.partition("\n")
-        block["content"] = (
-            f"{SHORTENED} {header}\n[... shortened to keep the context small; use"
-            f" read_output/grep_output with the output_id above ...]\n{rest[-400:]}"
+        # The host's text stays inside its fence, with the same token (core.fence).
+        block["content"] = fence.shorten(
+            text,
+            keep=400,
+            prefix=SHORTENED,
+            note="[... shortened to keep the context small; use read_output/grep_output with the"
+            " output_id above ...]",
         )
         shortened += 1
     return shortened, total
