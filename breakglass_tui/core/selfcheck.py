@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ LINK_TITLES: dict[str, str] = {
     "serving": "serving path",
 }
 DEFAULT_TIMEOUT_S = 20.0
+MAX_MESSAGE = 500
+# A link's sentence can carry a host's words (a verb's message, sudo's stderr): it reaches a
+# terminal (--check), the header, the chat and the audit, so no escape sequence, control or
+# BiDi character survives, and no newline.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 # The files breakglass-serve shares with its tabs' app processes (in the state dir): the latest
 # results, and a request for a run now (/selfcheck in a tab).
 STATUS_FILE = "selfcheck/status.json"
@@ -66,6 +73,12 @@ class Outcome:
 
 
 Check = Callable[[], Awaitable[Outcome]]
+
+
+def plain(text: str) -> str:
+    """One line of outside text made safe to show anywhere (see _UNSAFE), at most MAX_MESSAGE."""
+    text = _ESCAPES.sub("", str(text)).replace("\n", " ").replace("\t", " ")
+    return _UNSAFE.sub("\ufffd", text)[:MAX_MESSAGE]
 
 
 def not_used(reason: str) -> Check:
@@ -176,6 +189,7 @@ class SelfCheck:
                 LinkStatus.BROKEN,
                 f"the check itself failed ({type(exc).__name__}): see breakglass-serve's log",
             )
+        outcome = Outcome(outcome.status, plain(outcome.message))
         return outcome, time.monotonic() - started, at
 
     @property
