@@ -66,10 +66,13 @@ class Outcome:
 
     status: LinkStatus
     message: str
+    # Something the run did that the audit must record even without a change of status
+    # ("keys_reloaded": the keys changed in Vault and were reloaded).
+    event: str | None = None
 
     @classmethod
-    def of(cls, ok: bool, message: str) -> Outcome:
-        return cls(LinkStatus.OK if ok else LinkStatus.BROKEN, message)
+    def of(cls, ok: bool, message: str, event: str | None = None) -> Outcome:
+        return cls(LinkStatus.OK if ok else LinkStatus.BROKEN, message, event)
 
 
 Check = Callable[[], Awaitable[Outcome]]
@@ -117,12 +120,14 @@ class LinkState:
 
 @dataclass(frozen=True)
 class Change:
-    """A link whose status changed in a run (what the audit records)."""
+    """A link whose status changed in a run, or whose check did something to record (what the
+    audit records)."""
 
     link: str
     before: LinkStatus | None
     after: LinkStatus
     message: str
+    event: str | None = None
 
 
 @dataclass
@@ -166,8 +171,10 @@ class SelfCheck:
                         state.broken_since = at
                 else:
                     state.broken_since = None
-                if before is not outcome.status:
-                    changes.append(Change(link, before, outcome.status, outcome.message))
+                if before is not outcome.status or outcome.event:
+                    changes.append(
+                        Change(link, before, outcome.status, outcome.message, outcome.event)
+                    )
             self.last_run = self.clock()
             return changes
 
@@ -189,7 +196,7 @@ class SelfCheck:
                 LinkStatus.BROKEN,
                 f"the check itself failed ({type(exc).__name__}): see breakglass-serve's log",
             )
-        outcome = Outcome(outcome.status, plain(outcome.message))
+        outcome = Outcome(outcome.status, plain(outcome.message), outcome.event)
         return outcome, time.monotonic() - started, at
 
     @property
@@ -340,6 +347,7 @@ def changed_links(changes: Iterable[Change]) -> list[dict[str, Any]]:
             "before": c.before.value if c.before else None,
             "after": c.after.value,
             "message": c.message,
+            **({"event": c.event} if c.event else {}),
         }
         for c in changes
     ]

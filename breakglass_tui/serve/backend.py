@@ -251,7 +251,8 @@ class ServeBackend:
                 True,
                 "logged in and read the secret: the keys CHANGED in Vault and were reloaded"
                 f" (devvm {self._loaded.devvm_fingerprint}, PVE {self._loaded.pve_fingerprint});"
-                " new tabs use them",
+                " new tabs use them (a tab open before: reopen it)",
+                event="keys_reloaded",
             )
         return Outcome.of(True, "logged in and read the secret; the keys match those loaded")
 
