@@ -398,3 +398,23 @@ async def test_check_once_prints_a_line_per_link_and_exits_1_naming_the_break(
     assert "BROKEN   Messages API" in text and text.endswith("rescue path BROKEN: api\n")
     with contextlib.suppress(FileNotFoundError):
         assert not any((workdir / "state").iterdir())  # --check writes nothing there
+
+
+async def test_check_once_with_vault_sealed_at_start_names_vault(parts: Parts) -> None:
+    """The keys cannot load at all: Vault is named broken, and the hosts say why they could
+    not be tried (not a bare failure)."""
+    workdir = parts.workdir / "sealed"
+    workdir.mkdir()
+    settings = settings_for(parts, workdir)
+    parts.vault.bao.seal()
+    try:
+        out = io.StringIO()
+        assert await check_once(settings, lab=False, state_dir=workdir / "state", out=out) == 1
+    finally:
+        parts.vault.bao.unseal()
+    lines = {line[9:22].strip(): line for line in out.getvalue().splitlines()[:-1]}
+    assert lines["Vault"].startswith("BROKEN") and "sealed" in lines["Vault"].lower()
+    for host in ("PVE host", "devvm"):
+        assert lines[host].startswith("BROKEN") and "keys are not loaded" in lines[host]
+    assert lines["Messages API"].startswith("OK")
+    assert out.getvalue().splitlines()[-1] == "rescue path BROKEN: vault, pve, devvm"
