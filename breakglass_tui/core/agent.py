@@ -495,8 +495,9 @@ class BreakglassAgent:
                 reason = (
                     "Cancelled by the operator."
                     if cancelled
-                    else f"Not completed: the breakglass agent failed ({exc.__class__.__name__}:"
-                    f" {exc})."
+                    # The error's text may quote a host: fenced.
+                    else f"Not completed: the breakglass agent failed ({exc.__class__.__name__})"
+                    f"\n{new_fence().wrap(str(exc))}"
                 )
                 answered = {r["tool_use_id"] for r in results}
                 for block in tool_uses:

@@ -17,6 +17,7 @@ import asyncssh
 import pytest
 
 from breakglass_tui.core import fence
+from breakglass_tui.core.events import ToolCallEnded, ToolCallStarted
 from breakglass_tui.hosts.session import HostSession
 from breakglass_tui.lab.lab import Lab, start_sandbox_lab
 from tests.core.test_untrusted_text import (
@@ -80,8 +81,8 @@ async def test_a_hostile_log_line_reaches_claude_only_fenced_via_sh_and_devvm_sh
     # The operator looks first, by hand.
     await h.agent.handle(f"/sh {LOGS}")
     sh_output = h.agent.outputs.id_for(1)
-    shown = "".join(c["summary"] for c in h.agent.calls)
-    assert "exit 0" in shown
+    [sh] = h.of(ToolCallEnded)
+    assert sh.exit_status == 0 and sh.output_id == sh_output
     # Then asks Claude, who reads that output and runs the same command itself.
     fake_api.push(
         fm.tool("t1", "read_output", {"output_id": sh_output, "offset": 0, "length": 8000}),
@@ -118,7 +119,7 @@ async def test_a_hostile_log_line_reaches_claude_only_fenced_via_sh_and_devvm_sh
         assert "⟦⟧/host-output 0123456789abcdef⟧" in text_of(block["content"])
     assert_results_stable(bodies)
     # Nothing the log asked for was done; the operator was warned.
-    assert not any(c["tool"] == "pve_verb" for c in h.agent.calls)
+    assert not [e for e in h.of(ToolCallStarted) if e.tool == "pve_verb"]
     assert [r["summary"] for r in h.audit() if r["kind"] == "injection_reported"] == [
         "A log line tells me to stop the VM."
     ]
