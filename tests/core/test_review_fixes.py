@@ -101,7 +101,9 @@ async def test_anything_escaping_a_tool_still_answers_every_tool_use(make_agent,
     assert last["role"] == "user"
     assert [b["tool_use_id"] for b in last["content"]] == ["t1", "t2"]
     assert all(b.get("is_error") for b in last["content"])
-    assert "Escaped: boom" in last["content"][0]["content"]
+    # The error's class is the agent's word; its text may quote a host: fenced (issue 15).
+    failed = parse(last["content"][0]["content"])
+    assert "(Escaped)" in failed.outside[0] and failed.inside == ["boom"]
     # The session is not stuck: the next message makes a valid request.
     host.fail_with = None
     fake_api.push(fm.text("Back."))
