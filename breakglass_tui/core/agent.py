@@ -60,6 +60,7 @@ from breakglass_tui.core.pricing import add, cost_usd
 from breakglass_tui.core.scrub import Scrubber
 from breakglass_tui.core.steering import OperatorQueue, steering_blocks
 from breakglass_tui.hosts.types import (
+    BUNDLE_ID_RE,
     MUTATING_VERBS,
     VERBS,
     CommandOutcome,
@@ -85,7 +86,6 @@ Slash commands (they work with or without Claude, through the same hosts layer):
   /help             this list
 Anything else is a message to Claude."""
 
-_BUNDLE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}$")
 _SLASH_VERBS = {f"/{v}": v for v in VERBS}
 _MAX_TOKENS_CAP = 128_000
 # Ask for the thinking text back: on Sonnet 5.5 and Opus 5.5 the text between tool calls comes in
@@ -1318,7 +1318,7 @@ class BreakglassAgent:
             cold_case=result.cold_case,
         )
         bundle: forensics.BundleView | None = None
-        if result.bundle_id and self.fetch_bundles and _BUNDLE_ID.match(result.bundle_id):
+        if result.bundle_id and self.fetch_bundles and BUNDLE_ID_RE.fullmatch(result.bundle_id):
             # Claude sees the forensics it collects: fetched now, before the tool result.
             doc = await self._fetch_bundle(result.bundle_id)
             if doc is not None:
