@@ -28,6 +28,7 @@ from typing import Any
 
 from breakglass_tui.config import Settings
 from breakglass_tui.core import conversation, forensics, prompt, report
+from breakglass_tui.core import events as events_codec
 from breakglass_tui.core.audit import JsonLines, audit_log, transcript
 from breakglass_tui.core.events import (
     ApiError,
@@ -1660,7 +1661,8 @@ class BreakglassAgent:
         if not isinstance(event, ToolOutput):
             event = _scrub_event(self.scrubber, event)
         if not isinstance(event, AssistantTextDelta | AssistantThinkingDelta | ToolOutput):
-            self.transcript.write("event", event=type(event).__name__, data=_event_dict(event))
+            data = events_codec.to_json(event, documents=False)
+            self.transcript.write("event", event=data.pop("type"), data=data)
         try:
             self._emit_cb(event)
         except Exception as exc:  # a UI bug must not break the rescue
@@ -1892,18 +1894,3 @@ def _scrub_event(scrubber: Scrubber, event: Event) -> Event:
         return value
 
     return scrub(event)
-
-
-def _event_dict(event: Event) -> dict[str, Any]:
-    import dataclasses
-
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items() if k != "document"}
-        if isinstance(v, list | tuple):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(event)
