@@ -206,7 +206,7 @@ def load_settings(**overrides: object) -> Settings:
             " fix the path or unset the variable"
         )
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg,arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

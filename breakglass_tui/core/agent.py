@@ -14,7 +14,6 @@ import base64
 import contextlib
 import enum
 import importlib
-import inspect
 import json
 import math
 import os
@@ -341,7 +340,6 @@ class BreakglassAgent:
         self.last_assistant_text = ""
         # The sessions of the incident (session id, operator), this one last.
         self.sessions: list[tuple[str, str]] = [(self.session_id, operator)]
-        self._keep_output_kw = _accepts_keyword(hosts.run, "keep_output")
         self._live_record: OutputRecord | None = None
         # The incident's earlier events (the journal, replayed): /report covers all of it.
         if history:
@@ -1232,11 +1230,11 @@ class BreakglassAgent:
             if shown is not None:
                 self._show_output(call_id, recorder.output_id, shown)
 
-        kwargs: dict[str, Any] = {"timeout_s": timeout_s, "on_output": on_output}
-        if self._keep_output_kw:
-            kwargs["keep_output"] = False  # the whole goes to the transcript, not to memory
         try:
-            outcome: CommandOutcome = await self.hosts.run(command, **kwargs)
+            # keep_output False: the whole goes to the output store, not to memory.
+            outcome: CommandOutcome = await self.hosts.run(
+                command, timeout_s=timeout_s, on_output=on_output, keep_output=False
+            )
         except BaseException:
             record, rest = self.outputs.finish(recorder)
             for chunk in rest:
@@ -1719,13 +1717,6 @@ def _clamp_timeout(value: Any) -> tuple[float | None, str]:
     return clamped, ""
 
 
-def _accepts_keyword(func: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _put(blocks: list[dict[str, Any]], index: int, block: dict[str, Any]) -> None:
     while len(blocks) < index:
         blocks.append({"type": "missing"})
@@ -1887,10 +1878,11 @@ def _scrub_event(scrubber: Scrubber, event: Event) -> Event:
             items = {k: scrub(v) for k, v in value.items()}
             return value if all(items[k] is value[k] for k in value) else items
         if isinstance(value, list | tuple):
-            items = [scrub(v) for v in value]
-            if all(a is b for a, b in zip(items, value, strict=True)):
+            seq = [scrub(v) for v in value]
+            if all(a is b for a, b in zip(seq, value, strict=True)):
                 return value
-            return type(value)(items) if isinstance(value, tuple) else items
+            return type(value)(seq) if isinstance(value, tuple) else seq
         return value
 
-    return scrub(event)
+    scrubbed: Event = scrub(event)
+    return scrubbed
