@@ -67,8 +67,6 @@ FOLLOW_GROUP = "follow"
 OPENING_CHECK = ("/probe", "/status")  # what a driving tab runs by itself once the hosts are up
 LEASE_CHECK_S = 1.0  # how often a tab checks who drives (a taken-over driver stops within it)
 INTERRUPTED = "interrupted: the tab running it closed"
-# Commands the console itself answers at once, even while a step runs (never queued).
-CONSOLE_COMMANDS = ("/help", "/cancel", "/takeover", "/drop")
 # More unexpected errors than this within ERROR_STORM_S: the console is broken, so it stops in
 # order (recorded) rather than spin.
 ERROR_STORM = 30
