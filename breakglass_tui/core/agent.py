@@ -54,9 +54,9 @@ class BreakglassAgent:
         turn_retries: int = 1,
         retry_delay_s: float = 1.0,
         max_tokens: int | None = None,
-        output_budget_bytes: int = 8192,
-        output_budget_tokens: int = 2048,
-        context_budget_bytes: int = 120_000,
+        output_view_bytes: int = 8192,
+        output_view_tokens: int = 2048,
+        context_limit_bytes: int = 120_000,
         wait_probe_interval_s: float = 2.0,
         conversation: list[dict[str, Any]] | None = None,
         save_conversation: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -65,7 +65,7 @@ class BreakglassAgent:
         context_clear_at_least_tokens: int = 8_000,
         fetch_bundles: bool = True,
         bundle_timeout_s: float = 30.0,
-        image_budget_bytes: int = 1_500_000,
+        image_limit_bytes: int = 1_500_000,
         history: list[ev.Event] | None = None,
         incident_id: str | None = None,
     ) -> None:
@@ -77,7 +77,7 @@ class BreakglassAgent:
         self.session_id = session_id or new_session_id()
         self.incident_id = incident_id
         self._api_key_arg = api_key
-        self.context_budget_bytes = context_budget_bytes
+        self.context_limit_bytes = context_limit_bytes
         self.keep_recent_results = keep_recent_results
         self.context_trigger_tokens = context_trigger_tokens
         self.state_dir = Path(settings.state_dir)
@@ -98,8 +98,8 @@ class BreakglassAgent:
         self.outputs = OutputStore(
             self.state_dir / "transcripts" / self.session_id,
             self.scrubber,
-            budget_bytes=output_budget_bytes,
-            budget_tokens=output_budget_tokens,
+            view_bytes=output_view_bytes,
+            view_tokens=output_view_tokens,
             shared_root=self.state_dir / "transcripts",
         )
         self.conversation = Conversation(conversation, save=save_conversation, record=self.audit)
@@ -147,7 +147,7 @@ class BreakglassAgent:
             make_call=Call,
             fetch_bundles=fetch_bundles,
             bundle_timeout_s=bundle_timeout_s,
-            image_budget_bytes=image_budget_bytes,
+            image_limit_bytes=image_limit_bytes,
             wait_probe_interval_s=wait_probe_interval_s,
         )
         # Manual call ids name the session: tabs sharing an incident journal never repeat one.
@@ -234,7 +234,7 @@ class BreakglassAgent:
     # -- the tool loop ------------------------------------------------------------------------
 
     async def _converse(self, text: str) -> None:
-        self.asker.at_operator_message(self.context_budget_bytes, self.keep_recent_results)
+        self.asker.at_operator_message(self.context_limit_bytes, self.keep_recent_results)
         # Kept in the conversation even when Claude cannot be asked now: it is context later.
         blocks = self.conversation.manual_context()
         blocks.append({"type": "text", "text": text})

@@ -20,7 +20,7 @@ against what is really sent. The API is never sent a block it would refuse.
 Context stays bounded in two ways that respect this. Inside one tool loop nothing already sent
 is edited: the API's own context editing clears old tool results server-side
 (:func:`context_management`). At an operator-message boundary, when the tool results pass the
-budget, :func:`drop_thinking` removes the completed turns' thinking first, then
+limit, :func:`drop_thinking` removes the completed turns' thinking first, then
 :func:`shorten_old_results` cuts the older results in one batch.
 """
 
@@ -129,15 +129,15 @@ def tool_result_bytes(messages: list[dict[str, Any]]) -> int:
 
 
 def shorten_old_results(
-    messages: list[dict[str, Any]], *, budget_bytes: int, keep_recent: int
+    messages: list[dict[str, Any]], *, limit_bytes: int, keep_recent: int
 ) -> tuple[int, int]:
-    """When the tool results pass ``budget_bytes``, cut the older ones (all but the last
+    """When the tool results pass ``limit_bytes``, cut the older ones (all but the last
     ``keep_recent``) to their header line and a short tail; the whole stays readable by
     output_id. Returns (results shortened, bytes before). Call it only where nothing after the
     results is bound to them: at an operator-message boundary, after :func:`drop_thinking`."""
     results = _results(messages)
     total = sum(len(_result_text(b)) for b in results)
-    if total <= budget_bytes:
+    if total <= limit_bytes:
         return 0, total
     shortened = 0
     for block in results[: max(0, len(results) - keep_recent)]:
@@ -277,18 +277,18 @@ class Conversation:
         self.saved()
         return dropped
 
-    def compact(self, *, budget_bytes: int, keep_recent: int) -> dict[str, int] | None:
+    def compact(self, *, limit_bytes: int, keep_recent: int) -> dict[str, int] | None:
         """Keep a long incident's context bounded, at an operator-message boundary: when the
-        tool results pass the budget, the completed turns' thinking goes first (it is bound to
+        tool results pass the limit, the completed turns' thinking goes first (it is bound to
         what precedes it), then the older results are cut to their header and a short tail, in
         one batch (the cached prefix is invalidated rarely); the whole outputs stay readable by
         output_id. Returns what was done, or None."""
         total = tool_result_bytes(self.messages)
-        if total <= budget_bytes:
+        if total <= limit_bytes:
             return None
         dropped = drop_thinking(self.messages)
         shortened, _ = shorten_old_results(
-            self.messages, budget_bytes=budget_bytes, keep_recent=keep_recent
+            self.messages, limit_bytes=limit_bytes, keep_recent=keep_recent
         )
         if not (shortened or dropped):
             return None

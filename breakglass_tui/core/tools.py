@@ -91,7 +91,7 @@ class ToolContext:
     make_call: Callable[..., Any]  # builds a log entry (core.timeline.Call)
     fetch_bundles: bool = True
     bundle_timeout_s: float = 30.0
-    image_budget_bytes: int = 1_500_000
+    image_limit_bytes: int = 1_500_000
     wait_probe_interval_s: float = 2.0
     # The output of the call running now, while it is written (a cancel records how far it got).
     live_record: OutputRecord | None = field(default=None)
@@ -225,7 +225,7 @@ async def pve_verb(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> Too
         doc = await fetch_bundle(ctx, result.bundle_id)
         if doc is not None:
             bundle = forensics.bundle_view(
-                result.bundle_id, doc, ctx.outputs, image_budget_bytes=ctx.image_budget_bytes
+                result.bundle_id, doc, ctx.outputs, image_limit_bytes=ctx.image_limit_bytes
             )
             for name, rec in bundle.outputs.items():
                 record_stored(ctx, "", rec)
@@ -366,7 +366,7 @@ async def read_output(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> 
         text = ctx.outputs.read(
             tool_input.get("output_id", ""),
             int(tool_input.get("offset", 0)),
-            int(tool_input.get("length", ctx.outputs.budget_bytes)),
+            int(tool_input.get("length", ctx.outputs.view_bytes)),
         )
     except (ValueError, TypeError) as exc:
         return ToolRun(str(exc), True, "bad input")
@@ -419,7 +419,7 @@ REGISTRY: dict[str, Tool] = {
             description=(
                 "Run a shell command as root on the devvm over SSH (non-interactive, no pty). The"
                 " output streams to the operator's live-output pane; you see its head and tail"
-                " within a budget, the exit status and an output_id for read_output/grep_output."
+                " within a limit, the exit status and an output_id for read_output/grep_output."
             ),
             input_schema={
                 "type": "object",
@@ -486,7 +486,7 @@ REGISTRY: dict[str, Tool] = {
             description=(
                 "Read a byte range of an earlier tool output by its output_id (up to its first"
                 " 16 MiB are kept; you were shown only its head and tail). Length is capped by"
-                " the budget."
+                " the view limit."
             ),
             input_schema={
                 "type": "object",

@@ -310,7 +310,7 @@ class ModelClient:
         emit: Callable[[Event], None],
         finish: Callable[[Reply, str], None],
     ) -> Reply:
-        """One streamed request under ``deadline_s`` (the SDK's small retry budget applies
+        """One streamed request under ``deadline_s`` (the SDK's few retries apply
         before the stream starts). ``finish(reply, outcome)`` runs whatever happened: the
         outcome is the stop reason, "cancelled", "incomplete" or "error"."""
         anthropic, httpx2 = await self._sdk()
@@ -480,11 +480,11 @@ class Asker:
         # What the model saw last (input + cache tokens): the benchmark and the audit read it.
         self.last_seen_tokens = 0
 
-    def at_operator_message(self, budget_bytes: int, keep_recent: int) -> None:
+    def at_operator_message(self, limit_bytes: int, keep_recent: int) -> None:
         """An operator message is the one boundary where earlier turns may be edited (nothing
-        is in flight): the context is kept within its budget, and the configured model is asked
+        is in flight): the context is kept within its limit, and the configured model is asked
         first again (a fallback lasts one message)."""
-        done = self.conversation.compact(budget_bytes=budget_bytes, keep_recent=keep_recent)
+        done = self.conversation.compact(limit_bytes=limit_bytes, keep_recent=keep_recent)
         if done:
             self._audit.write("context_compacted", **done)
         if self.model != self.settings.model:

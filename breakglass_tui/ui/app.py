@@ -53,7 +53,7 @@ from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
 from breakglass_tui.ui.screens.link import LinkScreen
 from breakglass_tui.ui.screens.resume import ResumeScreen
-from breakglass_tui.ui.stopping import CLOSE_BUDGET_S, Stopper
+from breakglass_tui.ui.stopping import CLOSE_TIME_S, Stopper
 from breakglass_tui.ui.widgets.chat import ChatInput, ChatPane, describe_call
 from breakglass_tui.ui.widgets.forensics import ForensicsPane
 from breakglass_tui.ui.widgets.output_pane import OutputLog, OutputPane
@@ -797,7 +797,7 @@ class BreakglassApp(Guarded, App[None]):
         self.record.write(
             "stop_requested", reason=stopper.reason, signal=stopper.signal_name, phase=self._phase()
         )
-        self._closed_in_time = await self._close_backend(stopper.remaining(CLOSE_BUDGET_S))
+        self._closed_in_time = await self._close_backend(stopper.remaining(CLOSE_TIME_S))
         if not self._closed_in_time:
             self._record_unconfirmed("the orderly stop ran out of time")
         self.exit(return_code=stopper.exit_code)
@@ -848,11 +848,11 @@ class BreakglassApp(Guarded, App[None]):
         if self.tab is not None:
             self.tab.release()
 
-    async def _close_backend(self, budget_s: float = CLOSE_BUDGET_S) -> bool:
+    async def _close_backend(self, time_s: float = CLOSE_TIME_S) -> bool:
         """Cancel what runs, release the lease, close the agent (its audit's session_end), the
-        hosts and the lab, within ``budget_s``; True when all of it finished in time."""
+        hosts and the lab, within ``time_s``; True when all of it finished in time."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget_s
+        deadline = loop.time() + time_s
 
         def left() -> float:
             return max(0.05, deadline - loop.time())
