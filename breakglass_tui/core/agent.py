@@ -15,7 +15,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from breakglass_tui.config import Settings
 from breakglass_tui.core import events as ev
@@ -30,6 +30,9 @@ from breakglass_tui.core.scrub import Scrubber
 from breakglass_tui.core.steering import OperatorQueue, steering_blocks
 from breakglass_tui.core.timeline import Call, Timeline
 from breakglass_tui.core.turn import Asker, ContextLimits, ModelClient, Reply, usage_dict
+
+if TYPE_CHECKING:
+    from anthropic.types.beta import BetaContentBlockParam, BetaToolResultBlockParam
 
 HELP = slash.help_text()  # what /help says (core.slash is the one table)
 
@@ -236,9 +239,9 @@ class BreakglassAgent:
     async def _converse(self, text: str) -> None:
         self.asker.at_operator_message(self.context_limit_bytes, self.keep_recent_results)
         # Kept in the conversation even when Claude cannot be asked now: it is context later.
-        blocks = self.conversation.manual_context()
-        blocks.append({"type": "text", "text": text})
-        self.conversation.append_user(blocks)
+        said = self.conversation.manual_context()
+        said.append({"type": "text", "text": text})
+        self.conversation.append_user(said)
         if not self._api_key():
             self._set_mode(
                 True,
@@ -258,7 +261,7 @@ class BreakglassAgent:
                 if reply.stop_reason == "max_tokens":
                     self._notice("warning", "Claude's reply was cut at the max_tokens limit.")
                 return
-            results: list[dict[str, Any]] = []
+            results: list[BetaToolResultBlockParam] = []
             try:
                 for block in tool_uses:
                     if steps >= max_steps:
@@ -281,9 +284,10 @@ class BreakglassAgent:
             # The tool loop's boundary: the next request carries these results, then the
             # operator's queued words. Nothing sent before is edited inside the loop (the
             # thinking blocks are bound to it); the API's context editing clears old results.
+            answer: list[BetaContentBlockParam] = [*results]
             if steps < max_steps:
-                results += steering_blocks(self.operator_queue, self._deliver_queued)
-            self.conversation.append_user(results)
+                answer += steering_blocks(self.operator_queue, self._deliver_queued)
+            self.conversation.append_user(answer)
             if steps >= max_steps:
                 await self._step_limit_summary(max_steps)
                 return

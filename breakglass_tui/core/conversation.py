@@ -29,10 +29,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from breakglass_tui.core.records import Record
+
+if TYPE_CHECKING:
+    from anthropic.types.beta import (
+        BetaContentBlockParam,
+        BetaImageBlockParam,
+        BetaMessageParam,
+        BetaTextBlockParam,
+        BetaToolResultBlockParam,
+    )
+
+# A message as the conversation keeps it: a BetaMessageParam, plus on an assistant turn the
+# private keys ``_model`` and ``_basis`` (never sent). request_messages gives the params sent.
+StoredMessage = dict[str, Any]
 
 PRIVATE_KEYS = ("_model", "_basis")
 THINKING_TYPES = ("thinking", "redacted_thinking")
@@ -68,12 +81,12 @@ def has_thinking(message: dict[str, Any]) -> bool:
 
 
 def request_messages(
-    messages: list[dict[str, Any]],
+    messages: Sequence[StoredMessage],
     *,
     model: str,
     system: Any,
     tools: Any,
-) -> tuple[list[dict[str, Any]], str]:
+) -> tuple[list[BetaMessageParam], str]:
     """The conversation as the next request sends it, and the basis of the reply it asks for.
 
     Copies (the stored conversation is untouched), private keys left out, and each assistant
@@ -94,7 +107,7 @@ def request_messages(
         if out.get("content"):
             sent.append(out)
             running.update(_canonical(out))
-    return sent, running.hexdigest()
+    return cast("list[BetaMessageParam]", sent), running.hexdigest()
 
 
 def assistant_message(content: list[dict[str, Any]], *, model: str, basis: str) -> dict[str, Any]:
@@ -198,9 +211,16 @@ _ID_CONTEXT = re.compile(r"output_id[ =:'\"]*(o[0-9]{1,9}(?:-[0-9a-f]{8})?)\b")
 
 
 def tool_result(
-    tool_use_id: str, content: str | list[dict[str, Any]], *, is_error: bool = False
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id, "content": content}
+    tool_use_id: str,
+    content: str | list[BetaTextBlockParam | BetaImageBlockParam],
+    *,
+    is_error: bool = False,
+) -> BetaToolResultBlockParam:
+    result: BetaToolResultBlockParam = {
+        "type": "tool_result",
+        "tool_use_id": tool_use_id,
+        "content": content,
+    }
     if is_error:
         result["is_error"] = True
     return result
@@ -213,12 +233,12 @@ class Conversation:
 
     def __init__(
         self,
-        messages: list[dict[str, Any]] | None = None,
+        messages: Sequence[StoredMessage] | None = None,
         *,
-        save: Callable[[list[dict[str, Any]]], None] | None = None,
+        save: Callable[[list[StoredMessage]], None] | None = None,
         record: Record | None = None,
     ) -> None:
-        self.messages: list[dict[str, Any]] = [dict(m) for m in messages or []]
+        self.messages: list[StoredMessage] = [dict(m) for m in messages or []]
         self._save = save
         self._record = record
         self.pending_manual: list[str] = []
@@ -231,7 +251,7 @@ class Conversation:
                 if self._record is not None:
                     self._record.write("save_error", error=f"{exc.__class__.__name__}: {exc}")
 
-    def append_user(self, blocks: list[dict[str, Any]]) -> None:
+    def append_user(self, blocks: Sequence[BetaContentBlockParam]) -> None:
         """Add user content; merges into a trailing user message (tool results stay first)."""
         if not blocks:
             return
@@ -242,7 +262,10 @@ class Conversation:
         self.saved()
 
     def answer_all(
-        self, tool_uses: list[dict[str, Any]], results: list[dict[str, Any]], reason: str
+        self,
+        tool_uses: list[dict[str, Any]],
+        results: list[BetaToolResultBlockParam],
+        reason: str,
     ) -> None:
         """The tool loop was interrupted: every tool_use still gets its tool_result (``reason``
         for those not run), so the conversation stays valid and the next request does not 400."""
@@ -295,7 +318,7 @@ class Conversation:
         self.saved()
         return {"results": shortened, "thinking_blocks_dropped": dropped, "bytes_before": total}
 
-    def manual_context(self) -> list[dict[str, Any]]:
+    def manual_context(self) -> list[BetaTextBlockParam]:
         """The operator's manual commands since Claude was last asked, as one text block."""
         if not self.pending_manual:
             return []
@@ -315,7 +338,7 @@ class Conversation:
         if not self.messages:
             return []
         last = self.messages[-1]
-        blocks: list[dict[str, Any]] = []
+        blocks: list[BetaContentBlockParam] = []
         if last.get("role") == "assistant":
             calls = [b for b in last.get("content", []) if b.get("type") == "tool_use"]
             blocks += [

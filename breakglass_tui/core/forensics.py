@@ -16,9 +16,12 @@ import binascii
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from breakglass_tui.core.outputs import OutputRecord, OutputStore
+
+if TYPE_CHECKING:
+    from anthropic.types.beta import BetaImageBlockParam
 
 SCREENDUMP = "screendump.png"
 # What each capture step's file holds, for the listing (the verb's step names, which its document
@@ -53,7 +56,7 @@ class BundleView:
     """The bundle's part of a tool result."""
 
     text: str
-    image: dict[str, Any] | None = None  # an image content block
+    image: BetaImageBlockParam | None = None  # the screendump
     outputs: dict[str, OutputRecord] = field(default_factory=dict)  # file name -> its output
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from breakglass_tui.config import Settings
 from breakglass_tui.core import forensics
@@ -46,6 +46,9 @@ from breakglass_tui.hosts.types import (
     VerbResult,
 )
 
+if TYPE_CHECKING:
+    from anthropic.types.beta import BetaImageBlockParam, BetaTextBlockParam
+
 # devvm_shell's timeout_s, as its schema says.
 TIMEOUT_MIN_S = 1
 TIMEOUT_MAX_S = 3600
@@ -57,7 +60,7 @@ ToolInput = dict[str, Any]
 class ToolRun:
     """What one tool call produced: the tool_result content and the facts for the record."""
 
-    content: str | list[dict[str, Any]]  # text, or text and image blocks (a screendump)
+    content: str | list[BetaTextBlockParam | BetaImageBlockParam]  # with a screendump: both
     is_error: bool = False  # for Claude: the tool itself failed (not a command's exit status)
     summary: str = ""
     record: OutputRecord | None = None
@@ -259,7 +262,7 @@ async def pve_verb(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> Too
             ctx.settings.cold_path_pointer
         )
     text = ctx.outputs.view(record, header)
-    content: str | list[dict[str, Any]] = text
+    content: str | list[BetaTextBlockParam | BetaImageBlockParam] = text
     if bundle is not None:
         text += "\n\n" + bundle.text
         content = text

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from breakglass_tui.config import Settings
 from breakglass_tui.core import conversation
@@ -215,9 +215,10 @@ def build_request(
         else:
             stored.append({"role": "user", "content": list(extra)})
     sent, basis = conversation.request_messages(stored, model=model, system=system, tools=tools)
-    if sent and sent[-1]["content"]:
+    last_blocks = cast("list[dict[str, Any]]", sent[-1]["content"] if sent else [])
+    if last_blocks:  # the conversation's content is lists of blocks, never a bare string
         # A cache breakpoint on the last block: the growing history is cached too.
-        sent[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+        last_blocks[-1]["cache_control"] = {"type": "ephemeral"}
     params: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
