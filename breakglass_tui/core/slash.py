@@ -124,6 +124,14 @@ COMMANDS: tuple[SlashCommand, ...] = (
         palette="Close the incident",
         palette_help="this tab drives the next incident at once",
     ),
+    SlashCommand(
+        "/selfcheck",
+        "check every link of the rescue path now (changes nothing)",
+        by="console",
+        palette="Self-check",
+        palette_help="every link of the rescue path, now; changes nothing",
+        at_once=True,
+    ),
     SlashCommand("/help", "list the commands", by="console", at_once=True),
 )
 
