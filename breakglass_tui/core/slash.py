@@ -2,8 +2,8 @@
 completion, the command palette and the help screen. Adding a command is adding an entry.
 
 A command is answered by the **agent** (a tool call through the same hosts layer as Claude's, or
-the report) or by the **console** itself (the tab: help, cancel, queue, take over, close), which
-answers it even while a step runs or in a read-only tab, as its entry says.
+the report) or by the **console** itself (the tab's own handlers: help, cancel, the queue, take
+over, close, self-check), which the agent only names when one reaches it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ class SlashCommand:
     tool: str | None = None
     tool_input: Callable[[str], ToolInput | None] | None = None
     usage: str = ""
-    # The console answers it at once, never queued (help, cancel, the queue, take over).
-    at_once: bool = False
 
     @property
     def mutating(self) -> bool:
@@ -94,14 +92,11 @@ COMMANDS: tuple[SlashCommand, ...] = (
         tool_input=lambda rest: {"command": rest} if rest else None,
         usage="/sh needs a command, e.g. /sh df -h",
     ),
-    SlashCommand(
-        "/cancel", "cancel the running turn or command (same as Esc)", by="console", at_once=True
-    ),
+    SlashCommand("/cancel", "cancel the running turn or command (same as Esc)", by="console"),
     SlashCommand(
         "/drop",
         "drop the newest queued message (/drop all: every one)",
         by="console",
-        at_once=True,
     ),
     SlashCommand(
         "/report",
@@ -115,7 +110,6 @@ COMMANDS: tuple[SlashCommand, ...] = (
         by="console",
         palette="Take over the incident",
         palette_help="drive from this tab; the other becomes read-only",
-        at_once=True,
     ),
     SlashCommand(
         "/close",
@@ -130,9 +124,8 @@ COMMANDS: tuple[SlashCommand, ...] = (
         by="console",
         palette="Self-check",
         palette_help="every link of the rescue path, now; changes nothing",
-        at_once=True,
     ),
-    SlashCommand("/help", "list the commands", by="console", at_once=True),
+    SlashCommand("/help", "list the commands", by="console"),
 )
 
 
@@ -154,11 +147,6 @@ def help_text() -> str:
 def completions() -> list[str]:
     """The words the chat input completes (a trailing space where arguments follow)."""
     return [c.name + (" " if c.args else "") for c in COMMANDS]
-
-
-def at_once() -> tuple[str, ...]:
-    """Commands the console answers at once, even while a step runs."""
-    return tuple(c.name for c in COMMANDS if c.at_once)
 
 
 async def run_manual(

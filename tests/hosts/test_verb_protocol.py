@@ -62,3 +62,16 @@ def test_the_client_reads_the_document_the_verb_writes() -> None:
     result = pve.parse_answer("reset", verb.EXIT_PRECONDITION, json.dumps(refused), "")
     assert result.refused == verb.REFUSED_LOCKED and result.cold_case is False
     assert pve.EXIT_MEANINGS[verb.EXIT_PRECONDITION] in result.message
+
+
+def test_the_tool_schema_and_the_slash_commands_offer_exactly_the_verbs() -> None:
+    from breakglass_tui.core import slash, tools
+
+    (pve_tool,) = [t for t in tools.definitions() if t["name"] == "pve_verb"]
+    assert pve_tool["input_schema"]["properties"]["verb"]["enum"] == list(verb.VERBS)
+    by_verb = {c.name[1:]: c for c in slash.COMMANDS if c.tool == "pve_verb"}
+    assert set(by_verb) == set(verb.VERBS)
+    for name, command in by_verb.items():
+        assert command.tool_input is not None and command.tool_input("") == {"verb": name}
+        assert command.mutating == (name in verb.MUTATING_VERBS)
+        assert tools.is_mutating("pve_verb", {"verb": name}) == (name in verb.MUTATING_VERBS)
