@@ -98,7 +98,7 @@ class Settings(BaseSettings):
 
     # -- the breakglass agent ------------------------------------------------------------------
     # The Claude model (README: "Choosing the model"); the default is the current Sonnet. Its
-    # thinking is adaptive and always asked for with the between-tools text shown (core.agent).
+    # thinking is adaptive and always asked for with the between-tools text shown (core.turn).
     model: str = "claude-sonnet-5-5"
     # How hard the model thinks (the API's effort); unset means the API's default for the model
     # (high on Sonnet 5.5, medium on Opus 5.5).
@@ -223,7 +223,7 @@ def load_settings(**overrides: object) -> Settings:
             " fix the path or unset the variable"
         )
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg,arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -204,7 +204,7 @@ async def test_a_manual_sh_reaches_claude_as_metadata_and_its_output_only_fenced
 
 async def test_compaction_at_an_operator_message_keeps_fences_and_tokens(make_agent, fake_api):
     host = ScriptedHost(outputs={f"cat /var/log/app{i}": HOSTILE for i in range(3)})
-    h = make_agent(host, context_budget_bytes=2000, keep_recent_results=1)
+    h = make_agent(host, context_limit_bytes=2000, keep_recent_results=1)
     for i in range(3):
         fake_api.push(fm.tool(f"t{i}", "devvm_shell", {"command": f"cat /var/log/app{i}"}))
     fake_api.push(fm.text("Read them."))
