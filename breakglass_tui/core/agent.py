@@ -289,7 +289,6 @@ class BreakglassAgent:
                     # [issue 15] Past the per-message limit a mutating verb waits for approval.
                     refusal = await self.verb_gate.admit(block["id"], block["name"], block["input"])
                     if refusal is not None:
-                        self.timeline.note(f"Claude's {block['name']}: {refusal}")
                         results.append(tool_result(block["id"], refusal, is_error=True))
                         continue
                     run = await tools.run_call(
@@ -379,7 +378,6 @@ class BreakglassAgent:
             self.tools,
             call_id=f"{self._manual_prefix}{self._manual_count}",
             said=self.scrubber.text(text),
-            scrub=self.scrubber.text,
             pending=self.conversation.pending_manual,
         )
 

@@ -156,7 +156,6 @@ async def run_manual(
     *,
     call_id: str,
     said: str,
-    scrub: Callable[[str], str],
     pending: list[str],
 ) -> None:
     """Run an agent command's tool call as the operator's (``manual``), shown and audited as

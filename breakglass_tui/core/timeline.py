@@ -133,6 +133,8 @@ class Timeline:
                 self.note(event.text, at)
             case ev.InjectionReported():
                 self.note(injection.notice_text(event), at)
+            case ev.VerbApprovalEnded():
+                self.note(f"Claude's {event.verb} past the per-message limit: {event.outcome}", at)
             case _:
                 pass
 

@@ -481,7 +481,6 @@ async def report_injection(ctx: ToolContext, call_id: str, tool_input: ToolInput
         return ToolRun(text, True, "bad input")
     ctx.emit(event)
     ctx.audit.write("injection_reported", output_id=event.output_id, summary=event.summary)
-    ctx.note(injection.notice_text(event))
     return ToolRun(text, False, f"reported: {event.summary}"[:200])
 
 

@@ -297,6 +297,9 @@ async def test_without_approval_the_verb_is_not_run_and_claude_is_told(
     assert [r["outcome"] for r in h.audit() if r["kind"] == "verb_approval"] == [outcome]
     # No call was started for it: the operator's pane shows no cycle.
     assert [e.input.get("verb") for e in h.of(ToolCallStarted)] == ["reset", "start"]
+    # The incident report's timeline says so.
+    report = h.agent.write_report().read_text()
+    assert f"Claude's cycle past the per-message limit: {outcome}" in report
 
 
 async def test_a_stop_while_asking_runs_nothing_and_answers_every_call(make_agent, fake_api):
@@ -383,6 +386,8 @@ async def test_claudes_injection_report_is_a_warning_and_an_audit_record(make_ag
         (None, "two lines"),  # not an output id: not named
     ]
     assert [r["output_id"] for r in h.audit() if r["kind"] == "injection_reported"] == [out, None]
+    report = h.agent.write_report().read_text()
+    assert report.count("Claude reports that output") == 1  # noted once, from its event
     text, is_error = result_text(fake_api.bodies[2], "t2")
     assert not is_error and text.startswith("Reported to the operator as a warning")
     text, is_error = result_text(fake_api.bodies[4], "t4")
