@@ -73,7 +73,7 @@ async def test_the_lab_tabs_get_the_lab_keys_fingerprints(tmp_path: Path) -> Non
     state = ServeState()
     await backend.prepare(state)
     try:
-        lab = backend._lab  # the lab the server started for its tabs
+        lab = backend.lab  # the lab the server started for its tabs
         env = state.child_env
         assert env["BREAKGLASS_DEVVM_KEY_FINGERPRINT"] == fp(lab.devvm_key)
         assert env["BREAKGLASS_PVE_KEY_FINGERPRINT"] == fp(lab.pve_key)

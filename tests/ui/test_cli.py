@@ -72,14 +72,14 @@ def _path_with(tmp_path: Path, *programs: str) -> str:
 
 
 def test_the_lab_is_the_real_devvm_where_qemu_runs():
-    from breakglass_tui.cli import choose_lab
+    from breakglass_tui.runtime import choose_lab
 
     plan = choose_lab("oom")
     assert (plan.devvm, plan.note, plan.scenario) == ("guest", None, "oom")
 
 
 def test_without_qemu_the_lab_says_in_one_sentence_how_to_get_it(monkeypatch, tmp_path):
-    from breakglass_tui.cli import choose_lab
+    from breakglass_tui.runtime import choose_lab
 
     monkeypatch.setenv("PATH", _path_with(tmp_path, "bwrap", "sh", "true"))  # no QEMU
     plan = choose_lab("disk-full")
@@ -93,7 +93,7 @@ def test_without_qemu_the_lab_says_in_one_sentence_how_to_get_it(monkeypatch, tm
 
 
 def test_without_qemu_or_a_sandbox_the_lab_says_why_and_the_console_opens(monkeypatch, tmp_path):
-    from breakglass_tui.cli import choose_lab
+    from breakglass_tui.runtime import choose_lab
 
     monkeypatch.setenv("PATH", str(tmp_path))  # neither QEMU nor bubblewrap
     plan = choose_lab("wedged")
@@ -121,16 +121,20 @@ async def test_a_lab_without_a_devvm_still_opens_the_console_saying_why():
         await app.shutdown()
 
 
-def test_a_terminal_lab_keeps_its_incident_in_a_temporary_dir_unless_told(monkeypatch, tmp_path):
-    from breakglass_tui.cli import incident_dir
+def test_each_lab_run_keeps_its_records_apart_from_the_real_incident_and_earlier_labs(tmp_path):
+    from breakglass_tui.core.incident import IncidentStore
+    from breakglass_tui.runtime import LAB_RUNS_KEPT, lab_run_dir
 
-    monkeypatch.delenv("BREAKGLASS_STATE_DIR", raising=False)
-    with incident_dir(True, None) as first, incident_dir(True, None) as second:
-        assert first.is_dir() and first != second, "each --lab run starts afresh"
-    assert not first.exists(), "removed at exit with the lab"
-    monkeypatch.setenv("BREAKGLASS_STATE_DIR", str(tmp_path))
-    with incident_dir(True, None) as told:
-        assert told == tmp_path
+    real = IncidentStore(tmp_path).current_or_new("real-tab", "viktor")[0]
+    first, second = lab_run_dir(tmp_path), lab_run_dir(tmp_path)
+    assert first != second and first.parent == second.parent == tmp_path / "lab"
+    lab_incident = IncidentStore(first).current_or_new("lab-tab", "viktor")[0]
+    # The next lab starts afresh; the real console still finds its own incident, not the lab's.
+    assert IncidentStore(second).current() is None
+    assert IncidentStore(tmp_path).current().id == real.id != lab_incident.id
+    runs = [lab_run_dir(tmp_path) for _ in range(LAB_RUNS_KEPT + 3)]
+    kept = sorted(p for p in (tmp_path / "lab").iterdir())
+    assert len(kept) == LAB_RUNS_KEPT and runs[-1] in kept and first not in kept
 
 
 def test_the_app_import_chain_leaves_the_heavy_sdks_for_later():
