@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         + runtime.describe()
         + ".",
     )
+    parser.add_argument("--version", action="version", version=_version("breakglass-tui"))
     parser.add_argument(
         "--lab",
         action="store_true",
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="what is wrong with the lab's devvm (with --lab; default: healthy)",
     )
     return parser
+
+
+def _version(prog: str) -> str:
+    import breakglass_tui
+
+    return f"{prog} {breakglass_tui.__version__}"
 
 
 def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> int:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import breakglass_tui
 from breakglass_tui.config import ConfigError, Settings, load_settings
 from breakglass_tui.runtime import SCENARIOS, lab_run_dir
 from breakglass_tui.startup import state_dir_problem
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="breakglass-serve",
         description="Serve the breakglass console to a browser (behind the cluster's ingress).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"breakglass-serve {breakglass_tui.__version__}"
     )
     parser.add_argument("--host", help="listen address (BREAKGLASS_SERVE_HOST, default 0.0.0.0)")
     parser.add_argument(
