@@ -66,7 +66,14 @@ class ServeBackend:
         state.keys_loaded = True
         state.config_ok = True
         state.problem = ""
-        log.info("ready", extra={"lab": self.lab_mode, "scenario": self.scenario})
+        log.info(
+            "ready",
+            extra={
+                "lab": self.lab_mode,
+                "scenario": self.scenario,
+                "state_dir": str(self.state_dir),  # where this server's records go
+            },
+        )
 
     async def reload_keys(self, state: ServeState) -> bool:
         """Load the keys again (real targets only) and give the tabs opened from now on each

@@ -16,6 +16,7 @@ import pytest
 
 from breakglass_tui.cli import main
 from breakglass_tui.lab.guest.build import default_cache
+from tests.support.waiting import until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -214,21 +215,32 @@ class TmuxSession:
         _tmux(self.sock, "send-keys", "Enter")
 
     def wait_for(self, text: str, timeout_s: float = 30) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            shown = self.screen()
-            if text in shown:
-                return shown
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} never appeared; the screen was:\n{self.screen()}")
+        """The screen once ``text`` is on it."""
+
+        def shown() -> str | None:
+            screen = self.screen()
+            return screen if text in screen else None
+
+        return until_sync(
+            shown,
+            what=f"{text!r} on the screen",
+            timeout_s=timeout_s,
+            interval_s=0.2,
+            diagnostics=lambda: f"the screen was:\n{self.screen()}",
+        )
 
     def lab_processes(self) -> list[int]:
         return _pids_mentioning(str(self.private_tmp))
 
     def wait_no_lab_processes(self, timeout_s: float = 20) -> list[int]:
-        deadline = time.monotonic() + timeout_s
-        while self.lab_processes() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        """The lab's processes left once they are gone or ``timeout_s`` passed."""
+        with contextlib.suppress(AssertionError):
+            until_sync(
+                lambda: not self.lab_processes(),
+                what="the lab's processes to end",
+                timeout_s=timeout_s,
+                interval_s=0.2,
+            )
         return self.lab_processes()
 
     def kill_server(self) -> None:
@@ -251,9 +263,13 @@ class TmuxSession:
 
     def wait_app_gone(self, timeout_s: float = 15) -> list[int]:
         """Wait for the console to exit; kill (by PID) whatever of ours is left, and return it."""
-        deadline = time.monotonic() + timeout_s
-        while self.app_pids() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(AssertionError):
+            until_sync(
+                lambda: not self.app_pids(),
+                what="the console to exit",
+                timeout_s=timeout_s,
+                interval_s=0.2,
+            )
         left = self.app_pids()
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
@@ -287,8 +303,14 @@ def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
         first = tmux.wait_for("VM 102: running")
         assert "manual mode" in first and "scenario disk-full" in first
         assert tmux.lab_processes(), "the lab should run under our TMPDIR"
+        probes = tmux.screen().count("↳ healthy")
         tmux.type("/probe")
-        time.sleep(1.0)
+        until_sync(
+            lambda: tmux.screen().count("↳ healthy") > probes,
+            what="the probe's answer",
+            timeout_s=30,
+            interval_s=0.2,
+        )
         tmux.type("/sh df -h")
         shown = tmux.wait_for("100% /data")
         assert "Filesystem" in shown
