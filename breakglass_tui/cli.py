@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
         choice = runtime.choose_lab(
             args.scenario,
             "sandbox" if args.sandbox else "auto",
-            progress=lambda line: print(f"breakglass-tui: {line}", file=sys.stderr),
+            progress=_say,
         )
         if stopper is not None and stopper.requested.is_set():
             return stopper.exit_code  # hung up while the lab's devvm was being prepared
@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
         if prestarted is not None:
             prestarted.abandon()  # not adopted (the app ended first): its QEMU goes
     return app.return_code or 0
+
+
+def _say(line: str) -> None:
+    with contextlib.suppress(OSError):  # a terminal that is already gone (hung up)
+        print(f"breakglass-tui: {line}", file=sys.stderr)
 
 
 def _fail(problem: str) -> int:
