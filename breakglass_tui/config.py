@@ -106,7 +106,7 @@ class Settings(BaseSettings):
 
     # -- the breakglass agent ------------------------------------------------------------------
     # The Claude model (README: "Choosing the model"); the default is the current Sonnet. Its
-    # thinking is adaptive and always asked for with the between-tools text shown (core.agent).
+    # thinking is adaptive and always asked for with the between-tools text shown (core.turn).
     model: str = "claude-sonnet-5-5"
     # How hard the model thinks (the API's effort); unset means the API's default for the model
     # (high on Sonnet 5.5, medium on Opus 5.5).
@@ -150,6 +150,17 @@ class Settings(BaseSettings):
     # Within max_sessions: one operator's tabs at most; their next tab closes their oldest
     # read-only one (never the one that drives).
     max_sessions_per_operator: int = Field(3, ge=1)
+    # The self-check of the rescue path (docs/runbook.md): every link tried, nothing changed.
+    # Seconds between two runs in breakglass-serve (it also runs at start and on /selfcheck).
+    selfcheck_interval_s: float = Field(300.0, ge=10)
+    # Share of the interval each wait is moved by at random (0.1: 5 min ± 30 s), so the checks
+    # of several servers, or of a server and its CronJob, do not fall on the same second.
+    selfcheck_jitter: float = Field(0.1, ge=0, le=0.5)
+    # Seconds one link's check may take before it counts as broken.
+    selfcheck_timeout_s: float = Field(20.0, gt=0, le=300)
+    # Also fetch BREAKGLASS_PUBLIC_URL through the ingress (the serving path); only where the
+    # pod can reach its own public URL. Off by default.
+    selfcheck_serving_path: bool = False
     # Set by `breakglass-serve --lab` for its app processes: the targets are the lab's, say so.
     targets_are_lab: bool = False
 
@@ -218,7 +229,7 @@ def load_settings(**overrides: object) -> Settings:
             " fix the path or unset the variable"
         )
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg,arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

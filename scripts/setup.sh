@@ -16,7 +16,8 @@ if [ "$mode" = test ]; then
     # newcomer-in-a-terminal test; and the image test's tools: mmdebstrap makes the Debian base,
     # buildah builds the Containerfile, podman runs it with runc (crun refuses this kind of
     # host's cgroups).
-    debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc)
+    # promtool (Debian's prometheus) checks and unit-tests the chart's alerting rules.
+    debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc prometheus)
 fi
 if [ "$mode" = test ] || [ "$mode" = guest ]; then
     # The lab: QEMU runs the real devvm (qemu-utils makes its disks), e2fsprogs writes them;

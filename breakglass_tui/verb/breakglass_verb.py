@@ -72,6 +72,7 @@ import threading
 import time
 import tomllib
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,7 +411,7 @@ def validate_config(data: dict[str, Any]) -> Config:
     )
 
 
-def config_path(environ: dict[str, str] | None = None) -> str:
+def config_path(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     return env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
 
@@ -2493,7 +2494,7 @@ def execute(cfg: Config, cmd: Command, logger: Logger, raw: str, conn: str | Non
     return mutating_verb(cfg, cmd, run, logger, base, done)
 
 
-def forensics_verb(cfg: Config, run: Run, done: Any) -> int:
+def forensics_verb(cfg: Config, run: Run, done: Callable[..., int]) -> int:
     """forensics: its own lock (one capture at a time) and its own budget in the ledger."""
     flock = take_forensics_lock(cfg, cfg.forensics_s)
     if flock is None:
@@ -2555,7 +2556,12 @@ def forensics_verb(cfg: Config, run: Run, done: Any) -> int:
 
 
 def mutating_verb(
-    cfg: Config, cmd: Command, run: Run, logger: Logger, base: dict[str, Any], done: Any
+    cfg: Config,
+    cmd: Command,
+    run: Run,
+    logger: Logger,
+    base: dict[str, Any],
+    done: Callable[..., int],
 ) -> int:
     # Once begun, finish even if the SSH client goes away.
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
@@ -2814,7 +2820,7 @@ def _vm_storage_pools(cfg: Config) -> list[tuple[str, str, str]]:
         return found
 
     status, result = call_isolated(read, 5.0)
-    return [tuple(x) for x in result] if status == "ok" and result else []  # type: ignore[misc]
+    return [tuple(x) for x in result] if status == "ok" and result else []
 
 
 def _lvm_vg(source: str) -> str | None:
@@ -2982,7 +2988,7 @@ def check_sshd(cfg: Config, verb_path: str) -> list[Check]:
     holder = next((i for i, e in enumerate(found) if e["key"]), None)
 
     def on_pve(e: dict[str, Any]) -> bool:
-        return e["real"] == pve or e["real"].startswith(pve.rstrip("/") + "/")
+        return bool(e["real"] == pve or e["real"].startswith(pve.rstrip("/") + "/"))
 
     if holder is None:
         checks.append(
