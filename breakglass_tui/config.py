@@ -27,6 +27,14 @@ DEFAULT_COLD_PATH_POINTER = (
 )
 
 
+def default_state_dir() -> Path:
+    """Where the records go unless BREAKGLASS_STATE_DIR says: the platform's place for an
+    application's state (platformdirs), never the directory the console was started in."""
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("breakglass-tui", appauthor=False))
+
+
 class ConfigError(Exception):
     """A setting is missing or invalid. The message names the variable and what to do."""
 
@@ -163,7 +171,11 @@ class Settings(BaseSettings):
     targets_are_lab: bool = False
 
     # -- records -------------------------------------------------------------------------------
-    state_dir: Path = Path("./breakglass-state")  # audit log, transcripts, downloaded bundles
+    # The audit log, the incident, transcripts and downloaded bundles. Default: the platform's
+    # place for application state ($XDG_STATE_HOME/breakglass-tui, else
+    # ~/.local/state/breakglass-tui), whatever the current directory. Each --lab run keeps its
+    # records apart, in lab/<run>/ under it.
+    state_dir: Path = Field(default_factory=lambda: default_state_dir())
     # Who is at the console, for the audit: breakglass-serve sets it per tab from the identity
     # header; otherwise $USER.
     operator: str = Field(default_factory=lambda: os.environ.get("USER") or "operator")

@@ -10,7 +10,8 @@ for the one VM named in its config, and answers with one JSON document on stdout
     bundle <bundle_id>                                      (read-only: fetch a forensics bundle)
 
 Run by the owner on the host, ``breakglass-verb --preflight`` checks read-only what the verb
-relies on, one line per check, and exits 1 if any check fails (0 otherwise).
+relies on, one line per check, and exits 1 if any check fails (0 otherwise);
+``breakglass-verb --version`` prints this file's release and protocol.
 
 Exit codes: 0 OK, 2 BAD_INPUT (refused input: no qm call, no lock), 3 BUSY (another mutating verb,
 or another forensics capture, holds the lock), 4 REFUSED (budget, cooldown, forensics budget, or
@@ -144,6 +145,10 @@ BUNDLE_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-(?:forensics|reset|stop|start|cycle)-[0
 BUNDLE_ID_RE = re.compile(BUNDLE_ID_PATTERN)
 BUNDLE_RE = re.compile(r"bundle (" + BUNDLE_ID_PATTERN + r")")
 PREFLIGHT_ARG = "--preflight"
+# This file's release (it is copied alone onto the host: no package metadata to ask there). The
+# same as the project's version (tests/packaging checks it); `breakglass-verb --version` prints it.
+VERSION = "0.1.0"
+VERSION_ARG = "--version"
 
 DEFAULT_CONFIG_PATH = "/etc/breakglass/verb.toml"
 CONFIG_ENV = "BREAKGLASS_VERB_CONFIG"
@@ -3190,6 +3195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == [PREFLIGHT_ARG]:
         return preflight()
+    if args == [VERSION_ARG]:
+        print(f"breakglass-verb {VERSION} (protocol {PROTOCOL_VERSION})")
+        return 0
     # Otherwise the command comes from SSH_ORIGINAL_COMMAND, never from argv.
     # A gone client must not kill us mid-verb: SIGPIPE stays ignored (Python's default) and
     # writes tolerate EPIPE; SIGHUP is ignored from the start.
