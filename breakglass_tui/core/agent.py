@@ -342,8 +342,7 @@ class BreakglassAgent:
         self._notice("info", self.timeline.where_things_stand())
 
     def _keep(self, reply: Reply) -> None:
-        """A turn of only thinking is not kept: it adds nothing, and an empty message is
-        refused."""
+        """A turn of only thinking is not kept (it adds nothing; an empty message is refused)."""
         if reply.worth_keeping():
             self.conversation.append_assistant(reply.content, model=reply.model, basis=reply.basis)
 
@@ -384,24 +383,12 @@ class BreakglassAgent:
     # -- report --------------------------------------------------------------------------------
 
     async def report(self) -> Path:
-        """/report: the incident report written by Claude when it can be asked (one extra turn
-        with the same system prompt and tools and ``tool_choice: none``, so the prefix stays
-        intact and nothing is kept in the conversation), with the mechanical record as its
-        appendix; the mechanical report alone when Claude cannot be asked (manual mode)."""
-        written: str | None = None
-        if self._api_key() and not self.manual and self.messages:
-            self._notice("info", "Asking Claude to write the incident report…")
-            last_word = self.timeline.last_assistant_text
-            try:
-                reply = await self.asker.ask(
-                    use_tools=False, extra=[{"type": "text", "text": prompt.REPORT_REQUEST}]
-                )
-            finally:  # the report is not the incident's last word
-                self.timeline.last_assistant_text = last_word
-            if reply is not None and reply.text.strip():
-                written = reply.text.strip()
-            else:
-                self._notice("warning", "Claude could not write the report: the record alone.")
+        """/report: Claude's account when it can be asked (core.report.ask_claude), with the
+        mechanical record as its appendix; the record alone in manual mode."""
+        asked = self._api_key() and not self.manual and self.messages
+        written = (
+            await report.ask_claude(self.asker, self.timeline, self._notice) if asked else None
+        )
         return self.write_report(written)
 
     def write_report(self, written: str | None = None) -> Path:

@@ -13,10 +13,13 @@ messages.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from breakglass_tui.core.fence import escape
 from breakglass_tui.core.outputs import OutputRecord
+
+if TYPE_CHECKING:  # the SDK's types for the type checker only (no SDK import at run time)
+    from anthropic.types.beta import BetaTextBlockParam
 
 INTRO = (
     "While you were not involved, the operator ran these commands manually. Listed here is only"
@@ -83,7 +86,7 @@ def cancelled(command: str) -> str:
     return f"- {escape(command)}: cancelled by the operator"
 
 
-def context_block(entries: list[str]) -> dict[str, Any] | None:
+def context_block(entries: list[str]) -> BetaTextBlockParam | None:
     """The text block that tells Claude of the manual commands, or None when there were none."""
     if not entries:
         return None
