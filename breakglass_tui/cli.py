@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
 
     choice: LabPlan | None = None
     if args.lab:
-        choice = choose_lab(args.scenario, "sandbox" if args.sandbox else "auto")
+        choice = choose_lab(args.scenario, "sandbox" if args.sandbox else "auto", stopper)
         if stopper is not None and stopper.requested.is_set():
             return stopper.exit_code  # hung up while the lab's devvm was being prepared
     prestarted = None
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
         from breakglass_tui.lab.guest.drill import prestart
 
         prestarted = prestart(choice.scenario)
+        if prestarted is not None and stopper is not None:
+            stopper.add_last_resort(prestarted.kill_now)  # the hard deadline: its QEMU goes
     try:
         try:
             incidents_cm = incident_dir(choice is not None, settings)
@@ -125,12 +127,14 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
                 incidents_cm.__exit__(None, None, None)
     finally:
         if prestarted is not None:
-            prestarted.abandon()  # not adopted (the app ended first): its QEMU goes
+            # The app has ended: whatever of the drill is still there goes (never adopted, or
+            # adopted by a lab whose close did not finish).
+            prestarted.close()
     return app.return_code or 0
 
 
 def _fail(problem: str) -> int:
-    with contextlib.suppress(OSError):  # a terminal that is already gone
+    with contextlib.suppress(OSError, ValueError):  # a terminal that is already gone
         print(f"breakglass-tui: {problem}", file=sys.stderr)
     return 2
 
@@ -167,11 +171,13 @@ class LabPlan:
     scenario: str
 
 
-def choose_lab(scenario: str, devvm: str = "auto") -> LabPlan:
+def choose_lab(scenario: str, devvm: str = "auto", stopper: Stopper | None = None) -> LabPlan:
     """Which devvm --lab rehearses on, decided before the screen opens. The real devvm's first
     run (the image built, a booted state saved: about a minute) happens here, its progress on
     the terminal, so the console then starts in seconds; if it fails, the sandbox stands in and
-    the console says why in one sentence."""
+    the console says why in one sentence. It runs in a child process (lab.guest.plan's
+    Preparation), so a hang-up or SIGTERM meanwhile (``stopper``) ends it at once, leaving no
+    QEMU and no temporary directory: the plan returned then is "none" and the caller exits."""
     from breakglass_tui.lab.choice import choose_devvm
 
     choice = choose_devvm(scenario, devvm)
@@ -179,21 +185,42 @@ def choose_lab(scenario: str, devvm: str = "auto") -> LabPlan:
         from breakglass_tui.lab.guest import plan
 
         if not plan.ready(choice.scenario):
-            print("breakglass-tui: preparing the lab's devvm (first run)…", file=sys.stderr)
+            _say("preparing the lab's devvm (first run)…", stopper)
             try:
-                plan.prepare(
-                    choice.scenario,
-                    progress=lambda line: print(f"breakglass-tui: {line}", file=sys.stderr),
+                preparation = plan.Preparation(choice.scenario)
+            except OSError as exc:  # no TMPDIR space, no python: the sandbox may stand in
+                return _fallback(scenario, f"The real devvm could not be prepared ({exc})")
+            if stopper is not None:
+                stopper.add_last_resort(preparation.kill)
+            try:
+                preparation.run(
+                    lambda line: _say(line, stopper),
+                    stopped=stopper.requested.is_set if stopper is not None else lambda: False,
                 )
-            except Exception as exc:  # shown in the console; the sandbox may stand in
-                fallback = choose_devvm(scenario, "sandbox")
-                reason = f"The real devvm could not be prepared ({exc})"
-                if fallback.devvm is None:
-                    return LabPlan("none", f"{reason}; {fallback.note}", scenario)
-                return LabPlan(
-                    "sandbox", f"{reason}: this drill runs on a sandboxed shell.", fallback.scenario
-                )
+            except plan.PreparationStopped:
+                return LabPlan("none", None, scenario)
+            except plan.PreparationFailed as exc:  # shown in the console
+                return _fallback(scenario, f"The real devvm could not be prepared ({exc})")
     return LabPlan(choice.devvm or "none", choice.note, choice.scenario)
+
+
+def _fallback(scenario: str, reason: str) -> LabPlan:
+    """The sandbox in place of the real devvm that could not be prepared (or none)."""
+    from breakglass_tui.lab.choice import choose_devvm
+
+    fallback = choose_devvm(scenario, "sandbox")
+    if fallback.devvm is None:
+        return LabPlan("none", f"{reason}; {fallback.note}", scenario)
+    return LabPlan("sandbox", f"{reason}: this drill runs on a sandboxed shell.", fallback.scenario)
+
+
+def _say(line: str, stopper: Stopper | None = None) -> None:
+    """One line of progress on the terminal before the screen opens; nothing once the terminal
+    is gone, and never an error (a hung-up terminal fails every write)."""
+    if stopper is not None and stopper.terminal_gone.is_set():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(f"breakglass-tui: {line}", file=sys.stderr, flush=True)
 
 
 def check_real_settings(settings) -> None:
