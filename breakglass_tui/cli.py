@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     # The real devvm is --lab's default now; the old flag is still accepted.
     parser.add_argument("--real-guest", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run the self-check of the rescue path once (Vault, PVE host, devvm, Messages API),"
+        " print one line per link and exit: 0 when no link is broken, 1 otherwise; no screen",
+    )
+    parser.add_argument(
         "--scenario",
         choices=tuple(SCENARIOS),
         default="healthy",
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
             check_real_settings(settings)
     except ConfigError as exc:
         return _fail(str(exc))
+    if args.check:
+        return run_check(settings, args)
     if stopper is not None and stopper.requested.is_set():
         return stopper.exit_code  # hung up before the screen opened: nothing to undo
     problem = terminal_problem() or state_dir_problem(Path(settings.state_dir))
@@ -131,6 +139,27 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
             # adopted by a lab whose close did not finish).
             prestarted.close()
     return app.return_code or 0
+
+
+def run_check(settings, args: argparse.Namespace) -> int:
+    """``--check``: the self-check once, one line per link (exit 1 if any link is broken)."""
+    import asyncio
+
+    from breakglass_tui.serve.backend import check_once
+
+    state_dir = Path(settings.state_dir).absolute()
+    problem = state_dir_problem(state_dir)
+    if problem:
+        return _fail(problem)
+    return asyncio.run(
+        check_once(
+            settings,
+            lab=args.lab,
+            scenario=args.scenario,
+            state_dir=state_dir,
+            devvm="sandbox" if args.sandbox else "auto",
+        )
+    )
 
 
 def _fail(problem: str) -> int:

@@ -142,6 +142,17 @@ class Settings(BaseSettings):
     # Within max_sessions: one operator's tabs at most; their next tab closes their oldest
     # read-only one (never the one that drives).
     max_sessions_per_operator: int = Field(3, ge=1)
+    # The self-check of the rescue path (docs/runbook.md): every link tried, nothing changed.
+    # Seconds between two runs in breakglass-serve (it also runs at start and on /selfcheck).
+    selfcheck_interval_s: float = Field(300.0, ge=10)
+    # Share of the interval each wait is moved by at random (0.1: 5 min ± 30 s), so the checks
+    # of several servers, or of a server and its CronJob, do not fall on the same second.
+    selfcheck_jitter: float = Field(0.1, ge=0, le=0.5)
+    # Seconds one link's check may take before it counts as broken.
+    selfcheck_timeout_s: float = Field(20.0, gt=0, le=300)
+    # Also fetch BREAKGLASS_PUBLIC_URL through the ingress (the serving path); only where the
+    # pod can reach its own public URL. Off by default.
+    selfcheck_serving_path: bool = False
     # Set by `breakglass-serve --lab` for its app processes: the targets are the lab's, say so.
     targets_are_lab: bool = False
 

@@ -17,8 +17,9 @@ if [ "$mode" = test ]; then
     # newcomer-in-a-terminal test; and the image test's tools: mmdebstrap makes the Debian base,
     # buildah builds the Containerfile, podman runs it with runc (crun refuses this kind of
     # host's cgroups).
-    # git names the image test's checkout.
-    debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc git)
+    # promtool (Debian's prometheus) checks and unit-tests the chart's alerting rules; git names
+    # the image test's checkout.
+    debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc prometheus git)
 fi
 if [ "$mode" = test ] || [ "$mode" = guest ]; then
     # The lab: QEMU runs the real devvm (qemu-utils makes its disks), e2fsprogs writes them;

@@ -311,17 +311,33 @@ class LoadedKeys:
             self.devvm_known_hosts = settings.devvm_host_key
             self.pve_known_hosts = settings.pve_host_key
             return changed
+        return await self._from_vault(settings, always=True)
+
+    async def check_vault(self, settings: Settings) -> bool:
+        """The self-check's Vault link: log in with the projected token, read the breakglass
+        secret and compare its keys' fingerprints (and pinned host keys) with those loaded,
+        and with what the ssh-agent holds. On a difference the keys are replaced in the agent,
+        each still bound to its own target, and True is returned. Raises a KeysError naming
+        what failed (sealed, login refused, policy, secret); nothing changes then."""
+        return await self._from_vault(settings, always=False)
+
+    async def _from_vault(self, settings: Settings, *, always: bool) -> bool:
         keys = await asyncio.to_thread(read_breakglass_keys, settings)
         devvm, pve = (
             keys.devvm_key.get_fingerprint("sha256"),
             keys.pve_key.get_fingerprint("sha256"),
         )
-        await self.agent.replace_keys([keys.devvm_key, keys.pve_key])
-        changed = (devvm, pve) != (self.devvm_fingerprint, self.pve_fingerprint)
+        changed = (devvm, pve) != (self.devvm_fingerprint, self.pve_fingerprint) or (
+            keys.devvm_known_hosts,
+            keys.pve_known_hosts,
+        ) != (self.devvm_known_hosts, self.pve_known_hosts)
+        held = set(await self.agent.fingerprints())
+        if always or changed or not {devvm, pve} <= held:
+            await self.agent.replace_keys([keys.devvm_key, keys.pve_key])
         self.devvm_fingerprint, self.pve_fingerprint = devvm, pve
         self.devvm_known_hosts, self.pve_known_hosts = keys.devvm_known_hosts, keys.pve_known_hosts
         del keys
-        return changed
+        return changed or not {devvm, pve} <= held
 
     async def close(self) -> None:
         """Stop the private agent (an operator's agent is left running)."""

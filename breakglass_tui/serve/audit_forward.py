@@ -12,16 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 POLL_S = 0.25
 MAX_LINE = 1 << 20  # a longer "line" is cut: the pipeline must not choke on one record
 
 
 class AuditForwarder:
-    def __init__(self, path: Path, out: TextIO, *, poll_s: float = POLL_S) -> None:
+    def __init__(
+        self,
+        path: Path,
+        out: TextIO,
+        *,
+        poll_s: float = POLL_S,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``on_record`` sees every forwarded record (the metrics count verbs and tokens)."""
         self.path = path
+        self.on_record = on_record
         self.out = out
         self.poll_s = poll_s
         self._offset: int | None = None
@@ -78,6 +88,9 @@ class AuditForwarder:
                 record = json.loads(raw)
             except ValueError:
                 record = {"unparsed": raw[:MAX_LINE].decode("utf-8", "replace")}
+            if self.on_record is not None and isinstance(record, dict):
+                with contextlib.suppress(Exception):  # counting must never stop the forwarding
+                    self.on_record(record)
             self.out.write(json.dumps({"log": "audit", "record": record}, ensure_ascii=False))
             self.out.write("\n")
             count += 1

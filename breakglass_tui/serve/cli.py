@@ -90,6 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     # The real devvm is --lab's default now; the old flag is still accepted.
     parser.add_argument("--real-guest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run the self-check of the rescue path once instead of serving: one line per link"
+        " (Vault, PVE host, devvm, Messages API, serving path), exit 1 if any is broken; for"
+        " right after helm install and for a CronJob",
+    )
     return parser.parse_args(argv)
 
 
@@ -157,12 +164,42 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def run_check(args: argparse.Namespace) -> int:
+    """``--check``: the self-check once (no port opened, no TLS needed), one line per link;
+    exit 0 when no link is broken, 1 when one is, 2 on a bad setting."""
+    import asyncio
+
+    from breakglass_tui.serve.backend import check_once
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"breakglass-serve: {exc}", file=sys.stderr)
+        return 2
+    state_dir = Path(settings.state_dir).absolute()
+    problem = state_dir_problem(state_dir)
+    if problem:
+        print(f"breakglass-serve: {problem}", file=sys.stderr)
+        return 2
+    return asyncio.run(
+        check_once(
+            settings,
+            lab=args.lab,
+            scenario=args.scenario,
+            state_dir=state_dir,
+            devvm="sandbox" if args.sandbox else "auto",
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for flag in ("real_guest", "sandbox"):
         if getattr(args, flag) and not args.lab:
             print(f"breakglass-serve: --{flag.replace('_', '-')} needs --lab", file=sys.stderr)
             return 2
+    if args.check:
+        return run_check(args)
     try:
         settings = settings_from(args)
     except ConfigError as exc:
@@ -211,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         title="breakglass (lab)" if args.lab else "breakglass",
         ssl_context=ssl_context,
         health_port=settings.health_port,
+        selfcheck=backend.build_selfcheck,
+        selfcheck_interval_s=settings.selfcheck_interval_s,
+        selfcheck_jitter=settings.selfcheck_jitter,
     )
     # A VAULT_TOKEN in the environment is read (and removed) by the key loading in prepare();
     # the children's environment is an allowlist that never includes it either way.

@@ -15,7 +15,8 @@ closes each of those holes:
 - a session cap, and within it a cap per operator: a new tab of an operator at their cap evicts
   their oldest read-only tab (a follower) rather than being refused;
 - ``/healthz`` and ``/readyz`` on a separate plain-HTTP port that serves no app and no page (the
-  kubelet's and Prometheus's); no directory listing, self-hosted fonts, a CSP and the usual
+  kubelet's and Prometheus's), with the self-check's ``/checks`` (JSON) and ``/metrics``
+  (Prometheus) beside them; no directory listing, self-hosted fonts, a CSP and the usual
   security headers on every response of both ports, errors included (a 404 never echoes the
   request);
 - a malformed frame from the browser (a resize with ``Infinity`` or a huge number) is dropped;
@@ -52,6 +53,7 @@ from aiohttp.web_protocol import RequestHandler
 from textual_serve.app_service import AppService
 from textual_serve.server import Server
 
+from breakglass_tui.core import selfcheck as sc
 from breakglass_tui.core.ids import new_session_id
 from breakglass_tui.serve.audit_forward import AuditForwarder
 from breakglass_tui.serve.tls import peer_name
@@ -97,7 +99,7 @@ ERROR_TEXT = {
     500: "Internal error: the server log has the details.\n",
 }
 # The paths of the plain health port; the console port serves neither.
-HEALTH_PATHS = ("/healthz", "/readyz")
+HEALTH_PATHS = ("/healthz", "/readyz", "/checks", "/metrics")
 
 CSP = (
     "default-src 'none'; "
@@ -347,12 +349,17 @@ class BreakglassServer(Server):
         quit_grace_s: float = QUIT_GRACE_S,
         ssl_context: ssl.SSLContext | None = None,
         health_port: int | None = None,
+        selfcheck: Callable[[], sc.SelfCheck] | None = None,
+        selfcheck_interval_s: float = 300.0,
+        selfcheck_jitter: float = 0.1,
     ) -> None:
         """``default_operator`` names the operator of a request without the identity header:
         only ``--lab`` gives one; None (real targets) refuses such a request with 403.
         ``ssl_context`` (from ``serve.tls.server_context``) makes the console port TLS with a
         required client certificate. ``health_port`` serves /healthz and /readyz in plain HTTP
-        (None: not at all, for tests that do not need them)."""
+        (None: not at all, for tests that do not need them), and the self-check's /checks and
+        /metrics. ``selfcheck`` builds the self-check once the keys are loaded (``prepare``); it
+        then runs at once, every ``selfcheck_interval_s`` (jittered) and when a tab asks."""
         super().__init__(command, host=host, port=port, title=title, public_url=public_url)
         self.public_origin = origin_of(public_url)
         self.identity_header = identity_header
@@ -371,7 +378,19 @@ class BreakglassServer(Server):
         self._prepare = prepare
         self._cleanup = cleanup
         self.quit_grace_s = quit_grace_s
-        self.forwarder = AuditForwarder(state_dir / "audit.jsonl", sys.stdout)
+        self._make_selfcheck = selfcheck
+        self.selfcheck: sc.SelfCheck | None = None
+        self.selfcheck_interval_s = selfcheck_interval_s
+        self.selfcheck_jitter = selfcheck_jitter
+        self.selfcheck_wake = asyncio.Event()
+        self._selfcheck_task: asyncio.Task[None] | None = None
+        self._selfcheck_audit: Any = None
+        from breakglass_tui.serve.metrics import Metrics
+
+        self.metrics = Metrics(lambda: len(self.sessions))
+        self.forwarder = AuditForwarder(
+            state_dir / "audit.jsonl", sys.stdout, on_record=self.metrics.observe_audit
+        )
         ws_origin = "wss://" if public_url.startswith("https") else "ws://"
         self.csp = CSP.format(ws_origin=ws_origin + urlsplit(public_url).netloc)
 
@@ -466,6 +485,8 @@ class BreakglassServer(Server):
             [
                 web.get("/healthz", self.handle_healthz, name="healthz"),
                 web.get("/readyz", self.handle_readyz, name="readyz"),
+                web.get("/checks", self.handle_checks, name="checks"),
+                web.get("/metrics", self.handle_metrics, name="metrics"),
             ]
         )
         return app
@@ -542,9 +563,20 @@ class BreakglassServer(Server):
                 self.state.problem = str(exc)
                 log.error("not ready: %s", exc)
         self.forwarder.start()
+        if self._make_selfcheck is not None:
+            # Also when the keys did not load: the self-check then says which link broke.
+            self.selfcheck = self._make_selfcheck()
+            self._selfcheck_task = asyncio.create_task(self._run_selfcheck(), name="selfcheck")
 
     async def on_shutdown(self, app: web.Application) -> None:
         log.info("breakglass-serve shutting down", extra={"sessions": len(self.sessions)})
+        task, self._selfcheck_task = self._selfcheck_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 5)
+        if self._selfcheck_audit is not None:
+            self._selfcheck_audit.close()
         await asyncio.gather(
             *(service.stop() for service in list(self.sessions.values())), return_exceptions=True
         )
@@ -554,7 +586,74 @@ class BreakglassServer(Server):
             if asyncio.iscoroutine(result):
                 await result
 
+    # -- the self-check -------------------------------------------------------------------------
+    async def _run_selfcheck(self) -> None:
+        assert self.selfcheck is not None
+        sc.take_request(self.state_dir)  # a request left from an earlier run is stale
+        await sc.run_schedule(
+            self.selfcheck,
+            interval_s=self.selfcheck_interval_s,
+            jitter=self.selfcheck_jitter,
+            on_run=self._selfcheck_ran,
+            wake=self.selfcheck_wake,
+            poll_request=lambda: sc.take_request(self.state_dir),
+        )
+
+    def _selfcheck_ran(self, changes: list[sc.Change]) -> None:
+        """After each run: the tabs' file, the metrics, and an audit record per link whose
+        state changed (not every run)."""
+        assert self.selfcheck is not None
+        snapshot = self.selfcheck.snapshot()
+        try:
+            sc.write_status(self.state_dir, snapshot)
+        except OSError as exc:
+            log.error("cannot write the self-check status for the tabs: %s", exc.strerror)
+        self.metrics.update_links(snapshot)
+        for change in changes:
+            fields = sc.changed_links([change])[0]
+            self._audit_selfcheck("selfcheck_link", **fields)
+            level = logging.WARNING if change.after is sc.LinkStatus.BROKEN else logging.INFO
+            log.log(
+                level,
+                "self-check: %s is %s: %s",
+                change.link,
+                change.after.value,
+                change.message,
+                extra={"link": change.link, "link_status": change.after.value},
+            )
+
+    def _audit_selfcheck(self, kind: str, **fields: Any) -> None:
+        from breakglass_tui.core.audit import audit_log
+        from breakglass_tui.core.scrub import Scrubber
+
+        try:
+            if self._selfcheck_audit is None:
+                self._selfcheck_audit = audit_log(
+                    self.state_dir,
+                    Scrubber([os.environ.get("ANTHROPIC_API_KEY")]),
+                    session_id="selfcheck",
+                    operator="breakglass-serve",
+                )
+            self._selfcheck_audit.write(kind, **fields)
+        except OSError as exc:
+            log.error("cannot write the self-check's audit record: %s", exc.strerror)
+
     # -- routes ---------------------------------------------------------------------------------
+    async def handle_checks(self, request: web.Request) -> web.Response:
+        """Each link's status, latency and last success, as the last self-check found them."""
+        if self.selfcheck is None:
+            return web.json_response({"ok": None, "checked_at": None, "links": []}, status=503)
+        # 200 whatever the links say: the body tells (an HTTP check of /checks reads "ok").
+        return web.json_response(self.selfcheck.snapshot())
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        from breakglass_tui.serve.metrics import CONTENT_TYPE_LATEST
+
+        self.forwarder.pump()  # count the audit lines written since the last poll
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
     async def handle_healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive", "sessions": len(self.sessions)})
 

@@ -68,7 +68,9 @@ OPENING_CHECK = ("/probe", "/status")  # what a driving tab runs by itself once 
 LEASE_CHECK_S = 1.0  # how often a tab checks who drives (a taken-over driver stops within it)
 INTERRUPTED = "interrupted: the tab running it closed"
 # Commands the console itself answers at once, even while a step runs (never queued).
-CONSOLE_COMMANDS = ("/help", "/cancel", "/takeover", "/drop")
+CONSOLE_COMMANDS = ("/help", "/cancel", "/takeover", "/drop", "/selfcheck")
+SELFCHECK_READ_S = 5.0  # how often a served tab reads the server's self-check results
+SELFCHECK_WAIT_S = 90.0  # how long /selfcheck waits for the server's run
 # More unexpected errors than this within ERROR_STORM_S: the console is broken, so it stops in
 # order (recorded) rather than spin.
 ERROR_STORM = 30
@@ -231,6 +233,10 @@ class BreakglassApp(Guarded, App[None]):
         header = self.header
         header.targets = f"lab · scenario {self.options.scenario}" if self.options.lab else ""
         header.keys = "starting the lab…" if self.options.lab else "loading keys…"
+        if self._selfcheck_dir() is not None:
+            # A tab of breakglass-serve: its self-check's last word, in the header.
+            self._read_selfcheck()
+            self.set_interval(SELFCHECK_READ_S, self._read_selfcheck, name="selfcheck")
         # After the first paint: the backend's imports and the lab's start take seconds.
         self.call_after_refresh(self._build_backend)
 
@@ -646,6 +652,9 @@ class BreakglassApp(Guarded, App[None]):
         if command == "/drop":
             await self._drop_command(text)
             return
+        if command == "/selfcheck":  # read-only everywhere: any tab may ask, at any time
+            self._selfcheck()
+            return
         if self.driving is False and command != "/takeover":
             await self._refuse_read_only(text, command)
             return
@@ -660,6 +669,66 @@ class BreakglassApp(Guarded, App[None]):
             self.record.write("operator_message_queued", text=text)
             return
         await self._dispatch(text)
+
+    # -- the self-check (breakglass-serve runs it; core.selfcheck) ------------------------------
+
+    @staticmethod
+    def _selfcheck_dir() -> Path | None:
+        """The state dir breakglass-serve writes its self-check results to, in a served tab."""
+        if os.environ.get("BREAKGLASS_SELFCHECK") != "serve":
+            return None
+        state_dir = os.environ.get("BREAKGLASS_STATE_DIR")
+        return Path(state_dir) if state_dir else None
+
+    def _read_selfcheck(self) -> dict | None:
+        from breakglass_tui.core.selfcheck import read_status
+
+        state_dir = self._selfcheck_dir()
+        if state_dir is None:
+            return None
+        snapshot = read_status(state_dir)
+        with contextlib.suppress(Exception):  # not mounted (yet, or any more)
+            self.header.show_rescue_path(snapshot)
+        return snapshot
+
+    @work(group="selfcheck", exclusive=True, exit_on_error=False, description="self-check")
+    async def _selfcheck(self) -> None:
+        """/selfcheck: ask breakglass-serve for a run now, then show each link's line. Changes
+        nothing anywhere (no verb but status, nothing written on a host)."""
+        from breakglass_tui.core.selfcheck import report_lines, request_run
+
+        state_dir = self._selfcheck_dir()
+        if state_dir is None:
+            await self.chat.add_notice(
+                "The self-check runs in breakglass-serve. In a terminal, run"
+                " `breakglass-tui --check` (or `breakglass-serve --check`): one line per link.",
+                "warning",
+            )
+            return
+        try:
+            asked = request_run(state_dir)
+        except OSError as exc:
+            await self.chat.add_notice(
+                f"Cannot ask for a self-check ({exc.strerror}): the state directory is not"
+                " writable; see breakglass-serve's log.",
+                "error",
+            )
+            return
+        await self.chat.add_notice("Self-check asked: every link of the rescue path, now…")
+        deadline = time.monotonic() + SELFCHECK_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            snapshot = self._read_selfcheck()
+            if snapshot and (snapshot.get("checked_at") or 0) >= asked:
+                text, ok = self.header.rescue, self.header.rescue_ok
+                lines = "\n".join(report_lines(snapshot))
+                await self.chat.add_notice(f"{text}\n{lines}", "info" if ok else "error")
+                return
+        await self.chat.add_notice(
+            f"No self-check result within {SELFCHECK_WAIT_S:g}s: breakglass-serve's log says"
+            " why; /selfcheck to ask again.",
+            "warning",
+        )
 
     async def _refuse_read_only(self, text: str, command: str) -> None:
         """A read-only tab does not queue: it says how to drive, and keeps the words."""

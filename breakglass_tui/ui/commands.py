@@ -21,6 +21,7 @@ ENTRIES: tuple[tuple[str, str, str], ...] = (
     ("Incident report", "/report", "write the report and download it"),
     ("Take over the incident", "/takeover", "drive from this tab; the other becomes read-only"),
     ("Close the incident", "/close", "this tab drives the next incident at once"),
+    ("Self-check", "/selfcheck", "every link of the rescue path, now; changes nothing"),
 )
 
 

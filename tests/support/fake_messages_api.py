@@ -68,9 +68,19 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 MODEL = "claude-sonnet-5-5"
+# The Models API's catalogue (GET /v1/models, GET /v1/models/{model_id}), newest first as the API
+# lists them: (id, display_name, created_at as RFC 3339), and the aliases it resolves.
+MODELS: tuple[tuple[str, str, str], ...] = (
+    ("claude-sonnet-5-5", "Claude Sonnet 5.5", "2026-11-18T00:00:00Z"),
+    ("claude-opus-5-5", "Claude Opus 5.5", "2026-11-18T00:00:00Z"),
+    ("claude-fable-5-1", "Claude Fable 5.1", "2026-09-30T00:00:00Z"),
+    ("claude-sonnet-5", "Claude Sonnet 5", "2026-06-02T00:00:00Z"),
+    ("claude-opus-5", "Claude Opus 5", "2026-06-02T00:00:00Z"),
+)
+MODEL_ALIASES: dict[str, str] = {}
 DEFAULT_THINKING = "The operator says the devvm is in trouble; I will look before I act."
 MAX_OUTPUT_TOKENS = 128_000
 MIN_CACHEABLE_TOKENS = 512
@@ -419,7 +429,10 @@ class FakeMessagesApi:
     model saw (after context editing); ``transformations``: the ``input_transformations`` each
     answered request reported (thinking blocks the API dropped)."""
 
-    def __init__(self, *, legacy: bool = False) -> None:
+    def __init__(self, *, legacy: bool = False, api_key: str | None = None) -> None:
+        """``api_key``: the one key this fake's "account" accepts (``x-api-key``); any other
+        is answered 401 ``authentication_error`` as the API does. None accepts any key."""
+        self.api_key = api_key
         self.script: deque[Response] = deque()
         self.requests: list[Recorded] = []
         self.rejections: list[tuple[int, str]] = []
@@ -486,7 +499,7 @@ class FakeMessagesApi:
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
-        _method, path, _version = lines[0].split(" ", 2)
+        method, path, _version = lines[0].split(" ", 2)
         headers = {}
         for line in lines[1:]:
             if ":" in line:
@@ -501,8 +514,15 @@ class FakeMessagesApi:
         self.requests.append(Recorded(path=path, headers=headers, body=body))
         self.request_arrived.set()
         try:
-            if urlsplit(path).path != "/v1/messages":
+            self._authenticate(headers)
+            route = urlsplit(path).path
+            if route == "/v1/models" or route.startswith("/v1/models/"):
+                await self._models(writer, method, path, headers)
+                return
+            if route != "/v1/messages":
                 raise Rejected(f"Not found: {path}", 404, "not_found_error")
+            if method != "POST":
+                raise Rejected(f"Method {method} is not allowed on {route}", 405, "not_found_error")
             if not isinstance(body, dict) or not body:
                 raise Rejected("The request body is not valid JSON.")
             dropped = self._validate(body, headers)
@@ -522,6 +542,96 @@ class FakeMessagesApi:
             await self._http_error(writer, response)
         else:
             await self._sse(reader, writer, response, body, dropped)
+
+    # -- authentication and the Models API ---------------------------------------------------
+
+    def _authenticate(self, headers: dict[str, str]) -> None:
+        """401 ``authentication_error`` without the account's key, as the API answers. The key
+        comes as ``x-api-key`` or, as the current SDK sends it, ``Authorization: Bearer``."""
+        if self.api_key is None:
+            return
+        bearer = headers.get("authorization", "")
+        given = headers.get("x-api-key") or (
+            bearer[len("Bearer ") :] if bearer.startswith("Bearer ") else ""
+        )
+        if not given:
+            raise Rejected("x-api-key header is required", 401, "authentication_error")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise Rejected("invalid x-api-key", 401, "authentication_error")
+
+    @staticmethod
+    def _model_info(model_id: str, display_name: str, created_at: str) -> dict[str, Any]:
+        return {
+            "type": "model",
+            "id": model_id,
+            "display_name": display_name,
+            "created_at": created_at,
+        }
+
+    async def _models(
+        self, writer: asyncio.StreamWriter, method: str, path: str, headers: dict[str, str]
+    ) -> None:
+        """``GET /v1/models`` (a page: ``data``, ``has_more``, ``first_id``, ``last_id``; the
+        ``limit`` 1-1000, default 20, ``after_id`` / ``before_id`` cursors) and ``GET
+        /v1/models/{model_id}`` (a ModelInfo, or 404 ``not_found_error``). GET only, with the
+        ``anthropic-version`` header, as the API documents them. Nothing is generated."""
+        if method != "GET":
+            raise Rejected(
+                f"Method {method} is not allowed on the Models API", 405, "not_found_error"
+            )
+        if not headers.get("anthropic-version"):
+            raise Rejected("anthropic-version: header is required")
+        parts = urlsplit(path)
+        catalogue = [self._model_info(*model) for model in MODELS]
+        if parts.path.startswith("/v1/models/"):
+            wanted = parts.path.removeprefix("/v1/models/")
+            wanted = MODEL_ALIASES.get(wanted, wanted)
+            for info in catalogue:
+                if info["id"] == wanted:
+                    await self._json(writer, info)
+                    return
+            raise Rejected(f"model: {wanted[:100]}", 404, "not_found_error")
+        query = dict(parse_qsl(parts.query))
+        try:
+            limit = int(query.get("limit", "20"))
+        except ValueError:
+            raise Rejected("limit: Input should be a valid integer") from None
+        if not 1 <= limit <= 1000:
+            raise Rejected("limit: Input should be between 1 and 1000")
+        ids = [info["id"] for info in catalogue]
+        start, end = 0, len(catalogue)
+        if "after_id" in query:
+            if query["after_id"] not in ids:
+                raise Rejected(f"after_id: no model {query['after_id'][:100]}")
+            start = ids.index(query["after_id"]) + 1
+        if "before_id" in query:
+            if query["before_id"] not in ids:
+                raise Rejected(f"before_id: no model {query['before_id'][:100]}")
+            end = ids.index(query["before_id"])
+        window = catalogue[start:end]
+        page = (
+            window[-limit:] if "before_id" in query and "after_id" not in query else window[:limit]
+        )
+        await self._json(
+            writer,
+            {
+                "data": page,
+                "has_more": len(window) > len(page),
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+            },
+        )
+
+    async def _json(self, writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:
+        payload = json.dumps(doc).encode()
+        request_id = f"req_fake{len(self.requests):04d}{secrets.token_hex(6)}"
+        head = (
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\nconnection: close\r\n"
+            f"request-id: {request_id}\r\n\r\n"
+        )
+        writer.write(head.encode() + payload)
+        await writer.drain()
 
     # -- validation ---------------------------------------------------------------------------
 

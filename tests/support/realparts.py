@@ -71,20 +71,28 @@ class Sshd:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_sshd(authorized_keys: str, extra_config: str = "", *, user: str = "root") -> Sshd:
+def start_sshd(
+    authorized_keys: str,
+    extra_config: str = "",
+    *,
+    user: str = "root",
+    port: int | None = None,
+    host_key: asyncssh.SSHKey | None = None,
+) -> Sshd:
     """Start ``sshd -D`` with its own host key, port and authorized_keys text (lines as written
-    to a real ``authorized_keys``, options such as ``command="…",restrict`` included)."""
+    to a real ``authorized_keys``, options such as ``command="…",restrict`` included). ``port``
+    and ``host_key`` bring a stopped server back as it was."""
     if not Path(SSHD).exists():
         raise RuntimeError("OpenSSH sshd is missing: apt-get install openssh-server")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bg-sshd-"))
-    host_key = new_key("sshd-host")
+    host_key = host_key or new_key("sshd-host")
     host_key_path = workdir / "host_ed25519"
     host_key.write_private_key(str(host_key_path))
     host_key_path.chmod(0o600)
     ak = workdir / "authorized_keys"
     ak.write_text(authorized_keys)
-    port = free_port()
+    port = port or free_port()
     cfg = workdir / "sshd_config"
     log_path = workdir / "sshd.log"
     cfg.write_text(

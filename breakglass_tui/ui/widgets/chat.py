@@ -38,6 +38,7 @@ SLASH_COMMANDS: tuple[tuple[str, str], ...] = (
     ("/report", "write the incident report and download it"),
     ("/takeover", "drive the incident from this tab (the driving tab becomes read-only)"),
     ("/close", "close the incident: this tab drives the next one at once"),
+    ("/selfcheck", "check every link of the rescue path now (changes nothing)"),
     ("/help", "list the commands"),
 )
 

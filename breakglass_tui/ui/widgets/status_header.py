@@ -34,6 +34,9 @@ class StatusHeader(Guarded, Widget):
     spend_limit: reactive[float | None] = reactive(None)
     # Set in a read-only tab: who drives the incident, since when (empty while this tab drives).
     driver: reactive[str] = reactive("")
+    # breakglass-serve's self-check of the rescue path ("" when none runs: a terminal console).
+    rescue: reactive[str] = reactive("")
+    rescue_ok: reactive[bool | None] = reactive(None)
 
     def render(self) -> Text:
         def mark(ok: bool | None) -> str:
@@ -50,6 +53,10 @@ class StatusHeader(Guarded, Widget):
             style = {"warning": "bold yellow", "error": "bold red"}.get(self.usage_level, "dim")
             first.append(f" · {_shown(self.usage)}", style=style)
         second = Text(no_wrap=True, overflow="ellipsis", style="dim")
+        if self.rescue:
+            style = {True: "not dim green", False: "not dim bold red", None: "yellow"}
+            second.append(_shown(self.rescue), style=style[self.rescue_ok])
+            second.append(" · ")
         if self.driver:
             second.append(_shown(self.driver), style="not dim bold yellow")
             second.append(" · ")
@@ -86,6 +93,16 @@ class StatusHeader(Guarded, Widget):
         else:
             self.claude = f"Claude: ready ({model})"
             self.claude_ok = True
+
+    def show_rescue_path(self, snapshot: dict | None) -> None:
+        """The self-check's last word (``core.selfcheck`` snapshot): all links OK and when, or
+        the broken link in red with the time it broke."""
+        from breakglass_tui.core.selfcheck import summary
+
+        if snapshot is None:
+            self.rescue, self.rescue_ok = "rescue path: not checked yet", None
+            return
+        self.rescue, self.rescue_ok = summary(snapshot)
 
     def show_driver(self, text: str) -> None:
         """Read-only: who drives (``""`` when this tab drives)."""
