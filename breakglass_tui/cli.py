@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
     if stopper is not None and stopper.requested.is_set():
         return stopper.exit_code  # hung up before the screen opened: nothing to undo
     problem = terminal_problem() or state_dir_problem(Path(settings.state_dir))
+    # A terminal found unusable because it was just hung up is the hang-up, not a problem to
+    # report (its SIGHUP may land a moment after the check saw the terminal gone).
+    if problem and stopper is not None and stopper.requested.wait(0.3):
+        return stopper.exit_code
     if problem:
         return _fail(problem)
     from breakglass_tui.ui.app import BreakglassApp

@@ -46,7 +46,9 @@ from tests.ui.console_pty import TYPED_FIRST, PtyConsole, Trial, run_trial
 
 HANGUPS_PER_PHASE = 20  # the race hit about one trial in six
 SIGTERMS_PER_PHASE = 4
-PARALLEL = 4  # sandbox consoles at once (each is mostly waiting on its own start-up)
+# Sandbox consoles at once: two, beside the other pytest worker on a 2-core machine (four made
+# the orderly stop overrun its 4 s budget under load: a forced stop, which fails the trial).
+PARALLEL = 2
 EXIT_BOUND_S = 12.0  # generous: a loaded CI machine; the figure itself is the bench's
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
