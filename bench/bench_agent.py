@@ -181,7 +181,7 @@ async def long_incident(tmp: Path, *, managed: bool) -> dict[str, float]:
     big = {f"big {i}": f"{i}:" + ("y" * 99 + "\n") * 2048 for i in range(25)}
     knobs: dict[str, Any] = {}
     if not managed:  # the baseline: no context editing, no shortening
-        knobs = {"context_trigger_tokens": 10**9, "context_budget_bytes": 10**12}
+        knobs = {"context_trigger_tokens": 10**9, "context_limit_bytes": 10**12}
     try:
         a = agent(tmp, ScriptedHost(outputs=big), api, **knobs)
         step = 0

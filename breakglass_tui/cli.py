@@ -10,12 +10,10 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from breakglass_tui.lab.catalog import SCENARIOS, describe
+from breakglass_tui import runtime
 from breakglass_tui.startup import state_dir_problem, terminal_problem
 
 if TYPE_CHECKING:
@@ -32,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
             " manual mode (slash commands only)."
         ),
         epilog="Try it first on the lab: breakglass-tui --lab --scenario disk-full. Scenarios: "
-        + describe()
+        + runtime.describe()
         + ".",
     )
+    parser.add_argument("--version", action="version", version=_version("breakglass-tui"))
     parser.add_argument(
         "--lab",
         action="store_true",
@@ -58,11 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scenario",
-        choices=tuple(SCENARIOS),
+        choices=tuple(runtime.SCENARIOS),
         default="healthy",
         help="what is wrong with the lab's devvm (with --lab; default: healthy)",
     )
     return parser
+
+
+def _version(prog: str) -> str:
+    import breakglass_tui
+
+    return f"{prog} {breakglass_tui.__version__}"
 
 
 def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> int:
@@ -97,52 +102,62 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
     from breakglass_tui.ui.app import BreakglassApp
     from breakglass_tui.ui.backend import AppOptions
 
-    choice: LabPlan | None = None
+    choice: runtime.LabPlan | None = None
     if args.lab:
-        choice = choose_lab(args.scenario, "sandbox" if args.sandbox else "auto", stopper)
+        choice = runtime.choose_lab(
+            args.scenario,
+            "sandbox" if args.sandbox else "auto",
+            progress=lambda line: _say(line, stopper),
+            stopper=stopper,
+        )
         if stopper is not None and stopper.requested.is_set():
             return stopper.exit_code  # hung up while the lab's devvm was being prepared
+        try:
+            # The lab's records apart from the real incident's, and from every earlier lab's.
+            settings = settings.model_copy(
+                update={"state_dir": runtime.lab_run_dir(Path(settings.state_dir))}
+            )
+        except OSError as exc:
+            return _fail(
+                f"cannot create the lab's directory in the state directory {settings.state_dir}"
+                f" ({exc.strerror or exc}): free space there, or set BREAKGLASS_STATE_DIR."
+            )
     prestarted = None
     if choice is not None and choice.devvm == "guest":
         # QEMU starts restoring the devvm now, while the console itself starts.
-        from breakglass_tui.lab.guest.drill import prestart
-
-        prestarted = prestart(choice.scenario)
+        prestarted = runtime.prestart_devvm(choice.scenario)
         if prestarted is not None and stopper is not None:
             stopper.add_last_resort(prestarted.kill_now)  # the hard deadline: its QEMU goes
     try:
-        try:
-            incidents_cm = incident_dir(choice is not None, settings)
-            incidents = incidents_cm.__enter__()
-        except OSError as exc:
-            return _fail(
-                f"cannot create the lab's incident directory ({exc.strerror or exc}): check"
-                " that TMPDIR is writable and has space, or set BREAKGLASS_STATE_DIR."
-            )
-        try:
-            app = BreakglassApp(
-                AppOptions(
-                    lab=choice is not None,
-                    scenario=choice.scenario if choice else args.scenario,
-                    settings=settings,
-                    devvm=choice.devvm if choice else "auto",
-                    lab_note=choice.note if choice else None,
-                    lab_prestart=prestarted,
-                    incident_dir=incidents,
-                ),
-                stopper=stopper,
-                driver_class=terminal_driver(),
-            )
-            app.run()
-        finally:
-            with contextlib.suppress(OSError):
-                incidents_cm.__exit__(None, None, None)
+        app = BreakglassApp(
+            AppOptions(
+                lab=choice is not None,
+                scenario=choice.scenario if choice else args.scenario,
+                settings=settings,
+                devvm=choice.devvm if choice else "auto",
+                lab_note=choice.note if choice else None,
+                lab_prestart=prestarted,
+                incident_dir=Path(settings.state_dir),
+            ),
+            stopper=stopper,
+            driver_class=terminal_driver(),
+        )
+        app.run()
     finally:
         if prestarted is not None:
             # The app has ended: whatever of the drill is still there goes (never adopted, or
             # adopted by a lab whose close did not finish).
             prestarted.close()
     return app.return_code or 0
+
+
+def _say(line: str, stopper: Stopper | None = None) -> None:
+    """One line of progress on the terminal before the screen opens; nothing once the terminal
+    is gone, and never an error (a hung-up terminal fails every write)."""
+    if stopper is not None and stopper.terminal_gone.is_set():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(f"breakglass-tui: {line}", file=sys.stderr, flush=True)
 
 
 def run_check(settings, args: argparse.Namespace) -> int:
@@ -167,7 +182,7 @@ def run_check(settings, args: argparse.Namespace) -> int:
 
 
 def _fail(problem: str) -> int:
-    with contextlib.suppress(OSError, ValueError):  # a terminal that is already gone
+    with contextlib.suppress(OSError):  # a terminal that is already gone
         print(f"breakglass-tui: {problem}", file=sys.stderr)
     return 2
 
@@ -180,80 +195,6 @@ def terminal_driver():
     from breakglass_tui.ui.terminal import TerminalDriver
 
     return TerminalDriver
-
-
-@contextlib.contextmanager
-def incident_dir(lab: bool, settings):
-    """Where this run keeps its incident. Real targets (and every tab of breakglass-serve): the
-    state dir, so a reopened console offers to resume. ``--lab`` in a terminal owns its lab,
-    gone when it exits, so an old lab incident cannot be resumed meaningfully: a fresh
-    temporary directory, removed at exit, unless BREAKGLASS_STATE_DIR is set."""
-    if not lab:
-        yield Path(settings.state_dir)
-    elif os.environ.get("BREAKGLASS_STATE_DIR"):
-        yield Path(os.environ["BREAKGLASS_STATE_DIR"])
-    else:
-        with tempfile.TemporaryDirectory(prefix="breakglass-lab-incident-") as tmp:
-            yield Path(tmp)
-
-
-@dataclass(frozen=True)
-class LabPlan:
-    devvm: str  # "guest", "sandbox" or "none"
-    note: str | None
-    scenario: str
-
-
-def choose_lab(scenario: str, devvm: str = "auto", stopper: Stopper | None = None) -> LabPlan:
-    """Which devvm --lab rehearses on, decided before the screen opens. The real devvm's first
-    run (the image built, a booted state saved: about a minute) happens here, its progress on
-    the terminal, so the console then starts in seconds; if it fails, the sandbox stands in and
-    the console says why in one sentence. It runs in a child process (lab.guest.plan's
-    Preparation), so a hang-up or SIGTERM meanwhile (``stopper``) ends it at once, leaving no
-    QEMU and no temporary directory: the plan returned then is "none" and the caller exits."""
-    from breakglass_tui.lab.choice import choose_devvm
-
-    choice = choose_devvm(scenario, devvm)
-    if choice.devvm == "guest":
-        from breakglass_tui.lab.guest import plan
-
-        if not plan.ready(choice.scenario):
-            _say("preparing the lab's devvm (first run)…", stopper)
-            try:
-                preparation = plan.Preparation(choice.scenario)
-            except OSError as exc:  # no TMPDIR space, no python: the sandbox may stand in
-                return _fallback(scenario, f"The real devvm could not be prepared ({exc})")
-            if stopper is not None:
-                stopper.add_last_resort(preparation.kill)
-            try:
-                preparation.run(
-                    lambda line: _say(line, stopper),
-                    stopped=stopper.requested.is_set if stopper is not None else lambda: False,
-                )
-            except plan.PreparationStopped:
-                return LabPlan("none", None, scenario)
-            except plan.PreparationFailed as exc:  # shown in the console
-                return _fallback(scenario, f"The real devvm could not be prepared ({exc})")
-    return LabPlan(choice.devvm or "none", choice.note, choice.scenario)
-
-
-def _fallback(scenario: str, reason: str) -> LabPlan:
-    """The sandbox in place of the real devvm that could not be prepared (or none)."""
-    from breakglass_tui.lab.choice import choose_devvm
-
-    fallback = choose_devvm(scenario, "sandbox")
-    if fallback.devvm is None:
-        return LabPlan("none", f"{reason}; {fallback.note}", scenario)
-    return LabPlan("sandbox", f"{reason}: this drill runs on a sandboxed shell.", fallback.scenario)
-
-
-def _say(line: str, stopper: Stopper | None = None) -> None:
-    """One line of progress on the terminal before the screen opens; nothing once the terminal
-    is gone, and never an error (a hung-up terminal fails every write)."""
-    if stopper is not None and stopper.terminal_gone.is_set():
-        return
-    with contextlib.suppress(OSError, ValueError):
-        print(f"breakglass-tui: {line}", file=sys.stderr, flush=True)
 
 
 def check_real_settings(settings) -> None:

@@ -27,6 +27,14 @@ DEFAULT_COLD_PATH_POINTER = (
 )
 
 
+def default_state_dir() -> Path:
+    """Where the records go unless BREAKGLASS_STATE_DIR says: the platform's place for an
+    application's state (platformdirs), never the directory the console was started in."""
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("breakglass-tui", appauthor=False))
+
+
 class ConfigError(Exception):
     """A setting is missing or invalid. The message names the variable and what to do."""
 
@@ -98,7 +106,7 @@ class Settings(BaseSettings):
 
     # -- the breakglass agent ------------------------------------------------------------------
     # The Claude model (README: "Choosing the model"); the default is the current Sonnet. Its
-    # thinking is adaptive and always asked for with the between-tools text shown (core.agent).
+    # thinking is adaptive and always asked for with the between-tools text shown (core.turn).
     model: str = "claude-sonnet-5-5"
     # How hard the model thinks (the API's effort); unset means the API's default for the model
     # (high on Sonnet 5.5, medium on Opus 5.5).
@@ -157,7 +165,11 @@ class Settings(BaseSettings):
     targets_are_lab: bool = False
 
     # -- records -------------------------------------------------------------------------------
-    state_dir: Path = Path("./breakglass-state")  # audit log, transcripts, downloaded bundles
+    # The audit log, the incident, transcripts and downloaded bundles. Default: the platform's
+    # place for application state ($XDG_STATE_HOME/breakglass-tui, else
+    # ~/.local/state/breakglass-tui), whatever the current directory. Each --lab run keeps its
+    # records apart, in lab/<run>/ under it.
+    state_dir: Path = Field(default_factory=lambda: default_state_dir())
     # Who is at the console, for the audit: breakglass-serve sets it per tab from the identity
     # header; otherwise $USER.
     operator: str = Field(default_factory=lambda: os.environ.get("USER") or "operator")
@@ -217,7 +229,7 @@ def load_settings(**overrides: object) -> Settings:
             " fix the path or unset the variable"
         )
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg,arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -42,10 +42,14 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-extras=""
-[ "$mode" = test ] && extras="[test,browser,chart]"
+# The development tools are dependency groups (pyproject.toml [dependency-groups], PEP 735), which
+# pip installs from 25.1 on: the venv's pip is brought there first.
+groups=()
+[ "$mode" = test ] && groups=(--group test --group browser --group chart)
 # Quiet unless it fails; pip's cache makes a second run take seconds.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" >/tmp/breakglass-pip.log 2>&1 \
+{ .venv/bin/python -m pip install -q --disable-pip-version-check "pip>=25.1" \
+    && .venv/bin/python -m pip install -q --disable-pip-version-check -e . "${groups[@]}"; } \
+    >/tmp/breakglass-pip.log 2>&1 \
     || { cat /tmp/breakglass-pip.log >&2; echo "setup: pip install failed (log above)" >&2; exit 1; }
 
 if [ "$mode" = test ] || [ "$mode" = guest ]; then

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 echo "== ruff" && .venv/bin/ruff check .
 echo "== import contracts" && .venv/bin/lint-imports --no-cache
+echo "== types" && .venv/bin/mypy --strict breakglass_tui/core breakglass_tui/hosts breakglass_tui/verb
 echo "== pytest"
 set +e
 .venv/bin/pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -20,7 +20,7 @@ against what is really sent. The API is never sent a block it would refuse.
 Context stays bounded in two ways that respect this. Inside one tool loop nothing already sent
 is edited: the API's own context editing clears old tool results server-side
 (:func:`context_management`). At an operator-message boundary, when the tool results pass the
-budget, :func:`drop_thinking` removes the completed turns' thinking first, then
+limit, :func:`drop_thinking` removes the completed turns' thinking first, then
 :func:`shorten_old_results` cuts the older results in one batch.
 """
 
@@ -28,7 +28,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from breakglass_tui.core.records import Record
+
+if TYPE_CHECKING:
+    from anthropic.types.beta import (
+        BetaContentBlockParam,
+        BetaImageBlockParam,
+        BetaMessageParam,
+        BetaTextBlockParam,
+        BetaToolResultBlockParam,
+    )
+
+# A message as the conversation keeps it: a BetaMessageParam, plus on an assistant turn the
+# private keys ``_model`` and ``_basis`` (never sent). request_messages gives the params sent.
+StoredMessage = dict[str, Any]
 
 PRIVATE_KEYS = ("_model", "_basis")
 THINKING_TYPES = ("thinking", "redacted_thinking")
@@ -64,12 +81,12 @@ def has_thinking(message: dict[str, Any]) -> bool:
 
 
 def request_messages(
-    messages: list[dict[str, Any]],
+    messages: Sequence[StoredMessage],
     *,
     model: str,
     system: Any,
     tools: Any,
-) -> tuple[list[dict[str, Any]], str]:
+) -> tuple[list[BetaMessageParam], str]:
     """The conversation as the next request sends it, and the basis of the reply it asks for.
 
     Copies (the stored conversation is untouched), private keys left out, and each assistant
@@ -90,7 +107,7 @@ def request_messages(
         if out.get("content"):
             sent.append(out)
             running.update(_canonical(out))
-    return sent, running.hexdigest()
+    return cast("list[BetaMessageParam]", sent), running.hexdigest()
 
 
 def assistant_message(content: list[dict[str, Any]], *, model: str, basis: str) -> dict[str, Any]:
@@ -125,15 +142,15 @@ def tool_result_bytes(messages: list[dict[str, Any]]) -> int:
 
 
 def shorten_old_results(
-    messages: list[dict[str, Any]], *, budget_bytes: int, keep_recent: int
+    messages: list[dict[str, Any]], *, limit_bytes: int, keep_recent: int
 ) -> tuple[int, int]:
-    """When the tool results pass ``budget_bytes``, cut the older ones (all but the last
+    """When the tool results pass ``limit_bytes``, cut the older ones (all but the last
     ``keep_recent``) to their header line and a short tail; the whole stays readable by
     output_id. Returns (results shortened, bytes before). Call it only where nothing after the
     results is bound to them: at an operator-message boundary, after :func:`drop_thinking`."""
     results = _results(messages)
     total = sum(len(_result_text(b)) for b in results)
-    if total <= budget_bytes:
+    if total <= limit_bytes:
         return 0, total
     shortened = 0
     for block in results[: max(0, len(results) - keep_recent)]:
@@ -184,3 +201,201 @@ def context_management(*, trigger_tokens: int, keep: int, clear_at_least: int) -
             }
         ]
     }
+
+
+# -- the conversation as the agent keeps it ------------------------------------------------------
+
+RESTORED_NOTE = "This conversation was restored in a new session of the breakglass agent"
+_MENTIONED_ID = re.compile(r"\bo[0-9]{1,9}(?:-[0-9a-f]{8})?\b")
+_ID_CONTEXT = re.compile(r"output_id[ =:'\"]*(o[0-9]{1,9}(?:-[0-9a-f]{8})?)\b")
+
+
+def tool_result(
+    tool_use_id: str,
+    content: str | list[BetaTextBlockParam | BetaImageBlockParam],
+    *,
+    is_error: bool = False,
+) -> BetaToolResultBlockParam:
+    result: BetaToolResultBlockParam = {
+        "type": "tool_result",
+        "tool_use_id": tool_use_id,
+        "content": content,
+    }
+    if is_error:
+        result["is_error"] = True
+    return result
+
+
+class Conversation:
+    """The messages of the incident's conversation with Claude, saved after every change
+    (``save``), with the operator's manual commands waiting to be told (``pending_manual``).
+    Failures to save are recorded (``record``), never raised: saving is a convenience."""
+
+    def __init__(
+        self,
+        messages: Sequence[StoredMessage] | None = None,
+        *,
+        save: Callable[[list[StoredMessage]], None] | None = None,
+        record: Record | None = None,
+    ) -> None:
+        self.messages: list[StoredMessage] = [dict(m) for m in messages or []]
+        self._save = save
+        self._record = record
+        self.pending_manual: list[str] = []
+
+    def saved(self) -> None:
+        if self._save is not None:
+            try:
+                self._save(self.messages)
+            except Exception as exc:  # saving is a convenience; the rescue goes on
+                if self._record is not None:
+                    self._record.write("save_error", error=f"{exc.__class__.__name__}: {exc}")
+
+    def append_user(self, blocks: Sequence[BetaContentBlockParam]) -> None:
+        """Add user content; merges into a trailing user message (tool results stay first)."""
+        if not blocks:
+            return
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages[-1]["content"].extend(blocks)
+        else:
+            self.messages.append({"role": "user", "content": list(blocks)})
+        self.saved()
+
+    def answer_all(
+        self,
+        tool_uses: list[dict[str, Any]],
+        results: list[BetaToolResultBlockParam],
+        reason: str,
+    ) -> None:
+        """The tool loop was interrupted: every tool_use still gets its tool_result (``reason``
+        for those not run), so the conversation stays valid and the next request does not 400."""
+        answered = {r["tool_use_id"] for r in results}
+        for block in tool_uses:
+            if block["id"] not in answered:
+                results.append(tool_result(block["id"], reason, is_error=True))
+        self.append_user(results)
+
+    def append_assistant(self, content: list[dict[str, Any]], *, model: str, basis: str) -> None:
+        """Keep Claude's message as the API returned it (thinking and all), with the model and
+        the basis its thinking is bound to."""
+        self.messages.append(assistant_message(content, model=model, basis=basis))
+        self.saved()
+
+    def loop_start(self) -> int:
+        """The index of the current tool loop's first assistant message: after the last user
+        message that holds more than tool results."""
+        start = 0
+        for i, message in enumerate(self.messages):
+            content = message.get("content")
+            if (
+                message.get("role") == "user"
+                and isinstance(content, list)
+                and any(b.get("type") != "tool_result" for b in content)
+            ):
+                start = i + 1
+        return start
+
+    def drop_thinking_before_loop(self) -> int:
+        dropped = drop_thinking(self.messages, before=self.loop_start())
+        self.saved()
+        return dropped
+
+    def compact(self, *, limit_bytes: int, keep_recent: int) -> dict[str, int] | None:
+        """Keep a long incident's context bounded, at an operator-message boundary: when the
+        tool results pass the limit, the completed turns' thinking goes first (it is bound to
+        what precedes it), then the older results are cut to their header and a short tail, in
+        one batch (the cached prefix is invalidated rarely); the whole outputs stay readable by
+        output_id. Returns what was done, or None."""
+        total = tool_result_bytes(self.messages)
+        if total <= limit_bytes:
+            return None
+        dropped = drop_thinking(self.messages)
+        shortened, _ = shorten_old_results(
+            self.messages, limit_bytes=limit_bytes, keep_recent=keep_recent
+        )
+        if not (shortened or dropped):
+            return None
+        self.saved()
+        return {"results": shortened, "thinking_blocks_dropped": dropped, "bytes_before": total}
+
+    def manual_context(self) -> list[BetaTextBlockParam]:
+        """The operator's manual commands since Claude was last asked, as one text block."""
+        if not self.pending_manual:
+            return []
+        text = (
+            "While you were not involved, the operator ran these commands manually (outputs are"
+            " kept: use read_output/grep_output with the output_id):\n"
+            + "\n".join(self.pending_manual)
+        )
+        self.pending_manual.clear()
+        return [{"type": "text", "text": text}]
+
+    def repair(self, *, is_legacy_id: Callable[[str], bool], example_id: str) -> list[str]:
+        """A restored conversation (resume, take-over) was another session's: answer the tool
+        calls whose process died mid-run, so the next request is valid; and when it names
+        outputs by ids from before ids named their session (``o3``), tell Claude they are not
+        readable here. Returns those legacy ids."""
+        if not self.messages:
+            return []
+        last = self.messages[-1]
+        blocks: list[BetaContentBlockParam] = []
+        if last.get("role") == "assistant":
+            calls = [b for b in last.get("content", []) if b.get("type") == "tool_use"]
+            blocks += [
+                tool_result(
+                    b["id"], "Interrupted: the session ended while this ran.", is_error=True
+                )
+                for b in calls
+            ]
+        told = " ".join(  # an earlier restore's note: not told twice
+            b.get("text", "")
+            for m in self.messages
+            if m.get("role") == "user" and isinstance(m.get("content"), list)
+            for b in m["content"]
+            if isinstance(b, dict) and str(b.get("text", "")).startswith(RESTORED_NOTE)
+        )
+        legacy = sorted(
+            {
+                i
+                for i in mentioned_output_ids(self.messages)
+                if is_legacy_id(i) and not re.search(rf"\b{i}\b", told)
+            },
+            key=lambda i: int(i[1:]),
+        )
+        if legacy:
+            shown = ", ".join(legacy)
+            blocks.append(
+                {
+                    "type": "text",
+                    "text": (
+                        f"{RESTORED_NOTE}. The outputs named by the earlier ids {shown}"
+                        " belong to an earlier tab's session and are not readable here; run the"
+                        " command again if you need them. Output ids of this session look like"
+                        f" {example_id!r}."
+                    ),
+                }
+            )
+        self.append_user(blocks)
+        return legacy
+
+
+def mentioned_output_ids(messages: list[dict[str, Any]]) -> set[str]:
+    """The output ids a conversation names ("output_id o3", read_output inputs)."""
+    found: set[str] = set()
+    for message in messages:
+        content = message.get("content")
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        for block in blocks:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                value = (block.get("input") or {}).get("output_id")
+                if isinstance(value, str) and _MENTIONED_ID.fullmatch(value):
+                    found.add(value)
+                continue
+            text = block.get("content") if block.get("type") == "tool_result" else block.get("text")
+            if isinstance(text, list):
+                text = " ".join(str(b.get("text", "")) for b in text if isinstance(b, dict))
+            if isinstance(text, str) and "output_id" in text:
+                found.update(_ID_CONTEXT.findall(text))
+    return found

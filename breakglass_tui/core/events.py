@@ -8,7 +8,13 @@ which the transcript keeps whole.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
+import json
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,3 +187,78 @@ class BundleSaved(Event):
     directory: str
     files: tuple[str, ...]
     manifest: dict[str, Any]
+
+
+# -- the codec: one JSON form of every event, for the incident journal and the transcript --------
+
+
+def _event_types() -> dict[str, type[Event]]:
+    found: dict[str, type[Event]] = {}
+    for value in list(globals().values()):
+        if isinstance(value, type) and issubclass(value, Event) and value is not Event:
+            found[value.__name__] = value
+    return found
+
+
+EVENT_TYPES = _event_types()
+
+
+def to_json(event: Event, *, documents: bool = True) -> dict[str, Any]:
+    """An event as a JSON-ready dict with its type name. ``documents`` False leaves out the
+    verb's whole answer (``VerbResult.document``), which the transcript keeps elsewhere."""
+    doc = dataclasses.asdict(event)
+    doc["type"] = type(event).__name__
+    if not documents and isinstance(doc.get("result"), dict):
+        doc["result"].pop("document", None)
+    loaded: dict[str, Any] = json.loads(json.dumps(doc, default=_json_default))
+    return loaded
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """Turn JSON back into the annotated type (nested dataclasses, enums, tuples)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                return _convert(value, arg)
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return tuple(_convert(v, inner) for v in value)
+    if isinstance(hint, type):
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            return _from_fields(hint, value)
+        if issubclass(hint, enum.Enum):
+            return hint(value)
+    return value
+
+
+def _from_fields(cls: type, doc: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in doc and f.init:
+            kwargs[f.name] = _convert(doc[f.name], hints.get(f.name, Any))
+    return cls(**kwargs)
+
+
+def from_json(doc: dict[str, Any]) -> Event | None:
+    """The event a journal line describes; None for a type this version does not know."""
+    cls = EVENT_TYPES.get(str(doc.get("type")))
+    if cls is None:
+        return None
+    event: Event = _from_fields(cls, {k: v for k, v in doc.items() if k != "type"})
+    return event

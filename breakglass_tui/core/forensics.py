@@ -4,9 +4,9 @@ The PVE host's ``breakglass-verb`` captures a bundle before every mutating verb 
 ``forensics`` (host dmesg, ``qm status``, QMP ``query-status``/``query-block``, the kvm threads'
 states, the journal lines, a screendump of the guest's console). Claude gets, in the tool result
 of that verb: one line per file with the ``output_id`` to ``read_output``/``grep_output`` it
-(the files are stored like every output, within the same budgets), the VM's state files inline
+(the files are stored like every output, within the same limits), the VM's state files inline
 when they are short, and the screendump as an image block (it shows a kernel panic, an OOM
-report, an emergency shell) when it is within the image budget.
+report, an emergency shell) when it is within the image limit.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ import binascii
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from breakglass_tui.core.outputs import OutputRecord, OutputStore
 
+if TYPE_CHECKING:
+    from anthropic.types.beta import BetaImageBlockParam
+
 SCREENDUMP = "screendump.png"
-# What each probe's file holds, for the listing (the verb's probe names: breakglass_verb.py).
+# What each capture step's file holds, for the listing (the verb's step names, which its document
+# calls probes: breakglass_verb.py).
 LABELS = {
     "qmp_query_status.txt": "QMP query-status (running, paused on an I/O error, ...)",
     "qm_status.txt": "qm status --verbose",
@@ -52,7 +56,7 @@ class BundleView:
     """The bundle's part of a tool result."""
 
     text: str
-    image: dict[str, Any] | None = None  # an image content block
+    image: BetaImageBlockParam | None = None  # the screendump
     outputs: dict[str, OutputRecord] = field(default_factory=dict)  # file name -> its output
 
 
@@ -65,10 +69,10 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 
 
 def bundle_view(
-    bundle_id: str, doc: dict[str, Any], store: OutputStore, *, image_budget_bytes: int
+    bundle_id: str, doc: dict[str, Any], store: OutputStore, *, image_limit_bytes: int
 ) -> BundleView:
     """Store each file of a fetched bundle (``{"manifest", "files": {name: base64}}``) as an
-    output and describe it for Claude; the screendump as an image within the budget."""
+    output and describe it for Claude; the screendump as an image within the image limit."""
     files: dict[str, bytes] = {}
     for name, b64 in sorted((doc.get("files") or {}).items()):
         safe = Path(str(name)).name  # never a path from the host
@@ -99,10 +103,10 @@ def bundle_view(
         size = png_size(png)
         if size is None:
             lines.append(f"- {SCREENDUMP}: not a PNG, not shown")
-        elif len(png) > image_budget_bytes or max(size) > MAX_IMAGE_SIDE:
+        elif len(png) > image_limit_bytes or max(size) > MAX_IMAGE_SIDE:
             lines.append(
-                f"- {SCREENDUMP} ({size[0]}x{size[1]}, {len(png)} bytes): over the image budget"
-                f" ({image_budget_bytes} bytes), not shown; it is kept in the bundle"
+                f"- {SCREENDUMP} ({size[0]}x{size[1]}, {len(png)} bytes): over the image limit"
+                f" ({image_limit_bytes} bytes), not shown; it is kept in the bundle"
             )
         else:
             lines.append(

@@ -18,9 +18,9 @@ class HostSessionLike(Protocol):
     """The devvm shell, the reachability probe and the forced-command verbs, in one object.
 
     ``run`` never raises for remote failures; cancelling the task awaiting it stops the remote
-    command and then re-raises ``CancelledError``. An implementation may also accept
-    ``keep_output: bool`` (stream through ``on_output`` and keep only a tail in the outcome); the
-    agent passes it when the signature has it.
+    command and then re-raises ``CancelledError``. ``keep_output`` False: the output streams
+    through ``on_output`` and the outcome keeps only a tail (``kept_tail_only``); the agent
+    always asks for that, since its output store keeps the whole.
     """
 
     async def run(
@@ -29,6 +29,7 @@ class HostSessionLike(Protocol):
         *,
         timeout_s: float | None = None,
         on_output: Callable[[OutputChunk], None] | None = None,
+        keep_output: bool = True,
     ) -> CommandOutcome: ...
 
     async def probe(self) -> ProbeResult: ...

@@ -23,14 +23,11 @@ import asyncio
 import calendar
 import contextlib
 import dataclasses
-import enum
 import fcntl
 import json
 import os
 import secrets
 import time
-import types
-import typing
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,23 +35,17 @@ from typing import Any
 
 from breakglass_tui.core import events as ev
 
+# The journal's codec is the events' own (one codec for the journal and the transcript).
+EVENT_TYPES = ev.EVENT_TYPES
+event_to_json = ev.to_json
+event_from_json = ev.from_json
+
 # The journal key naming the session that wrote a line (not an event field).
 BY_KEY = "_by"
 
 # Live output is journaled so followers see it, but one call's share is capped: a 10 MB output
 # must not make every follower and every resume replay 10 MB. The transcript keeps it whole.
 MAX_JOURNALED_OUTPUT_PER_CALL = 256 * 1024
-
-
-def _event_types() -> dict[str, type[ev.Event]]:
-    found: dict[str, type[ev.Event]] = {}
-    for value in vars(ev).values():
-        if isinstance(value, type) and issubclass(value, ev.Event) and value is not ev.Event:
-            found[value.__name__] = value
-    return found
-
-
-EVENT_TYPES = _event_types()
 
 
 @contextlib.contextmanager
@@ -66,62 +57,6 @@ def _flocked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def event_to_json(event: ev.Event) -> dict[str, Any]:
-    """An event as a JSON-ready dict with its type name."""
-    doc = dataclasses.asdict(event)
-    doc["type"] = type(event).__name__
-    return json.loads(json.dumps(doc, default=_json_default))
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
-
-
-def _convert(value: Any, hint: Any) -> Any:
-    """Turn JSON back into the annotated type (nested dataclasses, enums, tuples)."""
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
-            with contextlib.suppress(TypeError, ValueError, KeyError):
-                return _convert(value, arg)
-        return value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        inner = args[0] if args else Any
-        return tuple(_convert(v, inner) for v in value)
-    if isinstance(hint, type):
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            return _from_fields(hint, value)
-        if issubclass(hint, enum.Enum):
-            return hint(value)
-    return value
-
-
-def _from_fields(cls: type, doc: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in doc and f.init:
-            kwargs[f.name] = _convert(doc[f.name], hints.get(f.name, Any))
-    return cls(**kwargs)
-
-
-def event_from_json(doc: dict[str, Any]) -> ev.Event | None:
-    """The event a journal line describes; None for a type this version does not know."""
-    cls = EVENT_TYPES.get(str(doc.get("type")))
-    if cls is None:
-        return None
-    return _from_fields(cls, {k: v for k, v in doc.items() if k != "type"})
 
 
 @dataclass(frozen=True)
@@ -234,7 +169,8 @@ class Incident:
 
     def load_conversation(self) -> list[dict[str, Any]]:
         try:
-            return json.loads((self.dir / "conversation.json").read_text())
+            loaded: list[dict[str, Any]] = json.loads((self.dir / "conversation.json").read_text())
+            return loaded
         except FileNotFoundError:
             return []
 

@@ -1,4 +1,4 @@
-"""Output budgets: the model sees a head and a tail of each output, the transcript keeps it whole.
+"""Output views: the model sees a head and a tail of each output, the transcript keeps it whole.
 
 Every tool output gets an ``output_id``, unique across the sessions that share a state dir (an
 incident driven from several tabs, resumed or taken over, has one session per agent): ``o<n>-<tag>``
@@ -11,7 +11,7 @@ as it arrives, so memory stays bounded however much a command prints; only a hea
 are held. The file is the one stored copy of the output (the session's transcript refers to it), and
 it is capped at :data:`MAX_STORED_BYTES`: the state volume is small, and one ``cat`` of a huge log
 must not fill it. Beyond the cap bytes are counted and hashed but not written, and the record says
-it was truncated. The model is shown the head and the (real) tail within a budget (bytes and
+it was truncated. The model is shown the head and the (real) tail within a view limit (bytes and
 estimated tokens), told what was elided, the exit status and the sha256 of the whole;
 ``read_output`` and ``grep_output`` let it look deeper into the stored part without the context
 growing. ``grep_output`` runs the model's pattern in a child process with a deadline: a catastrophic
@@ -36,7 +36,7 @@ from breakglass_tui.hosts.types import OutputChunk
 # A conservative estimate: English text and shell output run ~3.5-4 bytes per token; dense text
 # (hex, base64, non-ASCII) fewer. Dividing by 3 keeps the estimate on the high side.
 BYTES_PER_TOKEN = 3.0
-HEAD_SHARE = 0.4  # of the budget; the rest is the tail, where errors and summaries usually are
+HEAD_SHARE = 0.4  # of the view; the rest is the tail, where errors and summaries usually are
 # o<n>-<session tag>; a bare o<n> is from before ids named their session (a restored conversation).
 _OUTPUT_ID = re.compile(r"^o([0-9]{1,9})(?:-([0-9a-f]{8}))?$")
 _TAG = re.compile(r"-([0-9a-f]{8})$")
@@ -66,7 +66,7 @@ with open(a["path"], "rb") as f:
             if len(found) < a["max_matches"] and not full:
                 shown = line if len(line) <= 400 else line[:400] + " [...]"
                 entry = f"{number} @{offset}: {shown}"
-                if size + len(entry) + 1 > a["budget"]:
+                if size + len(entry) + 1 > a["limit"]:
                     full = True
                 else:
                     found.append(entry)
@@ -226,7 +226,7 @@ class OutputRecorder:
 
 
 class OutputStore:
-    """The outputs of one session: recorders, the model's budgeted view, read and grep.
+    """The outputs of one session: recorders, the model's bounded view, read and grep.
 
     ``shared_root`` (``<state_dir>/transcripts``) is where the other sessions' output
     directories are: an id of an earlier session is read from there. ``tag`` defaults to
@@ -237,8 +237,8 @@ class OutputStore:
         directory: Path,
         scrubber: Scrubber,
         *,
-        budget_bytes: int = 8192,
-        budget_tokens: int = 2048,
+        view_bytes: int = 8192,
+        view_tokens: int = 2048,
         max_stored_bytes: int = MAX_STORED_BYTES,
         shared_root: Path | None = None,
         tag: str | None = None,
@@ -246,7 +246,7 @@ class OutputStore:
         self.directory = directory
         self.max_stored_bytes = max_stored_bytes
         self.scrubber = scrubber
-        self.budget_bytes = max(256, min(budget_bytes, int(budget_tokens * BYTES_PER_TOKEN)))
+        self.view_bytes = max(256, min(view_bytes, int(view_tokens * BYTES_PER_TOKEN)))
         self.shared_root = shared_root
         self.tag = tag or session_tag(directory.name)
         if not re.fullmatch(r"[0-9a-f]{8}", self.tag):
@@ -283,13 +283,13 @@ class OutputStore:
         while (self.directory / f"{output_id}.out").exists():  # written meanwhile by a twin
             self._count += 1
             output_id = self.id_for(self._count)
-        head = int(self.budget_bytes * HEAD_SHARE)
+        head = int(self.view_bytes * HEAD_SHARE)
         return OutputRecorder(
             output_id=output_id,
             path=self.directory / f"{output_id}.out",
             scrubber=self.scrubber,
             head_limit=head,
-            tail_limit=self.budget_bytes - head,
+            tail_limit=self.view_bytes - head,
             max_stored=self.max_stored_bytes,
         )
 
@@ -334,7 +334,7 @@ class OutputStore:
         record = self._record(output_id)
         offset = max(0, int(offset))
         asked = int(length)
-        length = max(0, min(asked, self.budget_bytes))
+        length = max(0, min(asked, self.view_bytes))
         with record.path.open("rb") as f:
             f.seek(offset)
             data = f.read(length)
@@ -342,8 +342,8 @@ class OutputStore:
         note = f"output_id {output_id}: bytes {offset}..{end} of {record.stored_bytes}"
         if output_id not in self.records:
             note += " (an earlier session's output)"
-        if asked > self.budget_bytes:
-            note += f" (length capped at {self.budget_bytes})"
+        if asked > self.view_bytes:
+            note += f" (length capped at {self.view_bytes})"
         if record.truncated:
             note += f" (only these were kept, of {record.scrubbed_bytes})"
         return note + "\n" + _decode(data)
@@ -376,7 +376,7 @@ class OutputStore:
             "pattern": pattern,
             "path": str(record.path),
             "max_matches": max_matches,
-            "budget": self.budget_bytes,
+            "limit": self.view_bytes,
             "max_line": GREP_MAX_LINE,
         }
         proc = await asyncio.create_subprocess_exec(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
-from breakglass_tui.hosts.types import VERBS
 
 RUNBOOK = """\
 You are the breakglass agent: the rescue console for the owner's development VM ("the devvm",
@@ -86,110 +85,16 @@ def system_prompt(
 
 
 def tool_definitions() -> list[dict[str, Any]]:
-    """The agent's tools; the last one carries cache_control (the tool list is cached)."""
-    tools: list[dict[str, Any]] = [
-        {
-            "name": "devvm_shell",
-            "description": (
-                "Run a shell command as root on the devvm over SSH (non-interactive, no pty). The"
-                " output streams to the operator's live-output pane; you see its head and tail"
-                " within a budget, the exit status and an output_id for read_output/grep_output."
-            ),
-            "input_schema": {
-                "type": "object",
-                "properties": {
-                    "command": {"type": "string", "description": "The shell command."},
-                    "timeout_s": {
-                        "type": "integer",
-                        "description": "Deadline in seconds (default from config).",
-                        "minimum": 1,
-                        "maximum": 3600,
-                    },
-                },
-                "required": ["command"],
-            },
-        },
-        {
-            "name": "pve_verb",
-            "description": (
-                "Run one forced-command verb on the Proxmox host for the devvm's VM only. status"
-                " and forensics are read-only; reset, stop, start and cycle are mutating, each"
-                " captures a forensics bundle first and is bounded by the host's budget and"
-                " cooldown. reset = guest reset (QEMU stays); cycle = stop and start the QEMU"
-                " process (for a stuck QEMU or when reset did not help)."
-            ),
-            "input_schema": {
-                "type": "object",
-                "properties": {"verb": {"type": "string", "enum": list(VERBS)}},
-                "required": ["verb"],
-            },
-        },
-        {
-            "name": "probe_devvm",
-            "description": (
-                "Probe the devvm's reachability: TCP, SSH banner, login and a trivial command."
-                " Says healthy, refused, tcp_timeout, no_banner, auth_refused, host_key_mismatch"
-                " or command_failed."
-            ),
-            "input_schema": {"type": "object", "properties": {}},
-        },
-        {
-            "name": "wait_for_devvm",
-            "description": (
-                "Probe the devvm repeatedly until SSH answers (healthy) or the timeout passes;"
-                " use it after reset, cycle or start, while the guest boots."
-            ),
-            "input_schema": {
-                "type": "object",
-                "properties": {
-                    "timeout_s": {"type": "integer", "minimum": 1, "maximum": 600},
-                },
-            },
-        },
-        {
-            "name": "read_output",
-            "description": (
-                "Read a byte range of an earlier tool output by its output_id (up to its first"
-                " 16 MiB are kept; you were shown only its head and tail). Length is capped by"
-                " the budget."
-            ),
-            "input_schema": {
-                "type": "object",
-                "properties": {
-                    "output_id": {"type": "string"},
-                    "offset": {"type": "integer", "minimum": 0},
-                    "length": {"type": "integer", "minimum": 1},
-                },
-                "required": ["output_id", "offset", "length"],
-            },
-        },
-        {
-            "name": "list_outputs",
-            "description": (
-                "List the outputs kept in this incident: output_id, what produced it (command,"
-                " verb, forensics bundle file), exit status and size. Use it to find an output"
-                " whose tool result was cleared from your context."
-            ),
-            "input_schema": {"type": "object", "properties": {}},
-        },
-        {
-            "name": "grep_output",
-            "description": (
-                "Search an earlier tool output by its output_id for lines matching a Python"
-                " regular expression; returns line numbers, byte offsets and the lines. The"
-                " pattern sees the first 4096 characters of each line, and a pattern that runs"
-                " longer than a few seconds is stopped: avoid nested quantifiers."
-            ),
-            "input_schema": {
-                "type": "object",
-                "properties": {
-                    "output_id": {"type": "string"},
-                    "pattern": {"type": "string"},
-                    "max_matches": {"type": "integer", "minimum": 1, "maximum": 500},
-                },
-                "required": ["output_id", "pattern"],
-            },
-        },
-    ]
-    tools[-1]["cache_control"] = {"type": "ephemeral"}
-    return tools
+    """The agent's tools as the API request names them (core.tools is the one registry)."""
+    from breakglass_tui.core import tools
+
+    return tools.definitions()
+
+
+def step_limit(max_steps: int) -> str:
+    """Asked when the step limit is reached: no tools, where things stand."""
+    return (
+        f"The step limit of {max_steps} tool calls for this operator message is reached. Do not"
+        " call tools. Summarise where things stand: what is wrong, what was done, the devvm's"
+        " current state, and the next step."
+    )

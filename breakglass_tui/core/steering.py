@@ -20,7 +20,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from anthropic.types.beta import BetaTextBlockParam
 
 # What Claude is told about a message that arrives between its steps.
 STEERING_NOTE = (
@@ -135,7 +138,7 @@ class OperatorQueue:
 
 def steering_blocks(
     queue: OperatorQueue | None, deliver: Callable[[str], str]
-) -> list[dict[str, Any]]:
+) -> list[BetaTextBlockParam]:
     """Text blocks for the messages the operator queued while Claude worked, to append after the
     tool results of the next user message. ``deliver`` records one message as delivered (emit,
     audit) and returns the text Claude may see (scrubbed)."""

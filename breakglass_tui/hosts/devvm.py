@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import re
 import shlex
 import signal
@@ -267,7 +268,7 @@ class DevvmShell:
                 return outcome(Ending.FAILED, f"could not run the command: {exc.message}")
             try:
                 chan, _ = await conn.create_session(
-                    lambda closed=closed: _Session(collector, closed),
+                    functools.partial(_Session, collector, closed),
                     wrap_command(command, as_root=self.as_root),
                     encoding=None,
                 )

@@ -20,17 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from typing import Any
 
 import asyncssh
 
 from breakglass_tui.config import DEFAULT_COLD_PATH_POINTER
 from breakglass_tui.hosts.ssh import ConnectOptions, SshConnectError, connect
-from breakglass_tui.hosts.types import VERBS, Reachability, SshTarget, VerbResult
+from breakglass_tui.hosts.types import BUNDLE_ID_RE, VERBS, Reachability, SshTarget, VerbResult
 from breakglass_tui.verb import breakglass_verb as verb_protocol
-
-BUNDLE_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-(forensics|reset|stop|start|cycle)-[0-9a-f]{6}")
 
 # No exit code: the verb never ran, or we stopped waiting for it.
 NO_EXIT_CODE = -1
@@ -86,6 +83,58 @@ def protocol_note(doc: dict[str, Any]) -> tuple[int, str | None]:
             " update the console to the release that ships that verb"
         )
     return theirs, None
+
+
+def parse_answer(name: str, code: int, stdout: str, stderr: str) -> VerbResult:
+    """breakglass-verb's answer (its exit code and JSON document) as a typed result: the
+    document's fields are the verb's own (``Run.document``), read by name."""
+    try:
+        doc: Any = json.loads(stdout)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        err = stderr.strip().splitlines()
+        detail = f" (stderr: {err[0][:200]})" if err else ""
+        return VerbResult(
+            verb=name,
+            ok=False,
+            exit_code=code,
+            message=f"{name}: the PVE host answered with no JSON document (exit {code})"
+            f"{detail}; is breakglass-verb the forced command for this key?",
+        )
+    said = str(doc.get("message") or "").strip()
+    meaning = EXIT_MEANINGS.get(code, f"breakglass-verb exited with unknown code {code}")
+    ok = code == 0 and bool(doc.get("ok", True))
+    message = (said or f"{name}: {meaning}") if ok else f"{name}: {meaning}"
+    if not ok and said:
+        message += f" — {said}"
+    protocol, note = protocol_note(doc)
+    if note:
+        message = f"WARNING: {note}. {message}"
+    ha = doc.get("ha")
+    monitor = doc.get("monitor")
+    return VerbResult(
+        verb=str(doc.get("verb") or name),
+        ok=ok,
+        exit_code=code,
+        message=message,
+        vmid=doc.get("vmid") if isinstance(doc.get("vmid"), int) else None,
+        state_before=doc.get("state_before"),
+        state_after=doc.get("state_after"),
+        bundle_id=doc.get("bundle_id"),
+        refused=doc.get("refused"),
+        cold_case=bool(doc.get("cold_case", False)),
+        document=doc,
+        protocol=protocol,
+        protocol_note=note,
+        upid=_text(doc.get("upid")),
+        lock=_text(doc.get("lock")),
+        ha_managed=bool(ha.get("managed")) if isinstance(ha, dict) else None,
+        quorum=doc.get("quorum") if isinstance(doc.get("quorum"), bool) else None,
+        monitor_unresponsive=(
+            _text(monitor.get("unresponsive")) if isinstance(monitor, dict) else None
+        ),
+    )
 
 
 def _unreachable(verb: str, exc: SshConnectError, cold_path_pointer: str) -> VerbResult:
@@ -173,8 +222,8 @@ class PveClient:
             return VerbResult(
                 verb=str(name)[:40],
                 ok=False,
-                exit_code=2,
-                refused="bad_input",
+                exit_code=verb_protocol.EXIT_BAD_INPUT,
+                refused=verb_protocol.REFUSED_BAD_INPUT,
                 message=f"{str(name)[:40]!r} is not a verb; the verbs are {', '.join(VERBS)}",
             )
         done, why, conn_error = await self._exec(name)
@@ -186,60 +235,13 @@ class PveClient:
 
     def _parse(self, name: str, done: asyncssh.SSHCompletedProcess) -> VerbResult:
         code = done.exit_status if done.exit_status is not None else NO_EXIT_CODE
-        stdout, stderr = str(done.stdout or ""), str(done.stderr or "")
-        try:
-            doc: Any = json.loads(stdout)
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            err = stderr.strip().splitlines()
-            detail = f" (stderr: {err[0][:200]})" if err else ""
-            return VerbResult(
-                verb=name,
-                ok=False,
-                exit_code=code,
-                message=f"{name}: the PVE host answered with no JSON document (exit {code})"
-                f"{detail}; is breakglass-verb the forced command for this key?",
-            )
-        said = str(doc.get("message") or "").strip()
-        meaning = EXIT_MEANINGS.get(code, f"breakglass-verb exited with unknown code {code}")
-        ok = code == 0 and bool(doc.get("ok", True))
-        message = (said or f"{name}: {meaning}") if ok else f"{name}: {meaning}"
-        if not ok and said:
-            message += f" — {said}"
-        protocol, note = protocol_note(doc)
-        if note:
-            message = f"WARNING: {note}. {message}"
-        ha = doc.get("ha")
-        monitor = doc.get("monitor")
-        return VerbResult(
-            verb=str(doc.get("verb") or name),
-            ok=ok,
-            exit_code=code,
-            message=message,
-            vmid=doc.get("vmid") if isinstance(doc.get("vmid"), int) else None,
-            state_before=doc.get("state_before"),
-            state_after=doc.get("state_after"),
-            bundle_id=doc.get("bundle_id"),
-            refused=doc.get("refused"),
-            cold_case=bool(doc.get("cold_case", False)),
-            document=doc,
-            protocol=protocol,
-            protocol_note=note,
-            upid=_text(doc.get("upid")),
-            lock=_text(doc.get("lock")),
-            ha_managed=bool(ha.get("managed")) if isinstance(ha, dict) else None,
-            quorum=doc.get("quorum") if isinstance(doc.get("quorum"), bool) else None,
-            monitor_unresponsive=(
-                _text(monitor.get("unresponsive")) if isinstance(monitor, dict) else None
-            ),
-        )
+        return parse_answer(name, code, str(done.stdout or ""), str(done.stderr or ""))
 
     async def bundle(self, bundle_id: str) -> dict[str, Any]:
         """Fetch a forensics bundle by its exact id: breakglass-verb's document
         ``{verb: "bundle", ok, bundle_id, manifest, files: {name: base64}}``. On any failure, a
         document with ok False and a message (never raises for host-side failures)."""
-        if not isinstance(bundle_id, str) or not BUNDLE_ID.fullmatch(bundle_id):
+        if not isinstance(bundle_id, str) or not BUNDLE_ID_RE.fullmatch(bundle_id):
             return {
                 "verb": "bundle",
                 "ok": False,

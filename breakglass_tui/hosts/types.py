@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from breakglass_tui.verb import breakglass_verb as verb_protocol
+
 Stream = Literal["stdout", "stderr"]
 
 # An OpenSSH SHA256 key fingerprint as `ssh-add -l` and `ssh-keygen -lf` print it.
@@ -112,9 +114,12 @@ class ProbeResult:
     banner: str | None = None
 
 
-VerbName = Literal["status", "forensics", "reset", "stop", "start", "cycle"]
-VERBS: tuple[VerbName, ...] = ("status", "forensics", "reset", "stop", "start", "cycle")
-MUTATING_VERBS: frozenset[str] = frozenset({"reset", "stop", "start", "cycle"})
+# The forced-command protocol is the verb's own (one stdlib-only file, copied to the PVE host):
+# the verbs, the mutating ones, the bundle id, the exit codes and the protocol version are
+# imported from it, never copied (tests/hosts/test_verb_protocol.py checks the client agrees).
+VERBS: tuple[str, ...] = verb_protocol.VERBS
+MUTATING_VERBS: frozenset[str] = verb_protocol.MUTATING_VERBS
+BUNDLE_ID_RE: re.Pattern[str] = verb_protocol.BUNDLE_ID_RE
 
 
 @dataclass

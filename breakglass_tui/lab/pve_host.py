@@ -1,7 +1,7 @@
 """The lab's PVE SSH host: an asyncssh server on loopback that applies a forced command as
 OpenSSH's ``command="…",restrict`` does, so the real ``breakglass-verb`` runs behind it.
 
-asyncssh's own server is not a faithful stand-in (DESIGN.md §4): given a key option
+asyncssh's own server is not a faithful stand-in (docs/architecture.md §6): given a key option
 ``command=`` it replaces the original command and drops it, and with a process factory it refuses
 sftp and allows a pty. So the key carries no option here and each session is handled by hand:
 

@@ -1,8 +1,10 @@
 """What breakglass-serve prepares once at start: the keys in an ssh-agent and the targets.
 
-Real targets: the keys come from Vault (or the operator's ssh-agent) through the hosts layer.
-Lab: the lab is started here, once, and its generated keys go into a private ssh-agent, so every
-tab drives the same lab exactly as it would drive real targets.
+The wiring is ``runtime``'s, the same as ``breakglass-tui``'s: real targets get their keys from
+Vault (or the operator's ssh-agent) with each target pinned and bound to its own key; ``--lab``
+starts the lab here, once, and puts its generated keys in a private ssh-agent, so every tab drives
+the same lab exactly as it would drive real targets. Each tab's app process gets the targets,
+the fingerprints and the agent's socket in its environment (``runtime.Wiring.env``).
 """
 
 from __future__ import annotations
@@ -13,33 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from breakglass_tui import runtime
 from breakglass_tui.config import Settings
 from breakglass_tui.core.selfcheck import Outcome, SelfCheck, not_used
 from breakglass_tui.serve.server import ServeState
 
 log = logging.getLogger("breakglass.serve")
-
-
-def target_env(
-    prefix: str,
-    host: str,
-    port: int,
-    user: str,
-    known_hosts: str | None,
-    key_fingerprint: str | None = None,
-) -> dict:
-    """A target for the app processes' environment. ``key_fingerprint`` names the one key in the
-    server's ssh-agent the app may offer that target (keys per target, docs/keys.md)."""
-    env = {
-        f"BREAKGLASS_{prefix}_HOST": host,
-        f"BREAKGLASS_{prefix}_PORT": str(port),
-        f"BREAKGLASS_{prefix}_USER": user,
-    }
-    if known_hosts:
-        env[f"BREAKGLASS_{prefix}_HOST_KEY"] = known_hosts
-    if key_fingerprint:
-        env[f"BREAKGLASS_{prefix}_KEY_FINGERPRINT"] = key_fingerprint
-    return env
 
 
 class ServeBackend:
@@ -57,130 +38,50 @@ class ServeBackend:
         self.devvm = devvm  # with --lab: "auto" (the real devvm where QEMU runs) or "sandbox"
         self.scenario = scenario
         self.state_dir = state_dir
-        self._lab: Any = None
-        self._agent: Any = None
-        self._loaded: Any = None  # hosts.keyagent.LoadedKeys, for real targets
-        self._targets: Any = None  # (devvm, pve) SshTargets, once prepared
+        self.wiring: runtime.Wiring | None = None
         self._state: ServeState | None = None
+
+    @property
+    def lab(self) -> Any:
+        """The lab this server started for its tabs (``--lab``), or None."""
+        return self.wiring.lab if self.wiring is not None else None
 
     async def prepare(self, state: ServeState) -> None:
         """Load the keys and describe the targets for the app processes; fill /readyz's state."""
-        from breakglass_tui.hosts.keyagent import KeyAgent, load_keys
-
         self._state = state
-        # The tabs read the server's self-check results from the state dir (core.selfcheck).
-        env = {"BREAKGLASS_STATE_DIR": str(self.state_dir), "BREAKGLASS_SELFCHECK": "serve"}
         if self.lab_mode:
-            from breakglass_tui.lab.choice import choose_devvm
-
-            choice = await asyncio.to_thread(choose_devvm, self.scenario, self.devvm)
-            from breakglass_tui.lab.lab import start_lab
-
+            plan = await asyncio.to_thread(
+                lambda: runtime.choose_lab(self.scenario, self.devvm, prepare=False)
+            )
             # No devvm can run here (a read-only container without capabilities): the lab
             # without one, and every tab's console says why in one sentence.
-            self._lab = lab = await start_lab(
-                choice.scenario,
-                devvm=choice.devvm or "none",
+            self.wiring = wiring = await runtime.wire_lab(
+                plan.scenario,
+                plan.devvm,
                 progress=lambda line: log.info("lab: %s", line),
+                note=plan.note,
+                into_agent=True,
             )
-            if choice.note:
-                env["BREAKGLASS_LAB_NOTE"] = choice.note
-                log.warning("lab: %s", choice.note)
-            self._agent = await KeyAgent.start_private()
-            await self._agent.add_keys(lab.client_keys)
-            for prefix, target, key in (
-                ("DEVVM", lab.devvm, lab.devvm_key),
-                ("PVE", lab.pve, lab.pve_key),
-            ):
-                env.update(
-                    target_env(
-                        prefix,
-                        target.host,
-                        target.port,
-                        target.user,
-                        target.known_hosts,
-                        key.get_fingerprint("sha256"),
-                    )
-                )
-            env["BREAKGLASS_TARGETS_ARE_LAB"] = "1"
-            self._targets = (lab.devvm, lab.pve)
+            if wiring.note:
+                log.warning("lab: %s", wiring.note)
         else:
-            s = self.settings
-            if not s.devvm_host or not s.pve_host:
-                raise RuntimeError(
-                    "BREAKGLASS_DEVVM_HOST and BREAKGLASS_PVE_HOST must both be set (IP literals)"
-                )
-            self._loaded = loaded = await load_keys(s)
-            self._agent = loaded.agent
-            env.update(self._real_targets_env())
-            if not env.get("BREAKGLASS_DEVVM_HOST_KEY") or not env.get("BREAKGLASS_PVE_HOST_KEY"):
-                raise RuntimeError(
-                    "no pinned host key for the devvm or the PVE host: put devvm_known_hosts and"
-                    " pve_known_hosts in the Vault secret, or set BREAKGLASS_DEVVM_HOST_KEY and"
-                    " BREAKGLASS_PVE_HOST_KEY"
-                )
-            self._targets = self._real_targets()
-        env["SSH_AUTH_SOCK"] = self._agent.socket_path
-        state.child_env = env
+            self.wiring = await runtime.wire_real(self.settings)
+        # The tabs read the server's self-check results from the state dir (core.selfcheck).
+        state.child_env = {
+            "BREAKGLASS_STATE_DIR": str(self.state_dir),
+            "BREAKGLASS_SELFCHECK": "serve",
+            **self.wiring.env(),
+        }
         state.keys_loaded = True
         state.config_ok = True
         state.problem = ""
-        log.info("ready", extra={"lab": self.lab_mode, "scenario": self.scenario})
-
-    def _real_targets_env(self) -> dict[str, str]:
-        s, loaded = self.settings, self._loaded
-        env = target_env(
-            "DEVVM",
-            s.devvm_host,
-            s.devvm_port,
-            s.devvm_user,
-            loaded.devvm_known_hosts or s.devvm_host_key,
-            loaded.devvm_fingerprint,
-        )
-        env.update(
-            target_env(
-                "PVE",
-                s.pve_host,
-                s.pve_port,
-                s.pve_user,
-                loaded.pve_known_hosts or s.pve_host_key,
-                loaded.pve_fingerprint,
-            )
-        )
-        return env
-
-    def _real_targets(self) -> tuple[Any, Any]:
-        """The devvm and the PVE host as SshTargets, each bound to its own key."""
-        from breakglass_tui.hosts.types import SshTarget
-
-        s, loaded = self.settings, self._loaded
-        return tuple(
-            SshTarget(
-                host=host,
-                port=port,
-                user=user,
-                known_hosts=known,
-                name=name,
-                key_fingerprint=fingerprint,
-            )
-            for name, host, port, user, known, fingerprint in (
-                (
-                    "devvm",
-                    s.devvm_host,
-                    s.devvm_port,
-                    s.devvm_user,
-                    loaded.devvm_known_hosts or s.devvm_host_key,
-                    loaded.devvm_fingerprint,
-                ),
-                (
-                    "pve",
-                    s.pve_host,
-                    s.pve_port,
-                    s.pve_user,
-                    loaded.pve_known_hosts or s.pve_host_key,
-                    loaded.pve_fingerprint,
-                ),
-            )
+        log.info(
+            "ready",
+            extra={
+                "lab": self.lab_mode,
+                "scenario": self.scenario,
+                "state_dir": str(self.state_dir),  # where this server's records go
+            },
         )
 
     # -- the self-check (core.selfcheck): each link of the rescue path, nothing changed ----------
@@ -211,7 +112,7 @@ class ServeBackend:
         return SelfCheck(checks, timeout_s=timeout)
 
     def _not_ready(self) -> Outcome | None:
-        if self._targets is None or self._agent is None:
+        if self.wiring is None or self.wiring.agent is None:
             problem = self._state.problem if self._state is not None else "not prepared"
             return Outcome.of(False, f"the keys are not loaded, so nothing can log in: {problem}")
         return None
@@ -220,7 +121,7 @@ class ServeBackend:
         from breakglass_tui.hosts.ssh import ConnectOptions
 
         return ConnectOptions(
-            agent_path=self._agent.socket_path,
+            agent_path=self.wiring.agent.socket_path,
             connect_timeout_s=min(
                 self.settings.connect_timeout_s, self.settings.selfcheck_timeout_s
             ),
@@ -230,7 +131,8 @@ class ServeBackend:
         from breakglass_tui.hosts.vault import KeysError, read_breakglass_keys
 
         try:
-            if self._loaded is None or self._loaded.source != "vault":
+            loaded = self.wiring.loaded if self.wiring is not None else None
+            if loaded is None or loaded.source != "vault":
                 # Not loaded at start (the problem /readyz names): is Vault answering now?
                 await asyncio.to_thread(read_breakglass_keys, self.settings)
                 return Outcome.of(
@@ -238,19 +140,20 @@ class ServeBackend:
                     "logged in and read the secret; the keys were not loaded at start:"
                     " restart the pod to load them",
                 )
-            changed = await self._loaded.check_vault(self.settings)
+            changed = await loaded.check_vault(self.settings)
         except KeysError as exc:
             return Outcome.of(False, str(exc))
         if changed:
             # New tabs get the new fingerprints, each key still bound to its own target.
+            wiring = self.wiring
+            wiring.devvm, wiring.pve = runtime.pinned_targets(self.settings, loaded)
             if self._state is not None:
-                self._state.child_env = {**self._state.child_env, **self._real_targets_env()}
-            self._targets = self._real_targets()
+                self._state.child_env = {**self._state.child_env, **wiring.env()}
             log.warning("the keys in Vault changed: reloaded into the ssh-agent")
             return Outcome.of(
                 True,
                 "logged in and read the secret: the keys CHANGED in Vault and were reloaded"
-                f" (devvm {self._loaded.devvm_fingerprint}, PVE {self._loaded.pve_fingerprint});"
+                f" (devvm {loaded.devvm_fingerprint}, PVE {loaded.pve_fingerprint});"
                 " new tabs use them (a tab open before: reopen it)",
                 event="keys_reloaded",
             )
@@ -263,7 +166,7 @@ class ServeBackend:
         if problem:
             return problem
         ok, message = await check_pve(
-            self._targets[1], self._options(), timeout_s=self.settings.selfcheck_timeout_s
+            self.wiring.pve, self._options(), timeout_s=self.settings.selfcheck_timeout_s
         )
         return Outcome.of(ok, message)
 
@@ -274,8 +177,8 @@ class ServeBackend:
         if problem:
             return problem
         ok, message = await check_devvm(
-            self._targets[0],
-            agent_path=self._agent.socket_path,
+            self.wiring.devvm,
+            agent_path=self.wiring.agent.socket_path,
             timeout_s=min(5.0, self.settings.selfcheck_timeout_s / 2),
         )
         return Outcome.of(ok, message)
@@ -310,18 +213,15 @@ class ServeBackend:
         """Load the keys again (real targets only) and give the tabs opened from now on each
         key's new fingerprint: each key stays bound to its own target. True when a key changed;
         on an error nothing changes and the error is raised."""
-        if self._loaded is None:
+        if self.wiring is None or self.wiring.loaded is None:
             return False
-        changed = await self._loaded.reload(self.settings)
-        state.child_env = {**state.child_env, **self._real_targets_env()}
-        self._targets = self._real_targets()
+        changed = await self.wiring.reload(self.settings)
+        state.child_env = {**state.child_env, **self.wiring.env()}
         return changed
 
     async def close(self) -> None:
-        if self._agent is not None:
-            await self._agent.close()
-        if self._lab is not None:
-            await self._lab.close()
+        if self.wiring is not None:
+            await self.wiring.close()
 
 
 async def check_once(

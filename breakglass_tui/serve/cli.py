@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import breakglass_tui
 from breakglass_tui.config import ConfigError, Settings, load_settings
-from breakglass_tui.lab.catalog import SCENARIOS
+from breakglass_tui.runtime import SCENARIOS, lab_run_dir
 from breakglass_tui.startup import state_dir_problem
 
 TLS_VARIABLES = ("BREAKGLASS_TLS_CERT_FILE", "BREAKGLASS_TLS_KEY_FILE", "BREAKGLASS_CLIENT_CA_FILE")
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="breakglass-serve",
         description="Serve the breakglass console to a browser (behind the cluster's ingress).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"breakglass-serve {breakglass_tui.__version__}"
     )
     parser.add_argument("--host", help="listen address (BREAKGLASS_SERVE_HOST, default 0.0.0.0)")
     parser.add_argument(
@@ -215,6 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"breakglass-serve: {problem}", file=sys.stderr)
         return 2
+    if args.lab:
+        # The lab's records (audit log, incident) apart from the real incident's and from every
+        # earlier lab's: a --lab server never resumes an incident whose lab is gone.
+        try:
+            state_dir = lab_run_dir(state_dir)
+        except OSError as exc:
+            print(
+                f"breakglass-serve: cannot create the lab's directory in the state directory"
+                f" {state_dir} ({exc.strerror or exc}): free space there, or set"
+                " BREAKGLASS_STATE_DIR.",
+                file=sys.stderr,
+            )
+            return 2
     ssl_context = None
     if settings.tls_cert_file and settings.tls_key_file and settings.client_ca_file:
         files = TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.client_ca_file)

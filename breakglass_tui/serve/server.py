@@ -2,8 +2,8 @@
 
 textual-serve on its own accepts a websocket from any ``Origin``, hands every app process the
 server's whole environment, caps nothing, lists ``/static``, loads Google Fonts and buffers each
-child's stderr without bound (DESIGN.md §4), and trusts whoever reaches its port. This subclass
-closes each of those holes:
+child's stderr without bound (docs/architecture.md §6), and trusts whoever reaches its port.
+This subclass closes each of those holes:
 
 - only the ingress can talk to the app: outside ``--lab`` the console port speaks TLS and requires
   a client certificate chaining to the ingress client CA (``serve.tls``), so anything else fails

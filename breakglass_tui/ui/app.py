@@ -30,15 +30,20 @@ from textual.worker import Worker, WorkerState
 
 from breakglass_tui.core import events as ev
 from breakglass_tui.core.ids import new_session_id
-from breakglass_tui.core.incident import (
-    Driver,
-    Incident,
-    IncidentStore,
-    summarize,
-    unfinished_calls,
-    worth_resuming,
-)
+from breakglass_tui.core.incident import Driver, Incident, IncidentStore
 from breakglass_tui.core.steering import OperatorQueue
+from breakglass_tui.core.tab import (
+    Closed,
+    DriverSeen,
+    Following,
+    LostLease,
+    Refused,
+    TabChange,
+    TabSession,
+    TookOver,
+    clock,
+    who,
+)
 from breakglass_tui.ui.backend import AppOptions, Backend, Conversation, Emit, build_backend
 from breakglass_tui.ui.guard import Guarded
 from breakglass_tui.ui.messages import AgentEvent, BackendReady
@@ -48,7 +53,7 @@ from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
 from breakglass_tui.ui.screens.link import LinkScreen
 from breakglass_tui.ui.screens.resume import ResumeScreen
-from breakglass_tui.ui.stopping import CLOSE_BUDGET_S, Stopper
+from breakglass_tui.ui.stopping import CLOSE_TIME_S, Stopper
 from breakglass_tui.ui.widgets.chat import ChatInput, ChatPane, describe_call
 from breakglass_tui.ui.widgets.forensics import ForensicsPane
 from breakglass_tui.ui.widgets.output_pane import OutputLog, OutputPane
@@ -66,24 +71,12 @@ AGENT_GROUP = "agent"
 FOLLOW_GROUP = "follow"
 OPENING_CHECK = ("/probe", "/status")  # what a driving tab runs by itself once the hosts are up
 LEASE_CHECK_S = 1.0  # how often a tab checks who drives (a taken-over driver stops within it)
-INTERRUPTED = "interrupted: the tab running it closed"
-# Commands the console itself answers at once, even while a step runs (never queued).
-CONSOLE_COMMANDS = ("/help", "/cancel", "/takeover", "/drop", "/selfcheck")
 SELFCHECK_READ_S = 5.0  # how often a served tab reads the server's self-check results
 SELFCHECK_WAIT_S = 90.0  # how long /selfcheck waits for the server's run
 # More unexpected errors than this within ERROR_STORM_S: the console is broken, so it stops in
 # order (recorded) rather than spin.
 ERROR_STORM = 30
 ERROR_STORM_S = 10.0
-
-
-def _clock(at: float) -> str:
-    return time.strftime("%H:%M:%S UTC", time.gmtime(at))
-
-
-def _who(driver: Driver) -> str:
-    """The driver's operator, or a stand-in while its tab does not know the name yet."""
-    return driver.operator or "another tab"
 
 
 def _file_name(name: str) -> str:
@@ -164,10 +157,9 @@ class BreakglassApp(Guarded, App[None]):
         self._model = ""
         self._shutting_down = False
         self.session_id = _given_session_id() or new_session_id()
-        self.incident: Incident | None = None
-        self._store: IncidentStore | None = None
-        # None until the tab knows; then True while it drives the incident, False read-only.
-        self.driving: bool | None = None if self.options.incident_dir is not None else True
+        # This tab's incident and lease (core.tab): None without an incident dir, and until
+        # the store is open.
+        self.tab: TabSession | None = None
         self._journal_failed = False
         self._quiet_cancel = False  # the turn was cancelled by a take-over, said otherwise
         self.record = UiRecord(self.session_id, self.options)
@@ -180,6 +172,17 @@ class BreakglassApp(Guarded, App[None]):
         self._closed_in_time = False
         self._unconfirmed_written = False
         self.stopper.add_last_resort(self._last_resort)
+
+    @property
+    def driving(self) -> bool | None:
+        """True while this tab drives, False read-only, None until it knows."""
+        if self.options.incident_dir is None:
+            return not self._shutting_down
+        return self.tab.driving if self.tab is not None else None
+
+    @property
+    def incident(self) -> Incident | None:
+        return self.tab.incident if self.tab is not None else None
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -321,10 +324,8 @@ class BreakglassApp(Guarded, App[None]):
         header.keys = backend.keys
         header.operator = backend.operator
         header.targets = backend.targets
-        if self.driving and self.incident is not None:
-            # The lease was claimed before the backend knew the operator's name: record it
-            # (the other tabs' headers say who drives).
-            await asyncio.to_thread(self.incident.claim, self.session_id, backend.operator)
+        if self.tab is not None:
+            await self.tab.confirm_operator()
         agent = self._start_agent() if self.driving else None
         manual = getattr(agent, "manual", backend.manual_reason is not None)
         if not (manual and header.claude_ok is False):  # keep a reason the agent already gave
@@ -353,48 +354,25 @@ class BreakglassApp(Guarded, App[None]):
 
     async def _open_incident(self, incident_dir: Path) -> None:
         """Join the open incident (offering to resume it when nobody drives it) or open a new
-        one, driven by this tab; follow the journal (replay first).
-
-        An incident in which nothing happened beyond the opening check is not worth a question:
-        the store closes it and opens a new one, which this tab drives from the same step."""
-        store = self._store = await asyncio.to_thread(IncidentStore, incident_dir)
-        while True:
-            incident, new = await asyncio.to_thread(
-                store.current_or_new, self.session_id, self._operator(), opening_check=OPENING_CHECK
-            )
-            driver = await asyncio.to_thread(incident.driver)
-            if new:
-                break
-            if driver is None:
-                events = await asyncio.to_thread(incident.read_events)
-                resume = False
-                if worth_resuming(events, OPENING_CHECK):
-                    resume = await self.push_screen_wait(
-                        ResumeScreen(summarize(events, incident.id))
-                    )
-                if not resume:
-                    incident, driver = await asyncio.to_thread(
-                        store.replace, incident, self.session_id, self._operator()
-                    )
-                    break
-            driver = await asyncio.to_thread(
-                store.claim, incident, self.session_id, self._operator()
-            )
-            if driver is not None:
-                break
-            # Closed meanwhile (its driver ran /close): join the next one.
-        self._start_following(incident, driver)
+        one, driven by this tab (core.tab); follow the journal (replay first)."""
+        store = await asyncio.to_thread(IncidentStore, incident_dir)
+        self.tab = TabSession(
+            store,
+            self.session_id,
+            operator=self._operator,
+            opening_check=OPENING_CHECK,
+            ask_resume=lambda summary: self.push_screen_wait(ResumeScreen(summary)),
+            journal=self._journal,
+        )
+        self._show_following(await self.tab.open())
         self.set_interval(LEASE_CHECK_S, self._check_lease, name="driver lease")
 
-    def _start_following(self, incident: Incident, driver: Driver | None) -> None:
-        """Make ``incident`` this tab's, driving or read-only as ``driver`` says; show its
-        journal and follow it."""
-        self.incident = incident
-        self._set_driving(driver)
-        self._follow(incident)
+    def _show_following(self, following: Following) -> None:
+        """Show the incident the tab follows now, driving or read-only, and follow its journal."""
+        self._set_driving(following.driver)
+        self._follow(following.incident)
 
     def _set_driving(self, driver: Driver | None) -> None:
-        self.driving = driver is not None and driver.session_id == self.session_id
         self.header.show_driver("" if self.driving else self._driver_text(driver))
         placeholder = (
             "Tell Claude what is wrong, or /help · → completes · ↑ history"
@@ -406,13 +384,13 @@ class BreakglassApp(Guarded, App[None]):
     def _driver_text(self, driver: Driver | None) -> str:
         if driver is None:
             return "read-only · nobody drives now: /takeover"
-        return f"read-only · {_who(driver)} drives since {_clock(driver.since)} · /takeover"
+        return f"read-only · {who(driver)} drives since {clock(driver.since)} · /takeover"
 
     def _read_only_text(self) -> str:
         driver = self.incident.driver() if self.incident is not None else None
-        who = f"{_who(driver)} drives since {_clock(driver.since)}" if driver else "nobody drives"
+        drives = f"{who(driver)} drives since {clock(driver.since)}" if driver else "nobody drives"
         return (
-            f"This tab is read-only ({who}): it follows the incident live. Type /takeover to"
+            f"This tab is read-only ({drives}): it follows the incident live. Type /takeover to"
             " drive from here; the other tab becomes read-only."
         )
 
@@ -423,29 +401,19 @@ class BreakglassApp(Guarded, App[None]):
         events, offset = await asyncio.to_thread(incident.replay, skip_by=self.session_id)
         for event in events:
             self._render(event, own=False)
-        if self.driving:
-            # Nobody else drives, so a call still open in the journal died with its tab (the
-            # agent answers it in Claude's context too). A PVE verb finished on the host anyway.
-            # Journaled, so a tab that joins later does not show it running forever.
-            for call in unfinished_calls(events):
-                ended = ev.ToolCallEnded(
-                    call_id=call.call_id,
-                    tool=call.tool,
-                    ok=False,
-                    summary=INTERRUPTED,
-                    duration_s=0.0,
-                )
-                self._journal(incident, ended)
-                self._render(ended, own=False)
+        # A call still open in the journal died with its tab, when this tab drives (the agent
+        # answers it in Claude's context too); journaled, so a later tab does not show it running.
+        for ended in self.tab.interrupted(events) if self.tab is not None else []:
+            self._journal(incident, ended)
+            self._render(ended, own=False)
         async for event in incident.follow(poll_s=0.1, skip_by=self.session_id, offset=offset):
             if self._shutting_down:
                 return
             self._render(event, own=False)
 
     def _save_conversation(self, messages: Conversation) -> None:
-        # A tab that lost the lease must not overwrite the new driver's context.
-        if self.incident is not None and self.driving:
-            self.incident.save_conversation(messages)
+        if self.tab is not None:  # only while it drives (a taken-over tab's is not saved)
+            self.tab.save_conversation(messages)
 
     def _start_agent(self):
         """Build this tab's breakglass agent: from the incident's saved conversation when there
@@ -470,37 +438,32 @@ class BreakglassApp(Guarded, App[None]):
     async def _check_lease(self) -> None:
         """Every second: a driver that was taken over stops; a read-only tab shows who drives,
         and goes on with the next incident when the one it follows was closed."""
-        incident, store = self.incident, self._store
-        if incident is None or store is None or self._shutting_down:
+        if self.tab is None or self._shutting_down:
             return
-        if not self.driving:
-            current = await asyncio.to_thread(store.current)
-            if current is not None and current.id != incident.id:
-                await self._follow_next(incident, current)
-                return
-        driver = await asyncio.to_thread(incident.driver)
-        if self.driving:
-            if driver is None:  # our lease is gone (its file removed): hold it again
-                driver = await asyncio.to_thread(
-                    store.claim, incident, self.session_id, self._operator()
-                )
-                if driver is None:  # closed: only this tab's /close does that, which moved on
-                    return
-            if driver.session_id != self.session_id:
-                await self._lost_lease(driver)
-        else:
-            self.header.show_driver(self._driver_text(driver))
+        change = await self.tab.check()
+        if change is not None:
+            await self._show_change(change)
 
-    async def _follow_next(self, closed: Incident, incident: Incident) -> None:
-        """The incident this read-only tab followed was closed: follow the next one (its
-        closing tab drives it)."""
-        driver = await asyncio.to_thread(incident.driver)
-        self._start_following(incident, driver)
-        await self.chat.add_notice(
-            f"Incident {closed.id} was closed; this tab now follows the next one ({incident.id}),"
-            " read-only.",
-            "info",
-        )
+    async def _show_change(self, change: TabChange) -> None:
+        """Render what changed in this tab's incident or lease (core.tab)."""
+        match change:
+            case Following(closed=Incident() as closed):
+                self._show_following(change)
+                await self.chat.add_notice(
+                    f"Incident {closed.id} was closed; this tab now follows the next one"
+                    f" ({change.incident.id}), read-only.",
+                    "info",
+                )
+            case Following():
+                self._show_following(change)
+            case DriverSeen():
+                self.header.show_driver(self._driver_text(change.driver))
+            case LostLease():
+                await self._lost_lease(change.driver)
+            case Refused():
+                await self.chat.add_notice(change.reason, change.level)
+            case TookOver() | Closed():
+                pass  # said by the intent that asked for it
 
     async def _lost_lease(self, driver: Driver) -> None:
         """Another tab took over: stop the running turn (a PVE verb already begun finishes on
@@ -509,7 +472,7 @@ class BreakglassApp(Guarded, App[None]):
         self._quiet_cancel = self._agent_running()
         self.workers.cancel_group(self, AGENT_GROUP)
         await self.chat.add_notice(
-            f"{_who(driver)} took over at {_clock(driver.since)}; this tab is read-only now.",
+            f"{who(driver)} took over at {clock(driver.since)}; this tab is read-only now.",
             "warning",
         )
         await self._return_queued("This tab is read-only now")
@@ -526,60 +489,40 @@ class BreakglassApp(Guarded, App[None]):
         await self.submit("/takeover")
 
     async def _take_over(self) -> None:
-        incident, store = self.incident, self._store
-        if incident is None or store is None or self.driving:
+        if self.tab is None or self.driving:
             await self.chat.add_notice("This tab already drives the incident.")
             return
         if self.backend is None:
             await self.chat.add_notice("Still starting; try /takeover again in a moment.")
             return
-        before = incident.driver()
-        driver = await asyncio.to_thread(
-            store.claim, incident, self.session_id, self._operator(), take_over=True
-        )
-        if driver is None:
-            # Closed meanwhile: its lease is worth nothing, and the closing tab drives the next.
-            current = await asyncio.to_thread(store.current)
-            if current is None:
+        change = await self.tab.take_over()
+        if not isinstance(change, TookOver):
+            await self._show_change(change)
+            if isinstance(change, Following):
                 await self.chat.add_notice(
-                    "The incident was closed: reopen the tab to start the next one.", "warning"
+                    "Nothing was taken over: /takeover again to drive this one."
                 )
-                return
-            await self._follow_next(incident, current)
-            await self.chat.add_notice("Nothing was taken over: /takeover again to drive this one.")
             return
-        self._set_driving(driver)
-        # Others see it in their chat; the former driver also says it itself on its next check.
-        self._journal(
-            incident,
-            ev.Notice(level="warning", text=f"{_who(driver)} took over at {_clock(driver.since)}."),
-        )
+        self._set_driving(change.driver)
         agent = self._start_agent()
         self.header.show_claude(
             manual=agent.manual, model=self._model, reason=self.backend.manual_reason
         )
-        was = f" from {_who(before)}" if before is not None else ""
+        was = f" from {who(change.before)}" if change.before is not None else ""
         await self.chat.add_notice(f"You drive now (took over{was}).", "info")
 
     async def _close_incident(self) -> None:
         """/close: the incident is over; this tab drives the next one at once (fresh context),
         and the read-only tabs follow it there."""
-        incident, store = self.incident, self._store
-        if incident is None or store is None:
+        if self.tab is None:
             await self.chat.add_notice("No incident is kept in this session.", "warning")
             return
-        operator = self._operator()
-        self._journal(
-            incident,
-            ev.Notice(
-                level="warning",
-                text=f"Incident closed by {operator or 'the driving tab'} at"
-                f" {_clock(time.time())}; the tab that closed it drives the next one.",
-            ),
-        )
-        new, driver = await asyncio.to_thread(store.replace, incident, self.session_id, operator)
-        await asyncio.to_thread(incident.release, self.session_id)
-        self._start_following(new, driver)
+        change = await self.tab.close()
+        if not isinstance(change, Closed):
+            await self._show_change(change)
+            return
+        following = change.following
+        self._show_following(following)
         if self.backend is not None:
             await self.backend.drop_agent()
             if self.driving:
@@ -587,10 +530,11 @@ class BreakglassApp(Guarded, App[None]):
         then = (
             "this tab drives it; Claude starts without the old context."
             if self.driving
-            else f"{self._driver_text(driver)}."
+            else f"{self._driver_text(following.driver)}."
         )
         await self.chat.add_notice(
-            f"Incident {incident.id} closed. Next incident: {new.id}; {then}", "info"
+            f"Incident {change.closed.id} closed. Next incident: {following.incident.id}; {then}",
+            "info",
         )
 
     # -- the operator's intents -------------------------------------------------------------
@@ -922,7 +866,7 @@ class BreakglassApp(Guarded, App[None]):
         self.record.write(
             "stop_requested", reason=stopper.reason, signal=stopper.signal_name, phase=self._phase()
         )
-        self._closed_in_time = await self._close_backend(stopper.remaining(CLOSE_BUDGET_S))
+        self._closed_in_time = await self._close_backend(stopper.remaining(CLOSE_TIME_S))
         if not self._closed_in_time:
             self._record_unconfirmed("the orderly stop ran out of time")
         self.exit(return_code=stopper.exit_code)
@@ -969,20 +913,15 @@ class BreakglassApp(Guarded, App[None]):
             self._release_lease()
 
     def _release_lease(self) -> None:
-        """Give up the driver lease of this tab's incident, and of the store's open one, if this
-        tab holds it (releasing a lease someone else holds does nothing). Blocking: a thread."""
-        incidents = [self.incident]
-        if self._store is not None:
-            incidents.append(self._store.current())
-        for incident in incidents:
-            if incident is not None:
-                incident.release(self.session_id)
+        """Give up this tab's driver lease (core.tab). Blocking: a thread."""
+        if self.tab is not None:
+            self.tab.release()
 
-    async def _close_backend(self, budget_s: float = CLOSE_BUDGET_S) -> bool:
+    async def _close_backend(self, time_s: float = CLOSE_TIME_S) -> bool:
         """Cancel what runs, release the lease, close the agent (its audit's session_end), the
-        hosts and the lab, within ``budget_s``; True when all of it finished in time."""
+        hosts and the lab, within ``time_s``; True when all of it finished in time."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget_s
+        deadline = loop.time() + time_s
 
         def left() -> float:
             return max(0.05, deadline - loop.time())
@@ -990,7 +929,8 @@ class BreakglassApp(Guarded, App[None]):
         self._shutting_down = True
         # First: a tab reopened at once (the browser's reload) may drive straight away. The
         # closing agent's last events are still journaled; its context is no longer saved.
-        self.driving = False
+        if self.tab is not None:
+            self.tab.end()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.to_thread(self._release_lease), left())
         running = [w for w in self.workers if w.group == AGENT_GROUP and not w.is_finished]
@@ -1028,7 +968,8 @@ class BreakglassApp(Guarded, App[None]):
                 await asyncio.wait_for(backend.close(), left())
             except TimeoutError:
                 in_time = False
-        self.incident = None
+        if self.tab is not None:
+            self.tab.forget()
         return in_time
 
     async def on_unmount(self) -> None:

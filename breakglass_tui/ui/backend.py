@@ -1,4 +1,5 @@
-"""Wiring: builds the hosts session and the breakglass agent behind the app.
+"""The screen's backend: the hosts session and the breakglass agent behind the app, over the
+targets and keys ``runtime`` wires (the lab behind ``--lab``, else the real targets).
 
 Nothing heavy is imported at module level: anthropic, asyncssh and hvac cost seconds and tens of
 megabytes, and each browser tab is a new process, so the first frame is painted before a worker
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +90,15 @@ class Backend:
     operator: str
     model: str
     manual_reason: str | None = None
-    lab: Any = None  # the lab.Lab behind --lab (tests look at its processes)
+    wiring: Any = None  # runtime.Wiring: the targets, their keys, and the lab behind --lab
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     make_agent: AgentFactory | None = None  # None: ``agent`` was built with the backend
     state_dir: Path | None = None  # where the audit log is (the app writes its own lines there)
+
+    @property
+    def lab(self) -> Any:
+        """The lab.Lab this console started (``--lab``), or None."""
+        return self.wiring.lab if self.wiring is not None else None
 
     def start_agent(
         self,
@@ -144,25 +148,8 @@ class Backend:
         """Last resort at the stop's hard deadline (any thread, the loop may be stuck): kill the
         lab's processes by PID. Real targets leave nothing to kill: the private ssh-agent's
         keeper ends it when this process is gone."""
-        if self.lab is not None:
-            kill_lab_processes(self.lab)
-
-
-def kill_lab_processes(lab: Any) -> None:
-    """SIGKILL the processes a lab started (its kvm, verbs still running on its PVE host)."""
-    pids: set[int] = set()
-    sim = getattr(lab, "sim", None)
-    with contextlib.suppress(Exception):
-        pid = sim.kvm_pid() if sim is not None else None
-        if pid:
-            pids.add(int(pid))
-    for owner, name in ((sim, "_children"), (getattr(lab, "pve_host", None), "_children")):
-        children = getattr(owner, name, None) or ()
-        with contextlib.suppress(Exception):
-            pids.update(getattr(child, "pid", child) for child in list(children))
-    for pid in pids:
-        with contextlib.suppress(Exception):
-            os.kill(int(pid), signal.SIGKILL)
+        if self.wiring is not None:
+            self.wiring.kill_now()
 
 
 async def _close_all(closers: list[Callable[[], Awaitable[None]]]) -> None:
@@ -180,46 +167,45 @@ def manual_reason() -> str | None:
 
 
 async def build_backend(options: AppOptions, emit: Emit) -> Backend:
-    """Start the lab (``--lab``) or load the keys for the real targets, then build the
-    ``HostSession``; the ``BreakglassAgent`` is built by :meth:`Backend.start_agent` once the tab
-    knows it drives (``emit`` is the default for it)."""
+    """Wire the targets (``runtime``: the lab behind ``--lab``, else the real targets with their
+    keys), then build the ``HostSession``; the ``BreakglassAgent`` is built by
+    :meth:`Backend.start_agent` once the tab knows it drives (``emit`` is the default for it)."""
+    from breakglass_tui import runtime
+
     # Imported in a thread: asyncssh and the agent take a second or more, and the screen must
     # keep answering keys meanwhile (anthropic itself is imported by the agent, lazily).
-    await asyncio.to_thread(_import_heavy, options.lab)
+    await asyncio.to_thread(runtime.import_heavy, options.lab)
     from breakglass_tui.config import load_settings
     from breakglass_tui.core.agent import BreakglassAgent
-    from breakglass_tui.hosts.session import HostSession
+    from breakglass_tui.core.events import Notice
 
     settings = options.settings or load_settings()
-    closers: list[Callable[[], Awaitable[None]]] = []
-    lab = None
+    if options.lab:
+        loop = asyncio.get_running_loop()
+
+        def progress(line: str) -> None:  # called from the build's thread too
+            loop.call_soon_threadsafe(emit, Notice(level="info", text=f"lab: {line}"))
+
+        wiring = await runtime.wire_lab(
+            options.scenario,
+            options.devvm,
+            progress=progress,
+            prestarted=options.lab_prestart,
+            note=options.lab_note,
+        )
+    else:
+        wiring = await runtime.wire_real(settings)
+    # The one sentence about the lab (QEMU missing, a scenario the sandbox cannot stage, no
+    # devvm at all; in a tab of `breakglass-serve --lab`, the server's), said in the chat.
+    if wiring.note:
+        emit(Notice(level="warning", text=wiring.note))
+    closers: list[Callable[[], Awaitable[None]]] = [wiring.close]
     try:
-        if options.lab:
-            lab = await _start_lab(options, emit)
-            kind = "real devvm" if hasattr(lab, "image") else "sandbox devvm"
-            targets = f"lab ({kind}) · scenario {lab.scenario}"
-            closers.append(lab.close)
-            hosts = HostSession(lab.devvm, lab.pve, client_keys=lab.client_keys, settings=settings)
-            keys = "lab keys (in memory)"
-        else:
-            from breakglass_tui.hosts.keyagent import load_keys
-            from breakglass_tui.hosts.types import SshTarget
-
-            loaded = await load_keys(settings)
-            closers.append(loaded.agent.close)
-            devvm, pve = real_targets(settings, loaded, SshTarget)
-            hosts = HostSession(devvm, pve, agent_path=loaded.agent.socket_path, settings=settings)
-            keys = f"keys loaded ({loaded.source})"
-            targets = f"devvm {devvm.host} · pve {pve.host}"
-            # A tab of `breakglass-serve --lab`: the server chose the lab's devvm, and says why.
-            if os.environ.get("BREAKGLASS_LAB_NOTE"):
-                from breakglass_tui.core.events import Notice
-
-                emit(Notice(level="warning", text=os.environ["BREAKGLASS_LAB_NOTE"]))
-        closers.insert(0, hosts.close)
+        hosts = wiring.host_session(settings)
     except BaseException:
         await _close_all(closers)
         raise
+    closers.insert(0, hosts.close)
 
     def make_agent(
         emit_to: Emit,
@@ -235,7 +221,7 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
             hosts,
             emit=emit_to,
             operator=settings.operator,
-            lab=options.lab,
+            lab=wiring.is_lab,  # a server's lab tab too: its audit says lab=true
             session_id=session_id,
             conversation=conversation,
             save_conversation=save_conversation,
@@ -246,83 +232,13 @@ async def build_backend(options: AppOptions, emit: Emit) -> Backend:
     return Backend(
         agent=None,
         hosts=hosts,
-        keys=keys,
-        targets=targets,
+        keys=wiring.keys,
+        targets=wiring.targets,
         operator=settings.operator,
         model=settings.model,
         manual_reason=manual_reason(),
-        lab=lab,
+        wiring=wiring,
         closers=closers,
         make_agent=make_agent,
         state_dir=Path(settings.state_dir),
     )
-
-
-async def _start_lab(options: AppOptions, emit: Emit) -> Any:
-    """The lab behind --lab: the devvm options.devvm names (or the best one here; "none": the
-    lab without a devvm, where none can run). Its one sentence (QEMU missing, a scenario the
-    sandbox cannot stage, no devvm at all) and the first run's progress (the image built, a
-    booted state saved) are said in the chat."""
-    from breakglass_tui.core.events import Notice
-    from breakglass_tui.lab.lab import start_lab
-
-    loop = asyncio.get_running_loop()
-
-    def progress(line: str) -> None:  # called from the build's thread too
-        loop.call_soon_threadsafe(emit, Notice(level="info", text=f"lab: {line}"))
-
-    extra = {"prestarted": options.lab_prestart} if options.lab_prestart is not None else {}
-    lab = await start_lab(options.scenario, devvm=options.devvm, progress=progress, **extra)
-    note = options.lab_note or lab.note
-    if note:
-        emit(Notice(level="warning", text=note))
-    return lab
-
-
-def _import_heavy(lab: bool) -> None:
-    modules = ["breakglass_tui.config", "breakglass_tui.hosts.session", "breakglass_tui.core.agent"]
-    if lab:
-        modules += ["breakglass_tui.lab.lab", "breakglass_tui.lab.guest.lab"]
-    else:
-        modules.append("breakglass_tui.hosts.keyagent")
-    for name in modules:
-        importlib.import_module(name)
-
-
-def real_targets(settings: Settings, loaded: Any, target_cls):
-    """The two real SSH targets, each bound to its own key (``loaded``: the hosts layer's
-    ``LoadedKeys``); host keys from Vault win over the BREAKGLASS_*_HOST_KEY ones."""
-    from breakglass_tui.config import ConfigError
-
-    out = []
-    for name, host, port, user, known, key in (
-        (
-            "devvm",
-            settings.devvm_host,
-            settings.devvm_port,
-            settings.devvm_user,
-            loaded.devvm_known_hosts or settings.devvm_host_key,
-            loaded.devvm_fingerprint,
-        ),
-        (
-            "pve",
-            settings.pve_host,
-            settings.pve_port,
-            settings.pve_user,
-            loaded.pve_known_hosts or settings.pve_host_key,
-            loaded.pve_fingerprint,
-        ),
-    ):
-        if not host:
-            raise ConfigError(f"BREAKGLASS_{name.upper()}_HOST is not set: give the IP address")
-        if not known:
-            raise ConfigError(
-                f"no pinned host key for {name}: put it in the Vault secret"
-                f" ({name}_known_hosts) or set BREAKGLASS_{name.upper()}_HOST_KEY"
-            )
-        out.append(
-            target_cls(
-                host=host, port=port, user=user, known_hosts=known, name=name, key_fingerprint=key
-            )
-        )
-    return out[0], out[1]

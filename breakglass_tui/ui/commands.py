@@ -1,4 +1,5 @@
-"""Command-palette entries (Ctrl+P): the verbs, the probe, the incident report."""
+"""Command-palette entries (Ctrl+P): the slash commands that name a palette title (core.slash),
+the latest bundle's download and help."""
 
 from __future__ import annotations
 
@@ -7,22 +8,10 @@ from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from breakglass_tui.core import slash
+
 if TYPE_CHECKING:
     from breakglass_tui.ui.app import BreakglassApp
-
-ENTRIES: tuple[tuple[str, str, str], ...] = (
-    ("Probe the devvm", "/probe", "is SSH up? refused, no banner, auth, …"),
-    ("PVE verb: status", "/status", "the VM's state, read-only"),
-    ("PVE verb: forensics", "/forensics", "capture a bundle, change nothing"),
-    ("PVE verb: reset (mutating)", "/reset", "hard reset, forensics first"),
-    ("PVE verb: stop (mutating)", "/stop", "forensics first"),
-    ("PVE verb: start (mutating)", "/start", "bring a stopped VM back"),
-    ("PVE verb: cycle (mutating)", "/cycle", "stop then start, forensics first"),
-    ("Incident report", "/report", "write the report and download it"),
-    ("Take over the incident", "/takeover", "drive from this tab; the other becomes read-only"),
-    ("Close the incident", "/close", "this tab drives the next incident at once"),
-    ("Self-check", "/selfcheck", "every link of the rescue path, now; changes nothing"),
-)
 
 
 class BreakglassCommands(Provider):
@@ -33,8 +22,9 @@ class BreakglassCommands(Provider):
         return self.app  # type: ignore[return-value]
 
     def _entries(self):
-        for title, command, help_text in ENTRIES:
-            yield title, partial(self._app.submit, command), help_text
+        for command in slash.COMMANDS:  # the one table of slash commands
+            if command.palette is not None:
+                yield command.palette, partial(self._app.submit, command.name), command.palette_help
         yield "Download latest forensics bundle", self._app.action_download_bundle, "as JSON"
         yield "Help: keys and slash commands", self._app.action_help, "F1"
 

@@ -87,10 +87,12 @@ def clean(
 
 
 def one_line(text: str, *, limit: int | None = MAX_SHOWN_CHARS) -> str:
-    """:func:`clean` for a heading: line breaks shown as ``⏎``."""
+    """:func:`clean` for a heading: line breaks shown as ``⏎``, a tab as one space (expanded,
+    tabs would push the rest of a heading off its one line)."""
     if not isinstance(text, str):
         text = str(text)
-    return clean(text.replace("\r\n", "\n").replace("\n", " ⏎ "), newlines=False, limit=limit)
+    text = text.replace("\r\n", "\n").replace("\n", " ⏎ ").replace("\t", " ")
+    return clean(text, newlines=False, limit=limit)
 
 
 def literal(text: str, style: str = "", *, newlines: bool = True) -> Content:

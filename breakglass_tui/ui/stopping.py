@@ -18,7 +18,7 @@ loop. A request:
   not confirmed, the lab's processes killed by PID, the lease released) and ends the process;
 - asks the app, through the loop, to stop in order (``BreakglassApp.begin_stop``): cancel the
   running step (the remote command is killed), release the lease, close the agent (the audit's
-  ``session_end``), the hosts and the lab, within :data:`CLOSE_BUDGET_S`.
+  ``session_end``), the hosts and the lab, within :data:`CLOSE_TIME_S`.
 
 The stopper is created by the CLI before anything heavy is imported, so a signal during start-up
 is not lost: the app acts on it as soon as it is mounted.
@@ -33,9 +33,9 @@ import threading
 import time
 from collections.abc import Callable
 
-# The orderly stop's budget, and the hard deadline after which the process ends regardless.
+# The orderly stop's time, and the hard deadline after which the process ends regardless.
 # breakglass-serve gives an app QUIT_GRACE_S (8 s) before it kills it: both fit within it.
-CLOSE_BUDGET_S = 4.0
+CLOSE_TIME_S = 4.0
 HARD_DEADLINE_S = 6.0
 
 SIGNAL_NAMES = {signal.SIGHUP: "SIGHUP", signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
@@ -117,11 +117,11 @@ class Stopper:
     def signal_name(self) -> str | None:
         return SIGNAL_NAMES.get(self.signum) if self.signum is not None else None
 
-    def remaining(self, budget_s: float = CLOSE_BUDGET_S) -> float:
-        """Seconds left of ``budget_s`` since the stop was requested (the whole budget if none)."""
+    def remaining(self, time_s: float = CLOSE_TIME_S) -> float:
+        """Seconds left of ``time_s`` since the stop was requested (the whole of it if none)."""
         if self.requested_at is None:
-            return budget_s
-        return max(0.0, budget_s - (time.monotonic() - self.requested_at))
+            return time_s
+        return max(0.0, time_s - (time.monotonic() - self.requested_at))
 
     def done(self) -> None:
         """The orderly stop finished: the process is about to exit by itself."""

@@ -10,7 +10,8 @@ for the one VM named in its config, and answers with one JSON document on stdout
     bundle <bundle_id>                                      (read-only: fetch a forensics bundle)
 
 Run by the owner on the host, ``breakglass-verb --preflight`` checks read-only what the verb
-relies on, one line per check, and exits 1 if any check fails (0 otherwise).
+relies on, one line per check, and exits 1 if any check fails (0 otherwise);
+``breakglass-verb --version`` prints this file's release and protocol.
 
 Exit codes: 0 OK, 2 BAD_INPUT (refused input: no qm call, no lock), 3 BUSY (another mutating verb,
 or another forensics capture, holds the lock), 4 REFUSED (budget, cooldown, forensics budget, or
@@ -71,6 +72,7 @@ import threading
 import time
 import tomllib
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,10 @@ BUNDLE_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-(?:forensics|reset|stop|start|cycle)-[0
 BUNDLE_ID_RE = re.compile(BUNDLE_ID_PATTERN)
 BUNDLE_RE = re.compile(r"bundle (" + BUNDLE_ID_PATTERN + r")")
 PREFLIGHT_ARG = "--preflight"
+# This file's release (it is copied alone onto the host: no package metadata to ask there). The
+# same as the project's version (tests/packaging checks it); `breakglass-verb --version` prints it.
+VERSION = "0.1.0"
+VERSION_ARG = "--version"
 
 DEFAULT_CONFIG_PATH = "/etc/breakglass/verb.toml"
 CONFIG_ENV = "BREAKGLASS_VERB_CONFIG"
@@ -405,7 +411,7 @@ def validate_config(data: dict[str, Any]) -> Config:
     )
 
 
-def config_path(environ: dict[str, str] | None = None) -> str:
+def config_path(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     return env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
 
@@ -2488,7 +2494,7 @@ def execute(cfg: Config, cmd: Command, logger: Logger, raw: str, conn: str | Non
     return mutating_verb(cfg, cmd, run, logger, base, done)
 
 
-def forensics_verb(cfg: Config, run: Run, done: Any) -> int:
+def forensics_verb(cfg: Config, run: Run, done: Callable[..., int]) -> int:
     """forensics: its own lock (one capture at a time) and its own budget in the ledger."""
     flock = take_forensics_lock(cfg, cfg.forensics_s)
     if flock is None:
@@ -2550,7 +2556,12 @@ def forensics_verb(cfg: Config, run: Run, done: Any) -> int:
 
 
 def mutating_verb(
-    cfg: Config, cmd: Command, run: Run, logger: Logger, base: dict[str, Any], done: Any
+    cfg: Config,
+    cmd: Command,
+    run: Run,
+    logger: Logger,
+    base: dict[str, Any],
+    done: Callable[..., int],
 ) -> int:
     # Once begun, finish even if the SSH client goes away.
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
@@ -2809,7 +2820,7 @@ def _vm_storage_pools(cfg: Config) -> list[tuple[str, str, str]]:
         return found
 
     status, result = call_isolated(read, 5.0)
-    return [tuple(x) for x in result] if status == "ok" and result else []  # type: ignore[misc]
+    return [tuple(x) for x in result] if status == "ok" and result else []
 
 
 def _lvm_vg(source: str) -> str | None:
@@ -2977,7 +2988,7 @@ def check_sshd(cfg: Config, verb_path: str) -> list[Check]:
     holder = next((i for i, e in enumerate(found) if e["key"]), None)
 
     def on_pve(e: dict[str, Any]) -> bool:
-        return e["real"] == pve or e["real"].startswith(pve.rstrip("/") + "/")
+        return bool(e["real"] == pve or e["real"].startswith(pve.rstrip("/") + "/"))
 
     if holder is None:
         checks.append(
@@ -3184,6 +3195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == [PREFLIGHT_ARG]:
         return preflight()
+    if args == [VERSION_ARG]:
+        print(f"breakglass-verb {VERSION} (protocol {PROTOCOL_VERSION})")
+        return 0
     # Otherwise the command comes from SSH_ORIGINAL_COMMAND, never from argv.
     # A gone client must not kill us mid-verb: SIGPIPE stays ignored (Python's default) and
     # writes tolerate EPIPE; SIGHUP is ignored from the start.

@@ -5,7 +5,7 @@
 # ingest untrusted input. Without this deny a prompt-injected agent could read
 # root-on-devvm credentials.
 #
-# Why so many stanzas (DESIGN.md section 4):
+# Why so many stanzas (docs/architecture.md, section 6):
 # - Vault/OpenBao picks ONE matching path rule per request, the most specific.
 #   "secret/data/breakglass/*" beats "secret/data/*", but a single glob such as
 #   "secret/+/breakglass/*" does NOT (its wildcard comes earlier, so the broader

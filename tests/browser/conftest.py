@@ -115,7 +115,7 @@ class ServeProcess:
     proc: subprocess.Popen[bytes]
     port: int
     health_port: int  # /healthz and /readyz, plain HTTP, on a port of their own
-    state_dir: Path
+    state_root: Path  # BREAKGLASS_STATE_DIR: each --lab server keeps its records in lab/<run>/
     stdout_path: Path
     stderr_path: Path
     _closed: bool = field(default=False)
@@ -124,6 +124,12 @@ class ServeProcess:
     @property
     def base(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this server's records (audit log, incident) go, as its "ready" line says."""
+        [ready] = [r for r in self.log_records() if r.get("message") == "ready"]
+        return Path(ready["state_dir"])
 
     def log_records(self) -> list[dict[str, Any]]:
         """Every JSON line the server wrote to stdout so far (log lines and forwarded audit)."""

@@ -22,17 +22,9 @@ from tests.browser.conftest import (
     running_serve,
 )
 from tests.support.realparts import free_port
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.slow
-
-
-async def wait_until(predicate, timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not so after {timeout_s} s")
-        await asyncio.sleep(0.1)
 
 
 async def test_page_loads_and_nothing_leaves_the_server(lab_serve: ServeProcess, context) -> None:
@@ -132,14 +124,14 @@ async def test_operator_runs_a_command_and_probes_the_devvm(
 
     before = (await tab.text()).count("probe devvm")
     await tab.type_line("/probe")
-    await tab.page.wait_for_timeout(200)
-    for _ in range(100):
-        screen = await tab.text()
-        if screen.count("probe devvm") > before:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError(f"no new probe on screen after /probe:\n{screen}")
+
+    async def probed_again() -> bool:
+        return (await tab.text()).count("probe devvm") > before
+
+    await until(
+        probed_again, what="a new probe on screen after /probe", timeout_s=10, interval_s=0.1
+    )
+    screen = await tab.text()
     assert "healthy: the devvm" in screen and "devvm: reachable" in screen, screen
 
 
@@ -150,11 +142,17 @@ async def test_closing_the_tab_ends_its_app_process(lab_serve: ServeProcess, con
     # One process per tab (the server execs the app: no shell left between them).
     assert len(mine) == 1, f"expected one new app process for the tab, found {mine}"
     await tab.page.close()
-    await wait_until(lambda: not mine[0].alive(), 15, f"app process {mine[0].pid} still running")
-    await wait_until(
+    await until(
+        lambda: not mine[0].alive(),
+        what=f"app process {mine[0].pid} still running",
+        timeout_s=15,
+        interval_s=0.1,
+    )
+    await until(
         lambda: any(r.get("message") == "session closed" for r in lab_serve.log_records()),
-        5,
-        "the server logged no 'session closed'",
+        what="the server logged no 'session closed'",
+        timeout_s=5,
+        interval_s=0.1,
     )
 
 
@@ -211,12 +209,18 @@ async def test_sigterm_stops_cleanly_and_forwards_every_audit_line(
         left = [p for p in [*children, kvm_proc] if p.alive()]
         assert not left, f"processes outlived the server: {left}"
 
+        # A lab server's records are its own: apart from the real incident's, and from an
+        # earlier lab's, whose devvm is gone.
+        assert served.state_dir.parent == served.state_root / "lab"
         audit_file = served.state_dir / "audit.jsonl"
         written = [json.loads(line) for line in audit_file.read_text().splitlines() if line]
         forwarded = [r["record"] for r in served.log_records() if r.get("log") == "audit"]
         assert written, "the app wrote no audit line"
         assert forwarded == written, "not every audit line reached the server's stdout"
-        assert {r.get("operator") for r in forwarded} == {"viktor"}
+        # The tab's lines name its operator; the server's own self-check lines name the server.
+        tab_lines = [r for r in forwarded if r.get("session_id") != "selfcheck"]
+        assert tab_lines and {r.get("operator") for r in tab_lines} == {"viktor"}
+        assert {r.get("operator") for r in forwarded} <= {"viktor", "breakglass-serve"}
         # Written while the app quit, after the SIGTERM: the in-flight command's result and
         # the session's end.
         call = next(

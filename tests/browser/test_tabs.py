@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import Console, open_console, running_serve
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -28,15 +29,6 @@ async def wait_for_output_line(tab: Console, text: str, timeout_s: float = 15.0)
             return "\n".join(rows)
         if loop.time() > deadline:
             raise AssertionError(f"no output row with {text!r}:\n" + "\n".join(rows))
-        await asyncio.sleep(0.1)
-
-
-async def wait_until(predicate, timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not so after {timeout_s} s")
         await asyncio.sleep(0.1)
 
 
@@ -67,7 +59,12 @@ async def test_second_tab_follows_takes_over_and_a_reopened_tab_resumes(
 
             await first.page.close()
             await second.page.close()
-            await wait_until(lambda: not served.app_processes(), 15, "the tabs' app processes")
+            await until(
+                lambda: not served.app_processes(),
+                what="the tabs' app processes",
+                timeout_s=15,
+                interval_s=0.1,
+            )
 
             third = await open_console(context, served.base + "/", wait_first_frame=False)
             screen = await third.wait_for_text("Resume the incident", timeout_s=25)

@@ -389,13 +389,13 @@ async def test_a_verbs_bundle_is_outputs_and_its_screendump_an_image(make_agent,
     assert "blk_update_request: I/O error" in grep
 
 
-async def test_a_screendump_over_the_image_budget_is_described_not_sent(make_agent, fake_api):
+async def test_a_screendump_over_the_image_limit_is_described_not_sent(make_agent, fake_api):
     host = BundleHost()
-    h = make_agent(host, image_budget_bytes=len(host.screendump) - 1)
+    h = make_agent(host, image_limit_bytes=len(host.screendump) - 1)
     fake_api.push(fm.tool("t1", "pve_verb", {"verb": "forensics"}), fm.text("Seen."))
     await h.agent.handle("look")
     content = fake_api.bodies[1]["messages"][-1]["content"][0]["content"]
-    assert isinstance(content, str) and "over the image budget" in content
+    assert isinstance(content, str) and "over the image limit" in content
 
 
 # -- the report Claude writes --------------------------------------------------------------------

@@ -146,11 +146,11 @@ async def test_cache_control_on_last_tool_last_system_block_and_tools_exact(make
     assert "cache_control" not in json.dumps(h.agent.messages)
 
 
-async def test_ten_megabyte_output_stays_within_budget_and_is_readable(make_agent, fake_api):
+async def test_ten_megabyte_output_stays_within_its_view_and_is_readable(make_agent, fake_api):
     big = "".join(f"line {i:07d} {'x' * 80}\n" for i in range(110_000))  # ~10 MB
     big = big.replace("line 0054321", "line 0054321 NEEDLE", 1)
     host = ScriptedHost(outputs={"cat /var/log/huge": big})
-    h = make_agent(host, output_budget_bytes=8192, output_budget_tokens=2048)
+    h = make_agent(host, output_view_bytes=8192, output_view_tokens=2048)
     o1 = h.agent.outputs.id_for(1)
     fake_api.push(
         fm.tool("toolu_1", "devvm_shell", {"command": "cat /var/log/huge"}),
@@ -204,7 +204,7 @@ async def test_a_fifty_step_incident_stays_bounded_and_never_gets_a_400(
     h = make_agent(
         host,
         settings=settings.model_copy(update={"max_steps": 12}),
-        context_budget_bytes=60_000,
+        context_limit_bytes=60_000,
         keep_recent_results=4,
         context_trigger_tokens=12_000,
         context_clear_at_least_tokens=2_000,

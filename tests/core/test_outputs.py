@@ -46,19 +46,19 @@ def test_small_output_is_shown_whole(tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.text(min_size=0, max_size=3000), max_size=12))
-def test_head_and_tail_never_exceed_the_budget_and_match_the_whole(tmp_path_factory, chunks):
-    store = OutputStore(tmp_path_factory.mktemp("o"), Scrubber(), budget_bytes=1000)
+def test_head_and_tail_never_exceed_the_view_and_match_the_whole(tmp_path_factory, chunks):
+    store = OutputStore(tmp_path_factory.mktemp("o"), Scrubber(), view_bytes=1000)
     rec = record(store, chunks)
     whole = "".join(chunks).encode()
-    assert len(rec.head) + len(rec.tail) <= store.budget_bytes
+    assert len(rec.head) + len(rec.tail) <= store.view_bytes
     assert whole.startswith(rec.head) and whole.endswith(rec.tail)
     assert rec.elided_bytes == len(whole) - len(rec.head) - len(rec.tail)
     assert rec.path.read_bytes() == whole
 
 
-def test_token_budget_tightens_the_byte_budget(tmp_path):
-    store = OutputStore(tmp_path, Scrubber(), budget_bytes=100_000, budget_tokens=1000)
-    assert store.budget_bytes == 3000
+def test_token_limit_tightens_the_byte_limit(tmp_path):
+    store = OutputStore(tmp_path, Scrubber(), view_bytes=100_000, view_tokens=1000)
+    assert store.view_bytes == 3000
 
 
 def test_private_key_split_across_chunks_is_scrubbed_everywhere(tmp_path):
@@ -101,7 +101,7 @@ async def test_read_and_grep_validate_ids_and_patterns(tmp_path):
 
 
 def test_an_output_past_the_cap_is_counted_and_hashed_but_not_written(tmp_path):
-    store = OutputStore(tmp_path, Scrubber(), budget_bytes=1000, max_stored_bytes=10_000)
+    store = OutputStore(tmp_path, Scrubber(), view_bytes=1000, max_stored_bytes=10_000)
     lines = [f"line {i:06d}\n" for i in range(5000)]  # 60 000 bytes
     whole = "".join(lines).encode()
     rec = record(store, ["".join(lines[i : i + 97]) for i in range(0, len(lines), 97)])

@@ -251,7 +251,7 @@ def test_without_the_deny_terraform_state_would_read_the_keys(
 
 
 def test_a_single_glob_deny_is_not_enough(breakglass_vault: BreakglassVault) -> None:
-    """DESIGN.md section 4: `secret/+/breakglass/*` loses to `secret/data/*` (its wildcard comes
+    """docs/architecture.md §6: `secret/+/breakglass/*` loses to `secret/data/*` (its wildcard comes
     first), which is why the snippet spells out each prefix."""
     naive = 'path "secret/+/breakglass/*" {\n  capabilities = ["deny"]\n}\n'
     token = token_for(breakglass_vault, "terraform-state-naive", TERRAFORM_STATE_GRANT + naive)

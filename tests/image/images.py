@@ -1,4 +1,5 @@
-"""Build the breakglass image here, as an operator would, with Debian's tools (DESIGN.md §5).
+"""Build the breakglass image here, as an operator would, with Debian's tools
+(docs/architecture.md §7).
 
 No container registry is reachable from this machine, so the Containerfile's base
 (``debian:bookworm-slim`` by digest) cannot be pulled. It is made instead, from Debian's own

@@ -48,6 +48,7 @@ from tests.image.images import (
 )
 from tests.support.certs import SERVER_NAME, Pki, make_pki
 from tests.support.realparts import free_port
+from tests.support.waiting import until_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -211,17 +212,6 @@ class Running:
         return f"stdout:\n{self.stdout()[-3000:]}\nstderr:\n{self.stderr()[-3000:]}"
 
 
-def wait_until(predicate: Any, timeout: float, what: str, diagnostics: Any = None) -> float:
-    """Poll until predicate() is true; return the seconds it took. Fails naming ``what``."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            extra = f"\n{diagnostics()}" if diagnostics else ""
-            raise AssertionError(f"{what}: not within {timeout:.0f} s{extra}")
-        time.sleep(0.1)
-    return time.monotonic() - started
-
-
 def tls_secrets(spec: PodSpec, pki: Pki, directory: Path) -> Path:
     """The directory the chart's backend-tls volume makes: the console's certificate and key and
     the client CA's certificate, under the names the chart gives them."""
@@ -280,9 +270,15 @@ def container(image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) -> It
                 return running.health("/readyz")[0] == 200
             return False
 
-        seconds = wait_until(
-            ready, 90, "the container never answered /readyz with 200", running.diagnostics
+        started = time.monotonic()
+        until_sync(
+            ready,
+            what="the container to answer /readyz with 200",
+            timeout_s=90,
+            interval_s=0.1,
+            diagnostics=running.diagnostics,
         )
+        seconds = time.monotonic() - started
         FIGURES["start to ready"] = f"{seconds:.1f} s"
         yield running
     finally:
@@ -433,12 +429,13 @@ def test_a_foreign_origin_websocket_is_refused(container: Running) -> None:
         return 101
 
     assert asyncio.run(attempt()) == 403
-    wait_until(
+    until_sync(
         lambda: any(
             r.get("message") == "websocket refused: foreign origin" for r in container.records()
         ),
-        30,
-        "the refusal was not logged",
+        what="the refusal in the log",
+        timeout_s=30,
+        interval_s=0.1,
     )
 
 

@@ -27,6 +27,7 @@ from breakglass_tui.hosts.types import (
     Reachability,
     VerbResult,
 )
+from tests.support.waiting import until
 
 
 def sample_events() -> list[ev.Event]:
@@ -116,7 +117,7 @@ async def test_a_follower_sees_events_as_they_are_written(tmp_path: Path) -> Non
                 return
 
     task = asyncio.create_task(follow())
-    await asyncio.sleep(0.1)
+    await until(lambda: seen, what="the follower to read the first event")
     incident.append_event(ev.OperatorMessage(text="second"))
     await asyncio.wait_for(task, 5)
     assert [e.text for e in seen] == ["first", "second"]  # type: ignore[attr-defined]

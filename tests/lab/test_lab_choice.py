@@ -50,7 +50,7 @@ async def test_serve_without_qemu_or_a_sandbox_still_opens_every_tab(tmp_path, m
         note = state.child_env["BREAKGLASS_LAB_NOTE"]
         assert note.startswith("The lab has no devvm here: QEMU is not installed")
         assert note.endswith(".") and ". " not in note
-        lab = backend._lab
+        lab = backend.lab
         assert lab.sandbox is None and lab.sim.kvm_pid() is not None  # the PVE side runs
         hosts = HostSession(lab.devvm, lab.pve, client_keys=lab.client_keys)
         try:
@@ -73,7 +73,7 @@ async def test_serve_without_qemu_serves_the_sandbox_and_tells_the_tabs(tmp_path
             env["BREAKGLASS_DEVVM_USER"] == "root" and env["BREAKGLASS_DEVVM_HOST"] == "127.0.0.1"
         )
         assert env["BREAKGLASS_LAB_NOTE"].startswith("QEMU is not installed")
-        assert backend._lab.scenario == "disk-full"
+        assert backend.lab.scenario == "disk-full"
     finally:
         await backend.close()
 

@@ -339,7 +339,7 @@ async def test_unknown_model(served, parts: Parts) -> None:
     backend, _, _ = served
     settings = backend.settings.model_copy(update={"model": "claude-nonesuch-9"})
     other = ServeBackend(settings, lab=False, scenario="healthy", state_dir=backend.state_dir)
-    other._loaded, other._agent, other._targets = backend._loaded, backend._agent, backend._targets
+    other.wiring = backend.wiring  # the same keys and targets, another model
     selfcheck = other.build_selfcheck()
     await selfcheck.run()
     api = selfcheck.links["api"]

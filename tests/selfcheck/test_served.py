@@ -22,17 +22,10 @@ from breakglass_tui.core.scrub import Scrubber
 from breakglass_tui.serve.backend import ServeBackend
 from breakglass_tui.serve.server import BreakglassServer
 from tests.support.realparts import free_port
+from tests.support.waiting import until
 from tests.ui.conftest import make_app
 
 pytestmark = pytest.mark.timeout(180)
-
-
-async def wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.1)
 
 
 class Served:
@@ -99,14 +92,17 @@ def sample(metrics: str, name: str) -> float | None:
 async def run_now(served: Served) -> dict:
     """Ask for a run as a tab's /selfcheck does, and wait for its result."""
     asked = sc.request_run(served.state_dir)
-    await wait_for(lambda: (sc.read_status(served.state_dir) or {}).get("checked_at", 0) >= asked)
+    await until(
+        lambda: (sc.read_status(served.state_dir) or {}).get("checked_at", 0) >= asked,
+        timeout_s=60.0,
+    )
     status = sc.read_status(served.state_dir)
     assert status is not None
     return status
 
 
 async def test_checks_metrics_and_the_tabs_file_agree_at_start(served: Served) -> None:
-    await wait_for(lambda: sc.read_status(served.state_dir) is not None)
+    await until(lambda: sc.read_status(served.state_dir) is not None, timeout_s=60.0)
     code, kind, body = await served.get("/checks")
     assert code == 200 and kind.startswith("application/json")
     checks = json.loads(body)
@@ -165,12 +161,12 @@ async def test_verbs_and_tokens_are_counted_from_the_audit(served: Served) -> No
 async def test_a_broken_link_shows_alike_everywhere_and_is_audited_once(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await wait_for(lambda: sc.read_status(served.state_dir) is not None)
+    await until(lambda: sc.read_status(served.state_dir) is not None, timeout_s=60.0)
     before = [r for r in served.audit() if r["kind"] == "selfcheck_link"]
     await run_now(served)  # nothing changed: nothing audited
     assert [r for r in served.audit() if r["kind"] == "selfcheck_link"] == before
 
-    lab = served.backend._lab
+    lab = served.backend.lab
     lab.sim.stop_vm()  # the devvm goes down (the VM stopped under us)
     try:
         status = await run_now(served)
@@ -200,7 +196,7 @@ async def test_a_broken_link_shows_alike_everywhere_and_is_audited_once(
             assert line.startswith("rescue path: devvm BROKEN since")
             # /selfcheck from the tab: the server runs, the chat gets a line per link.
             await app.submit("/selfcheck")
-            await wait_for(lambda: "BROKEN   devvm" in chat_text(app), 60)
+            await until(lambda: "BROKEN   devvm" in chat_text(app), timeout_s=60)
     finally:
         lab.sim.start_vm()
     await wait_for_devvm_ok(served)
@@ -232,7 +228,7 @@ async def test_selfcheck_in_a_terminal_says_where_it_runs(
         await pilot.pause()
         assert app.header.rescue == ""  # no self-check runs here: nothing claimed
         await app.submit("/selfcheck")
-        await wait_for(lambda: "breakglass-tui --check" in chat_text(app), 30)
+        await until(lambda: "breakglass-tui --check" in chat_text(app), timeout_s=30)
 
 
 def test_the_schedule_is_jittered_within_bounds() -> None:

@@ -29,21 +29,13 @@ from breakglass_tui.serve.server import BreakglassServer, ServeState
 from breakglass_tui.serve.tls import TlsConfigError, TlsFiles, check_files, server_context
 from tests.support.certs import SERVER_NAME, Pki, make_pki
 from tests.support.realparts import free_port
+from tests.support.waiting import until, written_json
 
 ENVAPP = Path(__file__).with_name("envapp.py")
 HEADER = "X-authentik-username"
 # What a refused TLS connection may raise in a client (the handshake alert arrives at connect
 # with TLS 1.2, or at the first read with TLS 1.3).
 REFUSED = (aiohttp.ClientConnectionError, ssl.SSLError, ConnectionError)
-
-
-async def wait_for(predicate, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -179,15 +171,17 @@ async def test_the_ingress_certificate_is_served_and_names_the_operator(
             headers={"Origin": console.url, HEADER: "viktor"},
         )
         try:
-            await wait_for(lambda: console.started_apps)
-            await asyncio.sleep(0.2)
-            doc = json.loads(console.out.read_text())
+            doc = await until(
+                lambda: console.started_apps and written_json(console.out),
+                what="the app's report",
+                timeout_s=15.0,
+            )
         finally:
             await ws.close()
     assert doc["values"]["BREAKGLASS_OPERATOR"] == "viktor"
     # The console port's TLS files are the server's alone.
     assert not [n for n in doc["names"] if n.startswith(("BREAKGLASS_TLS_", "BREAKGLASS_CLIENT"))]
-    await wait_for(lambda: console.server.sessions == {})
+    await until(lambda: console.server.sessions == {}, timeout_s=15.0)
 
 
 async def test_without_the_identity_header_every_console_request_is_refused_with_403(
@@ -405,7 +399,10 @@ async def test_the_real_command_outside_the_lab_admits_only_the_ingress(
     proc.terminate()
     out, _err = proc.communicate(timeout=30)
     assert proc.returncode == 0
-    logged = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    # The server's own log lines (audit records forwarded from tabs and the self-check are
+    # the other kind of line on stdout).
+    logged = [r for r in lines if "message" in r]
     listening = next(r for r in logged if r["message"] == "listening")
     assert listening["client_certificate"] == "required"
     refused = [r for r in logged if r["message"] == "request refused: no identity header"]

@@ -8,11 +8,13 @@ keys gives the tabs opened afterwards the new fingerprints, each still on its ow
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import asyncssh
 
 from breakglass_tui.hosts.ssh import fingerprint
+from breakglass_tui.hosts.types import Reachability
 from breakglass_tui.serve.backend import ServeBackend
 from breakglass_tui.serve.server import ServeState
 from tests.support.openbao import (  # noqa: F401 - fixtures
@@ -73,7 +75,7 @@ async def test_the_lab_tabs_get_the_lab_keys_fingerprints(tmp_path: Path) -> Non
     state = ServeState()
     await backend.prepare(state)
     try:
-        lab = backend._lab  # the lab the server started for its tabs
+        lab = backend.lab  # the lab the server started for its tabs
         env = state.child_env
         assert env["BREAKGLASS_DEVVM_KEY_FINGERPRINT"] == fp(lab.devvm_key)
         assert env["BREAKGLASS_PVE_KEY_FINGERPRINT"] == fp(lab.pve_key)
@@ -84,3 +86,39 @@ async def test_the_lab_tabs_get_the_lab_keys_fingerprints(tmp_path: Path) -> Non
         }
     finally:
         await backend.close()
+
+
+async def test_a_lab_servers_tab_drives_the_lab_and_its_audit_says_lab(tmp_path, monkeypatch):
+    """A tab of `breakglass-serve --lab` is wired from what the server hands it, like a real
+    target's tab: the lab's targets, each with its own key from the server's agent — and its
+    audit's session_start says lab=true."""
+    from breakglass_tui.config import Settings, load_settings
+    from breakglass_tui.ui.backend import AppOptions, build_backend
+
+    server = ServeBackend(
+        Settings(state_dir=tmp_path),
+        lab=True,
+        scenario="healthy",
+        state_dir=tmp_path,
+        devvm="sandbox",
+    )
+    state = ServeState()
+    await server.prepare(state)
+    try:
+        for name, value in state.child_env.items():  # the tab's environment
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+        settings = load_settings()
+        events = []
+        tab = await build_backend(AppOptions(lab=False, settings=settings), events.append)
+        try:
+            assert tab.targets.startswith("devvm 127.0.0.1")
+            assert (await tab.hosts.probe()).reachability == Reachability.HEALTHY
+            tab.start_agent(events.append, session_id="tab-1")
+        finally:
+            await tab.close()
+        audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        [start] = [r for r in audit if r["kind"] == "session_start"]
+        assert start["lab"] is True
+    finally:
+        await server.close()

@@ -18,17 +18,9 @@ import pytest
 from breakglass_tui.serve.audit_forward import AuditForwarder
 from breakglass_tui.serve.server import BreakglassServer, ServeState, child_environment, origin_of
 from tests.support.realparts import free_port
+from tests.support.waiting import until, written_json
 
 ENVAPP = Path(__file__).with_name("envapp.py")
-
-
-async def wait_for(predicate, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 class Served:
@@ -124,9 +116,9 @@ async def test_right_origin_spawns_app_with_allowlisted_environment(served: Serv
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(served.ws_url, headers=headers)
         try:
-            await wait_for(served.out.exists)
-            await asyncio.sleep(0.2)
-            doc = json.loads(served.out.read_text())
+            doc = await until(
+                lambda: written_json(served.out), what="the app's report", timeout_s=15.0
+            )
         finally:
             await ws.close()
     names = doc["names"]
@@ -134,7 +126,7 @@ async def test_right_origin_spawns_app_with_allowlisted_environment(served: Serv
     assert "AWS_SECRET_ACCESS_KEY" not in names
     assert doc["values"]["BREAKGLASS_OPERATOR"] == "viktor"
     assert doc["values"]["BREAKGLASS_DEVVM_HOST"] == "192.0.2.10"
-    await wait_for(lambda: served.server.sessions == {})
+    await until(lambda: served.server.sessions == {}, timeout_s=15.0)
 
 
 async def test_the_lab_operator_is_used_without_identity_header(served: Served) -> None:
@@ -143,9 +135,9 @@ async def test_the_lab_operator_is_used_without_identity_header(served: Served) 
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
         try:
-            await wait_for(served.out.exists)
-            await asyncio.sleep(0.2)
-            doc = json.loads(served.out.read_text())
+            doc = await until(
+                lambda: written_json(served.out), what="the app's report", timeout_s=15.0
+            )
         finally:
             await ws.close()
     assert doc["values"]["BREAKGLASS_OPERATOR"] == "local-operator"
@@ -154,11 +146,11 @@ async def test_the_lab_operator_is_used_without_identity_header(served: Served) 
 async def test_closing_the_tab_ends_the_app_process(served: Served) -> None:
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
-        await wait_for(served.out.exists)
-        await asyncio.sleep(0.2)
-        pid = json.loads(served.out.read_text())["pid"]
+        pid = (
+            await until(lambda: written_json(served.out), what="the app's report", timeout_s=15.0)
+        )["pid"]
         await ws.close()
-    await wait_for(lambda: served.server.sessions == {})
+    await until(lambda: served.server.sessions == {}, timeout_s=15.0)
 
     def gone() -> bool:
         try:
@@ -168,7 +160,7 @@ async def test_closing_the_tab_ends_the_app_process(served: Served) -> None:
         # A zombie awaiting its reap counts as gone.
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
-    await wait_for(gone, 10)
+    await until(gone, timeout_s=10)
 
 
 async def test_session_cap_holds_for_other_operators(tmp_path: Path) -> None:
@@ -178,7 +170,7 @@ async def test_session_cap_holds_for_other_operators(tmp_path: Path) -> None:
             viktor = {"Origin": s.base, "X-authentik-username": "viktor"}
             alice = {"Origin": s.base, "X-authentik-username": "alice"}
             first = await http.ws_connect(s.ws_url, headers=viktor)
-            await wait_for(lambda: len(s.server.sessions) == 1)
+            await until(lambda: len(s.server.sessions) == 1, timeout_s=15.0)
             with pytest.raises(aiohttp.WSServerHandshakeError) as err:
                 await http.ws_connect(s.ws_url, headers=alice)
             assert err.value.status == 503
@@ -186,7 +178,7 @@ async def test_session_cap_holds_for_other_operators(tmp_path: Path) -> None:
                 assert page.status == 503
                 assert "All 1 sessions are in use" in await page.text()
             await first.close()
-            await wait_for(lambda: s.server.sessions == {})
+            await until(lambda: s.server.sessions == {}, timeout_s=15.0)
             async with http.get(s.base + "/", headers=alice) as page:
                 assert page.status == 200
     finally:
@@ -210,22 +202,22 @@ async def test_a_new_tab_of_an_operator_at_their_cap_evicts_their_oldest_followe
             viktor = {"Origin": s.base, "X-authentik-username": "viktor"}
             alice = {"Origin": s.base, "X-authentik-username": "alice"}
             first = await http.ws_connect(s.ws_url, headers=viktor)
-            await wait_for(lambda: len(s.server.sessions) == 1)
+            await until(lambda: len(s.server.sessions) == 1, timeout_s=15.0)
             first_id = next(iter(s.server.sessions))
             drive(tmp_path, first_id)  # the first tab drives the incident
             second = await http.ws_connect(s.ws_url, headers=viktor)
-            await wait_for(lambda: len(s.server.sessions) == 2)
+            await until(lambda: len(s.server.sessions) == 2, timeout_s=15.0)
             second_id = next(k for k in s.server.sessions if k != first_id)
             # At viktor's cap: his third tab evicts his oldest *follower* (the second), never
             # the tab that drives; alice is not affected.
             third = await http.ws_connect(s.ws_url, headers=viktor)
-            await wait_for(lambda: second_id not in s.server.sessions, 15)
+            await until(lambda: second_id not in s.server.sessions, timeout_s=15)
             assert first_id in s.server.sessions
             msg = await second.receive(timeout=10)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             assert second.closed or second.close_code is not None
             other = await http.ws_connect(s.ws_url, headers=alice)
-            await wait_for(lambda: len([v for v in s.server.sessions.values()]) == 3)
+            await until(lambda: len([v for v in s.server.sessions.values()]) == 3, timeout_s=15.0)
             # Only the driving tab left besides the newest: with no follower to close, the
             # operator is told why instead (and the driving tab is never closed).
             s.server.max_per_operator = 1
@@ -234,7 +226,7 @@ async def test_a_new_tab_of_an_operator_at_their_cap_evicts_their_oldest_followe
             assert err.value.status == 503
             for ws in (first, third, other):
                 await ws.close()
-            await wait_for(lambda: s.server.sessions == {}, 15)
+            await until(lambda: s.server.sessions == {}, timeout_s=15)
     finally:
         await s.close()
 
@@ -247,7 +239,7 @@ async def test_no_tab_is_evicted_while_none_drives_yet(tmp_path: Path) -> None:
         async with aiohttp.ClientSession() as http:
             viktor = {"Origin": s.base, "X-authentik-username": "viktor"}
             first = await http.ws_connect(s.ws_url, headers=viktor)
-            await wait_for(lambda: len(s.server.sessions) == 1)
+            await until(lambda: len(s.server.sessions) == 1, timeout_s=15.0)
             first_id = next(iter(s.server.sessions))
             with pytest.raises(aiohttp.WSServerHandshakeError) as err:
                 await http.ws_connect(s.ws_url, headers=viktor)
@@ -257,7 +249,7 @@ async def test_no_tab_is_evicted_while_none_drives_yet(tmp_path: Path) -> None:
             assert list(s.server.sessions) == [first_id]
             assert not first.closed
             await first.close()
-            await wait_for(lambda: s.server.sessions == {}, 15)
+            await until(lambda: s.server.sessions == {}, timeout_s=15)
     finally:
         await s.close()
 
@@ -266,7 +258,7 @@ async def test_a_malformed_resize_frame_is_dropped_and_the_session_goes_on(serve
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(served.ws_url, headers={"Origin": served.base})
         try:
-            await wait_for(served.out.exists)
+            await until(served.out.exists, timeout_s=15.0)
             for frame in (
                 '["resize", {"width": Infinity, "height": 24}]',
                 '["resize", {"width": 1e400, "height": -Infinity}]',
@@ -473,11 +465,19 @@ async def test_an_app_that_ignores_quit_is_killed_and_its_slot_freed(tmp_path: P
     try:
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
-            await wait_for(pidfile.exists)
-            await asyncio.sleep(0.1)
-            pid = int(pidfile.read_text())
+            pid = int(
+                await until(
+                    lambda: (
+                        pidfile.exists()
+                        and pidfile.read_text().strip().isdigit()
+                        and pidfile.read_text()
+                    ),
+                    what="the app's pid file",
+                    timeout_s=15.0,
+                )
+            )
             await ws.close()
-            await wait_for(lambda: s.server.sessions == {}, 10)
+            await until(lambda: s.server.sessions == {}, timeout_s=10)
             assert not Path(f"/proc/{pid}").exists() or (
                 Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
             )
@@ -507,10 +507,12 @@ async def test_a_huge_stderr_line_neither_blocks_the_app_nor_leaks_the_slot(
     try:
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(s.ws_url, headers={"Origin": s.base})
-            await wait_for(done.exists)  # it got past 200 kB of stderr: the pipe was drained
+            await until(
+                done.exists, timeout_s=15.0
+            )  # it got past 200 kB of stderr: the pipe was drained
             await asyncio.sleep(0.3)
             await ws.close()
-            await wait_for(lambda: s.server.sessions == {}, 10)
+            await until(lambda: s.server.sessions == {}, timeout_s=10)
     finally:
         await s.close()
     relayed = [r for r in caplog.records if r.getMessage() == "app stderr"]

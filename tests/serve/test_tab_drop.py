@@ -34,6 +34,7 @@ from breakglass_tui.serve.backend import ServeBackend
 from breakglass_tui.serve.server import BreakglassServer, app_command
 from tests.support import fake_messages_api as fm
 from tests.support.realparts import free_port
+from tests.support.waiting import until
 
 TRIALS_PER_PHASE = 20
 PARALLEL = 4
@@ -118,15 +119,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def _until(predicate, timeout_s: float, what: str, state: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out waiting for {what}: journal {[r.get('type') for r in _journal(state)]}"
-                f", audit {[r.get('kind') for r in _lines(state / 'audit.jsonl')]}"
-            )
-        await asyncio.sleep(0.05)
+def _records(state: Path) -> str:
+    """What the incident's journal and the audit log hold so far (for a failure's message)."""
+    return (
+        f"journal {[r.get('type') for r in _journal(state)]},"
+        f" audit {[r.get('kind') for r in _lines(state / 'audit.jsonl')]}"
+    )
 
 
 async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -150,7 +148,12 @@ async def one_drop(served: Served, phase: str, how: str, seed: int) -> Drop:
                 f"ws://127.0.0.1:{served.port}/ws?width=160&height=48",
                 headers={"Origin": served.base},
             )
-            await _until(lambda: set(served.server.sessions) - before, 10, "the session", state)
+            await until(
+                lambda: set(served.server.sessions) - before,
+                what="the session",
+                timeout_s=10,
+                diagnostics=lambda: _records(state),
+            )
         reader = asyncio.create_task(_drain(ws))
         try:
             label = next(iter(set(served.server.sessions) - before))
@@ -161,33 +164,38 @@ async def one_drop(served: Served, phase: str, how: str, seed: int) -> Drop:
                     r.get("type") == kind and needle in json.dumps(r) for r in _journal(state)
                 )
 
-            await _until(lambda: service._process is not None, 10, "the app process", state)
+            await until(
+                lambda: service._process is not None,
+                what="the app process",
+                timeout_s=10,
+                diagnostics=lambda: _records(state),
+            )
             pid = service._process.pid
             if phase == "starting":
                 await asyncio.sleep(rng.uniform(0.0, 1.5))
             else:
                 if phase == "streaming":  # typed during the opening probe: queued
                     await ws.send_json(["stdin", TYPED + "\r"])
-                await _until(
+                await until(
                     lambda: journal_has("ToolCallEnded", "pve_verb"),
-                    PHASE_TIMEOUT_S,
-                    "the opening check",
-                    state,
+                    what="the opening check",
+                    timeout_s=PHASE_TIMEOUT_S,
+                    diagnostics=lambda: _records(state),
                 )
                 if phase == "streaming":
-                    await _until(
+                    await until(
                         lambda: journal_has("AssistantTextDelta"),
-                        PHASE_TIMEOUT_S,
-                        "the stream",
-                        state,
+                        what="the stream",
+                        timeout_s=PHASE_TIMEOUT_S,
+                        diagnostics=lambda: _records(state),
                     )
                 elif phase == "command":
                     await ws.send_json(["stdin", "/sh sleep 600\r"])
-                    await _until(
+                    await until(
                         lambda: journal_has("ToolCallStarted", "sleep 600"),
-                        PHASE_TIMEOUT_S,
-                        "the command",
-                        state,
+                        what="the command",
+                        timeout_s=PHASE_TIMEOUT_S,
+                        diagnostics=lambda: _records(state),
                     )
                 await asyncio.sleep(rng.uniform(0.0, 0.3))
             at = time.monotonic()
@@ -200,7 +208,12 @@ async def one_drop(served: Served, phase: str, how: str, seed: int) -> Drop:
                 await asyncio.sleep(0.05)
             drop.exited = not _alive(pid)
             drop.exit_s = time.monotonic() - at
-            await _until(lambda: label not in served.server.sessions, 20, "the slot", state)
+            await until(
+                lambda: label not in served.server.sessions,
+                what="the slot",
+                timeout_s=20,
+                diagnostics=lambda: _records(state),
+            )
             drop.slot_freed = True
         finally:
             reader.cancel()

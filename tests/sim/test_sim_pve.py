@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from breakglass_tui.lab.sim_pve import SimPve
+from tests.support.waiting import until_sync
 
 
 @pytest.fixture
@@ -448,11 +449,11 @@ def test_an_ha_managed_vm_start_and_stop_only_request_it(sim: SimPve) -> None:
     stop = qm(sim, "stop", "102")
     assert (stop.returncode, stop.stdout) == (0, "Requesting HA stop for VM 102\n")
     assert sim.kvm_pid() == pid and sim.ha_state() == "stopped"  # not yet: requested only
-    wait_until(lambda: sim.kvm_pid() is None, "the HA stack never stopped the VM")
+    until_sync(lambda: sim.kvm_pid() is None, what="the HA stack never stopped the VM")
     start = qm(sim, "start", "102")
     assert (start.returncode, start.stdout) == (0, "Requesting HA start for VM 102\n")
     assert sim.kvm_pid() is None and sim.ha_state() == "started"
-    wait_until(lambda: sim.kvm_pid() is not None, "the HA stack never started the VM")
+    until_sync(lambda: sim.kvm_pid() is not None, what="the HA stack never started the VM")
     boot = sim.vm_state()["boot_id"]
     assert qm(sim, "reset", "102").returncode == 0  # not redirected
     assert sim.vm_state()["boot_id"] == boot + 1
@@ -483,7 +484,7 @@ def test_qm_tasks_run_in_a_worker_that_dies_half_done_when_qm_is_killed(sim: Sim
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     try:
-        worker = wait_until(lambda: _task_child(proc.pid), "no task worker")
+        worker = until_sync(lambda: _task_child(proc.pid), what="no task worker")
         upid = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")[0].decode()
         assert re.fullmatch(
             r"task UPID:pve:[0-9A-F]{8}:[0-9A-F]{8}:[0-9A-F]{8}:qmstop:102:root@pam:", upid
@@ -492,7 +493,7 @@ def test_qm_tasks_run_in_a_worker_that_dies_half_done_when_qm_is_killed(sim: Sim
         assert os.getsid(worker) == worker != os.getsid(proc.pid)  # setsid(): its own session
         os.killpg(proc.pid, signal.SIGKILL)  # what the old verb did at its deadline
         proc.wait(5)
-        wait_until(lambda: not Path(f"/proc/{worker}").exists() or _zombie(worker), "worker")
+        until_sync(lambda: not Path(f"/proc/{worker}").exists() or _zombie(worker), what="worker")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -517,16 +518,6 @@ def _zombie(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     return True
-
-
-def wait_until(condition: Any, what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def test_set_faults_rejects_unknown_names(sim: SimPve) -> None:

@@ -1,7 +1,7 @@
 """Real parts for tests: an OpenSSH ``sshd`` and an OpenSSH ``ssh-agent`` on loopback.
 
 Each helper starts a process of its own, remembers its PID and kills only that PID on close.
-Recipes: DESIGN.md §5.
+Recipes: docs/architecture.md §7.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import asyncssh
 
 from breakglass_tui.lab.loopback import new_key, pinned_target, public_line
+from tests.support.waiting import until_sync
 
 SSHD = "/usr/sbin/sshd"
 
@@ -33,12 +34,15 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+            return True
+        return False
+
+    try:
+        until_sync(listening, what=f"a listener on 127.0.0.1:{port}", timeout_s=timeout)
+    except AssertionError as exc:
+        raise TimeoutError(str(exc)) from None
 
 
 @dataclass

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textual.worker import WorkerState
 
-from breakglass_tui.ui.app import BreakglassApp
+from breakglass_tui.ui.app import AGENT_GROUP, BreakglassApp
 from breakglass_tui.ui.backend import AppOptions
 from breakglass_tui.ui.widgets.chat import ChatInput
 from tests.ui.fakes import ScriptedAgent, fake_backend_factory
@@ -26,6 +27,15 @@ def make_app(
         backend_factory=fake_backend_factory(manual=manual, agents=agents),
         initial_check=initial_check,
         download_dir=download_dir,
+    )
+
+
+def agent_busy(app: BreakglassApp) -> bool:
+    """Whether a turn or a command of the agent is under way, as Textual's worker list shows it
+    (what the console's queue and its quit question go by)."""
+    return any(
+        w.group == AGENT_GROUP and w.state in (WorkerState.PENDING, WorkerState.RUNNING)
+        for w in app.workers
     )
 
 

@@ -211,19 +211,25 @@ class PtyConsole:
             self.proc.wait(5)
 
     # -- its records ----------------------------------------------------------------------------
+    def records(self) -> Path:
+        """Where this run keeps its records: a --lab run's own directory under the state dir's
+        lab/ (runtime.lab_run_dir), else the state dir."""
+        runs = sorted((self.state / "lab").glob("*")) if (self.state / "lab").is_dir() else []
+        return runs[-1] if runs else self.state
+
     def audit(self) -> list[dict[str, Any]]:
-        return _json_lines(self.state / "audit.jsonl")
+        return _json_lines(self.records() / "audit.jsonl")
 
     def journal(self) -> list[dict[str, Any]]:
         """The events of the incident this console opened (all incidents, in order)."""
         records: list[dict[str, Any]] = []
-        for path in sorted((self.state / "incidents").glob("*/events.jsonl")):
+        for path in sorted((self.records() / "incidents").glob("*/events.jsonl")):
             records += _json_lines(path)
         return records
 
     def drivers(self) -> list[Path]:
         """Driver leases still held in the state dir."""
-        return [p for p in (self.state / "incidents").glob("*/driver.json") if p.exists()]
+        return [p for p in (self.records() / "incidents").glob("*/driver.json") if p.exists()]
 
     def wait_for(self, predicate, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s

@@ -16,6 +16,7 @@ import pytest
 
 from breakglass_tui.cli import main
 from breakglass_tui.lab.guest.build import default_cache
+from tests.support.waiting import until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,14 +73,14 @@ def _path_with(tmp_path: Path, *programs: str) -> str:
 
 
 def test_the_lab_is_the_real_devvm_where_qemu_runs():
-    from breakglass_tui.cli import choose_lab
+    from breakglass_tui.runtime import choose_lab
 
     plan = choose_lab("oom")
     assert (plan.devvm, plan.note, plan.scenario) == ("guest", None, "oom")
 
 
 def test_without_qemu_the_lab_says_in_one_sentence_how_to_get_it(monkeypatch, tmp_path):
-    from breakglass_tui.cli import choose_lab
+    from breakglass_tui.runtime import choose_lab
 
     monkeypatch.setenv("PATH", _path_with(tmp_path, "bwrap", "sh", "true"))  # no QEMU
     plan = choose_lab("disk-full")
@@ -93,7 +94,7 @@ def test_without_qemu_the_lab_says_in_one_sentence_how_to_get_it(monkeypatch, tm
 
 
 def test_without_qemu_or_a_sandbox_the_lab_says_why_and_the_console_opens(monkeypatch, tmp_path):
-    from breakglass_tui.cli import choose_lab
+    from breakglass_tui.runtime import choose_lab
 
     monkeypatch.setenv("PATH", str(tmp_path))  # neither QEMU nor bubblewrap
     plan = choose_lab("wedged")
@@ -121,16 +122,20 @@ async def test_a_lab_without_a_devvm_still_opens_the_console_saying_why():
         await app.shutdown()
 
 
-def test_a_terminal_lab_keeps_its_incident_in_a_temporary_dir_unless_told(monkeypatch, tmp_path):
-    from breakglass_tui.cli import incident_dir
+def test_each_lab_run_keeps_its_records_apart_from_the_real_incident_and_earlier_labs(tmp_path):
+    from breakglass_tui.core.incident import IncidentStore
+    from breakglass_tui.runtime import LAB_RUNS_KEPT, lab_run_dir
 
-    monkeypatch.delenv("BREAKGLASS_STATE_DIR", raising=False)
-    with incident_dir(True, None) as first, incident_dir(True, None) as second:
-        assert first.is_dir() and first != second, "each --lab run starts afresh"
-    assert not first.exists(), "removed at exit with the lab"
-    monkeypatch.setenv("BREAKGLASS_STATE_DIR", str(tmp_path))
-    with incident_dir(True, None) as told:
-        assert told == tmp_path
+    real = IncidentStore(tmp_path).current_or_new("real-tab", "viktor")[0]
+    first, second = lab_run_dir(tmp_path), lab_run_dir(tmp_path)
+    assert first != second and first.parent == second.parent == tmp_path / "lab"
+    lab_incident = IncidentStore(first).current_or_new("lab-tab", "viktor")[0]
+    # The next lab starts afresh; the real console still finds its own incident, not the lab's.
+    assert IncidentStore(second).current() is None
+    assert IncidentStore(tmp_path).current().id == real.id != lab_incident.id
+    runs = [lab_run_dir(tmp_path) for _ in range(LAB_RUNS_KEPT + 3)]
+    kept = sorted(p for p in (tmp_path / "lab").iterdir())
+    assert len(kept) == LAB_RUNS_KEPT and runs[-1] in kept and first not in kept
 
 
 def test_the_app_import_chain_leaves_the_heavy_sdks_for_later():
@@ -210,21 +215,32 @@ class TmuxSession:
         _tmux(self.sock, "send-keys", "Enter")
 
     def wait_for(self, text: str, timeout_s: float = 30) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            shown = self.screen()
-            if text in shown:
-                return shown
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} never appeared; the screen was:\n{self.screen()}")
+        """The screen once ``text`` is on it."""
+
+        def shown() -> str | None:
+            screen = self.screen()
+            return screen if text in screen else None
+
+        return until_sync(
+            shown,
+            what=f"{text!r} on the screen",
+            timeout_s=timeout_s,
+            interval_s=0.2,
+            diagnostics=lambda: f"the screen was:\n{self.screen()}",
+        )
 
     def lab_processes(self) -> list[int]:
         return _pids_mentioning(str(self.private_tmp))
 
     def wait_no_lab_processes(self, timeout_s: float = 20) -> list[int]:
-        deadline = time.monotonic() + timeout_s
-        while self.lab_processes() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        """The lab's processes left once they are gone or ``timeout_s`` passed."""
+        with contextlib.suppress(AssertionError):
+            until_sync(
+                lambda: not self.lab_processes(),
+                what="the lab's processes to end",
+                timeout_s=timeout_s,
+                interval_s=0.2,
+            )
         return self.lab_processes()
 
     def kill_server(self) -> None:
@@ -247,9 +263,13 @@ class TmuxSession:
 
     def wait_app_gone(self, timeout_s: float = 15) -> list[int]:
         """Wait for the console to exit; kill (by PID) whatever of ours is left, and return it."""
-        deadline = time.monotonic() + timeout_s
-        while self.app_pids() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(AssertionError):
+            until_sync(
+                lambda: not self.app_pids(),
+                what="the console to exit",
+                timeout_s=timeout_s,
+                interval_s=0.2,
+            )
         left = self.app_pids()
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
@@ -283,8 +303,14 @@ def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
         first = tmux.wait_for("VM 102: running")
         assert "manual mode" in first and "scenario disk-full" in first
         assert tmux.lab_processes(), "the lab should run under our TMPDIR"
+        probes = tmux.screen().count("↳ healthy")
         tmux.type("/probe")
-        time.sleep(1.0)
+        until_sync(
+            lambda: tmux.screen().count("↳ healthy") > probes,
+            what="the probe's answer",
+            timeout_s=30,
+            interval_s=0.2,
+        )
         tmux.type("/sh df -h")
         shown = tmux.wait_for("100% /data")
         assert "Filesystem" in shown

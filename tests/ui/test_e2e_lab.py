@@ -18,6 +18,8 @@ from breakglass_tui.ui.backend import AppOptions
 from breakglass_tui.ui.widgets.chat import ThinkingBlock, ToolBlock
 from tests.support import fake_messages_api as api
 from tests.support.fake_messages_api import FakeMessagesApi
+from tests.support.waiting import until, until_sync
+from tests.ui.conftest import agent_busy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -28,14 +30,6 @@ def lab_app(tmp_path: Path, scenario: str = "healthy", devvm: str = "sandbox") -
         AppOptions(lab=True, scenario=scenario, settings=settings, devvm=devvm),
         download_dir=tmp_path,
     )
-
-
-async def until(pilot, condition, timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.1)
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -53,7 +47,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 async def ready(app: BreakglassApp, pilot) -> None:
-    await until(pilot, lambda: app.backend is not None, what="the lab to start")
+    await until(lambda: app.backend is not None, what="the lab to start", pause=pilot.pause)
     await app.workers.wait_for_complete()
     await pilot.pause(0.2)
     app.output.flush()
@@ -73,7 +67,7 @@ async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkey
         lab_root = str(app.backend.lab.sim.root)
         assert processes_mentioning(lab_root), "the lab's QEMU should be running"
         await pilot.press(*"/sh df -h", "enter")
-        await until(pilot, lambda: not app._agent_running(), what="df to finish")
+        await until(lambda: not agent_busy(app), what="df to finish", pause=pilot.pause)
         await pilot.pause(0.2)
         app.output.flush()
         lines = app.output_log().lines
@@ -82,11 +76,12 @@ async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkey
         block = app.query(ToolBlock).last()
         assert "$ df -h" in block.heading and block.has_class("-ok")
         await pilot.press("ctrl+q")
-        await pilot.pause(0.5)
-    deadline = time.monotonic() + 10
-    while processes_mentioning(lab_root) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert processes_mentioning(lab_root) == []
+    until_sync(
+        lambda: processes_mentioning(lab_root) == [],
+        what="every process of the lab to end",
+        timeout_s=10,
+        interval_s=0.1,
+    )
     assert (tmp_path / "state" / "audit.jsonl").exists()
 
 
@@ -96,16 +91,18 @@ async def test_escape_cancels_a_running_lab_command_at_once(tmp_path, monkeypatc
     async with app.run_test(size=(160, 48)) as pilot:
         await ready(app, pilot)
         await pilot.press(*"/sh sleep 60", "enter")
-        await until(pilot, lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start")
+        await until(
+            lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start", pause=pilot.pause
+        )
         await pilot.pause(0.3)
         started = time.monotonic()
         await pilot.press("escape")
-        await until(pilot, lambda: not app._agent_running(), 10, "the cancel")
+        await until(lambda: not agent_busy(app), what="the cancel", timeout_s=10, pause=pilot.pause)
         await pilot.pause(0.2)
         assert time.monotonic() - started < 5
         assert "cancelled" in app.query(ToolBlock).last().heading
         await pilot.press(*"/sh uptime", "enter")
-        await until(pilot, lambda: not app._agent_running(), what="uptime after a cancel")
+        await until(lambda: not agent_busy(app), what="uptime after a cancel", pause=pilot.pause)
         assert "-ok" in app.query(ToolBlock).last().classes
         await app.shutdown()
 
@@ -118,7 +115,7 @@ async def test_osc52_from_the_devvm_never_reaches_the_screen(tmp_path, monkeypat
         # The lab's printf does not decode \033, so the command carries the raw bytes, as a
         # hostile file's content would.
         await app.submit("/sh printf 'a\x1b]52;c;SGVsbG8=\x07b\\n'")
-        await until(pilot, lambda: not app._agent_running(), what="printf")
+        await until(lambda: not agent_busy(app), what="printf", pause=pilot.pause)
         await pilot.pause(0.2)
         app.output.flush()
         await pilot.pause(0.1)
@@ -142,7 +139,9 @@ async def test_claude_streams_an_answer_with_tool_blocks_over_the_lab(tmp_path, 
             await ready(app, pilot)
             assert app.header.claude.startswith("Claude: ready")
             await pilot.press(*"ssh is slow, what is wrong?", "enter")
-            await until(pilot, lambda: not app._agent_running(), 30, "the turn")
+            await until(
+                lambda: not agent_busy(app), what="the turn", timeout_s=30, pause=pilot.pause
+            )
             await pilot.pause(0.3)
             markdown = " ".join(m.source for m in app.query("Markdown.assistant"))
             assert "Checking the disk." in markdown and "100% full" in markdown
@@ -182,10 +181,22 @@ async def test_the_between_tools_text_reaches_the_chat_as_a_dimmed_timed_thinkin
             await ready(app, pilot)
             assert "of $20.00" in app.header.usage or app.header.usage == ""
             await pilot.press(*"what is wrong?", "enter")
-            await until(pilot, lambda: app.query(ThinkingBlock), 20, "a thinking block")
+            await until(
+                lambda: app.query(ThinkingBlock),
+                what="a thinking block",
+                timeout_s=20,
+                pause=pilot.pause,
+            )
             live = app.query(ThinkingBlock).first()
-            await until(pilot, lambda: "thinking…" in str(live.title), 10, "the live clock")
-            await until(pilot, lambda: not app._agent_running(), 30, "the turn")
+            await until(
+                lambda: "thinking…" in str(live.title),
+                what="the live clock",
+                timeout_s=10,
+                pause=pilot.pause,
+            )
+            await until(
+                lambda: not agent_busy(app), what="the turn", timeout_s=30, pause=pilot.pause
+            )
             await pilot.pause(0.3)
             first, second = app.query(ThinkingBlock)
             assert "thought for" in str(first.title) and "thought for" in str(second.title)
@@ -213,12 +224,22 @@ async def test_the_api_failing_mid_turn_is_said_and_the_session_goes_on(tmp_path
         async with app.run_test(size=(160, 48)) as pilot:
             await ready(app, pilot)
             await pilot.press(*"why is the devvm slow?", "enter")
-            await until(pilot, lambda: not app._agent_running(), 30, "the failed turn")
+            await until(
+                lambda: not agent_busy(app),
+                what="the failed turn",
+                timeout_s=30,
+                pause=pilot.pause,
+            )
             await pilot.pause(0.3)
             notices = " ".join(str(n.render()) for n in app.query(".notice"))
             assert "Claude API" in notices
             await pilot.press(*"/sh uptime", "enter")
-            await until(pilot, lambda: not app._agent_running(), 20, "a manual command")
+            await until(
+                lambda: not agent_busy(app),
+                what="a manual command",
+                timeout_s=20,
+                pause=pilot.pause,
+            )
             assert app.query(ToolBlock).last().has_class("-ok")
             await app.shutdown()
     finally:
@@ -247,15 +268,17 @@ async def test_claudes_bracket_commands_run_and_a_queued_message_steers_the_next
             await ready(app, pilot)
             await pilot.press(*"check the mounts", "enter")
             await until(
-                pilot,
                 lambda: any("awk" in b.heading for b in app.query(ToolBlock)),
-                30,
-                "Claude's first command",
+                what="Claude's first command",
+                timeout_s=30,
+                pause=pilot.pause,
             )
             await app.submit("do not reboot it, it runs a migration")  # as Enter does
             assert [i.text for i in app.queue.items] == ["do not reboot it, it runs a migration"]
             assert "Queued" in str(app.query_one("#queued").render())
-            await until(pilot, lambda: not app._agent_running(), 60, "the turn")
+            await until(
+                lambda: not agent_busy(app), what="the turn", timeout_s=60, pause=pilot.pause
+            )
             await pilot.pause(0.3)
             assert app.is_running and not app.unexpected_errors
             first, second = list(app.query(ToolBlock))[-2:]

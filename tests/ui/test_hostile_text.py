@@ -13,7 +13,7 @@ an incident whose journal holds them.
 from __future__ import annotations
 
 import asyncio
-import time
+import json
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from breakglass_tui.ui.sanitize import clean, one_line
 from breakglass_tui.ui.screens.link import LinkScreen
 from breakglass_tui.ui.screens.resume import ResumeScreen
 from breakglass_tui.ui.widgets.chat import ChatInput, ToolBlock
+from tests.support.waiting import until
 from tests.ui.conftest import make_app, settle
 from tests.ui.fakes import T0, ScriptedAgent, fake_backend_factory, verb
 from tests.ui.hostile import has_control, hostile_text, rendered, squeeze
@@ -42,14 +43,6 @@ EXAMPLES = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-
-
-async def until(pilot, condition, timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def tab(incident_dir: Path, agents: list[ScriptedAgent], operator: str = "viktor") -> BreakglassApp:
@@ -131,15 +124,24 @@ async def test_a_follower_and_a_resumed_tab_show_the_command_literally(tmp_path,
     monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
     first = tab(tmp_path, agents_1)
     async with first.run_test(size=(160, 48)) as pilot_1:
-        await until(pilot_1, lambda: first.backend is not None and agents_1, what="tab 1")
+        await until(
+            lambda: first.backend is not None and agents_1, what="tab 1", pause=pilot_1.pause
+        )
         follower = tab(tmp_path, [], "alice")
         async with follower.run_test(size=(160, 48)) as pilot_2:
-            await until(pilot_2, lambda: follower.backend is not None, what="the follower")
+            await until(
+                lambda: follower.backend is not None, what="the follower", pause=pilot_2.pause
+            )
             assert follower.driving is False
             driver = agents_1[0]
             driver.script["/sh " + GREP] = lambda: driver.shell(GREP, "[b]3[/b]\n")
             await pilot_1.press(*("/sh " + GREP), "enter")
-            await until(pilot_2, lambda: follower.query(ToolBlock), 10, "the block in tab 2")
+            await until(
+                lambda: follower.query(ToolBlock),
+                what="the block in tab 2",
+                timeout_s=10,
+                pause=pilot_2.pause,
+            )
             await pilot_2.pause(0.3)
             assert follower.is_running and not follower.unexpected_errors
             heading_shows(follower.query(ToolBlock).last(), "$ " + GREP)
@@ -148,12 +150,22 @@ async def test_a_follower_and_a_resumed_tab_show_the_command_literally(tmp_path,
     # All tabs closed: a reopened one offers to resume, and replays the block.
     resumed = tab(tmp_path, [])
     async with resumed.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: isinstance(resumed.screen, ResumeScreen), 10, "the offer")
+        await until(
+            lambda: isinstance(resumed.screen, ResumeScreen),
+            what="the offer",
+            timeout_s=10,
+            pause=pilot.pause,
+        )
         await pilot.pause(0.2)
         offer = rendered(resumed.screen.query_one("#resume-text"))
         assert "Resume the incident" in offer and not has_control(offer)
         await pilot.press("enter")
-        await until(pilot, lambda: resumed.query(ToolBlock), 10, "the replayed block")
+        await until(
+            lambda: resumed.query(ToolBlock),
+            what="the replayed block",
+            timeout_s=10,
+            pause=pilot.pause,
+        )
         await pilot.pause(0.3)
         assert resumed.is_running and not resumed.unexpected_errors
         heading_shows(resumed.query(ToolBlock).last(), "$ " + GREP)
@@ -194,6 +206,14 @@ async def test_forensics_rows_and_error_notices_take_markup_literally(agents):
         assert app.is_running and not app.unexpected_errors
 
 
+def shows_link(app, url: str) -> bool:
+    """The link question is up and shows ``url`` (its widgets are mounted a moment after it)."""
+    if not isinstance(app.screen, LinkScreen):
+        return False
+    shown = app.screen.query("#link-url")
+    return bool(shown) and url in rendered(shown.first())
+
+
 async def test_claudes_markdown_renders_but_its_links_ask_first(agents, monkeypatch):
     app = make_app(agents, initial_check=False)
     opened: list[str] = []
@@ -222,12 +242,21 @@ async def test_claudes_markdown_renders_but_its_links_ask_first(agents, monkeypa
         assert "[@click=app.quit]quit[/]" in shown and "[b]x[/b]" in shown
         block = markdown.query("MarkdownParagraph").first()
         await block.action_link("javascript:alert(1)")
-        await until(pilot, lambda: isinstance(app.screen, LinkScreen), 5, "the question")
-        assert "javascript:alert(1)" in rendered(app.screen.query_one("#link-url"))
+        await until(
+            lambda: shows_link(app, "javascript:alert(1)"),
+            what="the question, showing the address",
+            timeout_s=5,
+            pause=pilot.pause,
+        )
         assert not app.screen.query("#open"), "a javascript: link cannot be opened"
         await pilot.press("enter")  # Cancel
         await block.action_link("https://example.org/docs")
-        await until(pilot, lambda: isinstance(app.screen, LinkScreen), 5, "the question")
+        await until(
+            lambda: shows_link(app, "https://example.org/docs"),
+            what="the question, showing the address",
+            timeout_s=5,
+            pause=pilot.pause,
+        )
         assert opened == []
         await pilot.press("left", "enter")  # Open, after reading the address
         await settle(app, pilot)
@@ -339,8 +368,9 @@ def test_hostile_text_through_every_entry_point_is_shown_literally(texts, tmp_pa
 
 
 def journaled(text: str) -> str:
-    """What the journal gives back (a lone surrogate is never valid UTF-8: written as ?)."""
-    return text.encode("utf-8", "replace").decode("utf-8")
+    """What the journal gives back: its JSON codec joins a high and a low surrogate that meet
+    into one character, and a lone surrogate is never valid UTF-8 (written as ?)."""
+    return json.loads(json.dumps(text)).encode("utf-8", "replace").decode("utf-8")
 
 
 async def _follow_and_resume(texts: list[str], incident_dir: Path) -> None:
@@ -370,7 +400,12 @@ async def _follow_and_resume(texts: list[str], incident_dir: Path) -> None:
     incident.claim("driver-elsewhere", texts[0])
     follower = tab(incident_dir, [])
     async with follower.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: len(follower.query(ToolBlock)) == len(texts), 15, "replay")
+        await until(
+            lambda: len(follower.query(ToolBlock)) == len(texts),
+            what="replay",
+            timeout_s=15,
+            pause=pilot.pause,
+        )
         await pilot.pause(0.2)
         assert follower.driving is False
         assert follower.is_running and not follower.unexpected_errors
@@ -382,11 +417,21 @@ async def _follow_and_resume(texts: list[str], incident_dir: Path) -> None:
     # Nobody drives: a new tab offers to resume it (the summary holds hostile text) and does.
     resumed = tab(incident_dir, [])
     async with resumed.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: isinstance(resumed.screen, ResumeScreen), 15, "the offer")
+        await until(
+            lambda: isinstance(resumed.screen, ResumeScreen),
+            what="the offer",
+            timeout_s=15,
+            pause=pilot.pause,
+        )
         await pilot.pause(0.2)
         assert not has_control(rendered(resumed.screen.query_one("#resume-text")))
         await pilot.press("enter")
-        await until(pilot, lambda: len(resumed.query(ToolBlock)) == len(texts), 15, "replay")
+        await until(
+            lambda: len(resumed.query(ToolBlock)) == len(texts),
+            what="replay",
+            timeout_s=15,
+            pause=pilot.pause,
+        )
         await pilot.pause(0.2)
         assert resumed.is_running and not resumed.unexpected_errors
         for text, block in zip(texts, resumed.query(ToolBlock), strict=True):

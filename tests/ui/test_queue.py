@@ -10,7 +10,6 @@ next step; a read-only tab says to take over and keeps the words; and a question
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,12 @@ from breakglass_tui.ui.app import BreakglassApp
 from breakglass_tui.ui.backend import AppOptions
 from breakglass_tui.ui.screens.resume import ResumeScreen
 from breakglass_tui.ui.widgets.chat import ChatInput, ToolBlock
-from tests.ui.conftest import settle
+from tests.support.waiting import until
+from tests.ui.conftest import agent_busy, settle
 from tests.ui.fakes import T0, ScriptedAgent, fake_backend_factory
 
 pytestmark = pytest.mark.timeout(60)
 FIRST = "the devvm is down, fix it"
-
-
-async def until(pilot, condition, timeout_s: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def slow_console(agents: list[ScriptedAgent], *, start_s: float, probe_s: float) -> BreakglassApp:
@@ -70,14 +62,18 @@ async def test_the_first_message_typed_during_the_opening_probe_is_queued_then_r
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.pause(0.1)
         await pilot.press(*"/status", "enter")  # before the hosts are even up
-        await until(pilot, lambda: agents and agents[0].handled == ["/probe"], what="the probe")
+        await until(
+            lambda: agents and agents[0].handled == ["/probe"], what="the probe", pause=pilot.pause
+        )
         await pilot.press(*FIRST, "enter")  # while the probe runs
         assert agents[0].handled == ["/probe"], "typing outlasted the probe: make it slower"
         assert [i.text for i in app.queue.items] == ["/status", FIRST]
         shown = queued_shown(app)
         assert "Queued" in shown and FIRST in shown and "/status" in shown
         assert "Still working" not in notices(app)
-        await until(pilot, lambda: not app.queue and not app._agent_running(), what="the queue")
+        await until(
+            lambda: not app.queue and not agent_busy(app), what="the queue", pause=pilot.pause
+        )
         await settle(app, pilot)
         assert agents[0].handled == ["/probe", "/status", "/status", FIRST]
         assert FIRST in [str(w.render()) for w in app.query(".operator")]
@@ -87,7 +83,7 @@ async def test_the_first_message_typed_during_the_opening_probe_is_queued_then_r
 async def test_queued_messages_can_be_edited_and_dropped(agents):
     app = slow_console(agents, start_s=0.0, probe_s=30)
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: app._agent_running(), what="the probe")
+        await until(lambda: agent_busy(app), what="the probe", pause=pilot.pause)
         for text in ("first", "second", "third"):
             await app.submit(text)
         assert [i.text for i in app.queue.items] == ["first", "second", "third"]
@@ -112,7 +108,7 @@ async def test_queued_messages_can_be_edited_and_dropped(agents):
         await app.submit("/drop all")
         assert not app.queue
         await pilot.press("escape")  # Esc still cancels the running step (the probe)
-        await until(pilot, lambda: not app._agent_running(), what="the cancel")
+        await until(lambda: not agent_busy(app), what="the cancel", pause=pilot.pause)
         assert agents[0].handled == ["/probe"] and agents[0].cancelled == 0
         assert "Cancelled by the operator." in notices(app)
 
@@ -137,7 +133,7 @@ async def test_claude_reads_a_queued_message_at_its_next_step(agents):
 
         agent.script["why is it slow?"] = claude_turn
         await app.submit("why is it slow?")
-        await until(pilot, running.is_set, what="Claude's turn")
+        await until(running.is_set, what="Claude's turn", pause=pilot.pause)
         await app.submit("it runs a migration: do not reboot")
         assert [i.text for i in app.queue.items] == ["it runs a migration: do not reboot"]
         await settle(app, pilot, delay=0.4)
@@ -160,7 +156,7 @@ async def test_a_read_only_tab_does_not_queue_and_keeps_the_words(tmp_path: Path
         initial_check=False,
     )
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: app.backend is not None, what="the tab")
+        await until(lambda: app.backend is not None, what="the tab", pause=pilot.pause)
         assert app.driving is False
         await pilot.press(*FIRST, "enter")
         await pilot.pause(0.1)
@@ -181,7 +177,9 @@ async def test_typing_while_asked_to_resume_goes_to_the_message_box(tmp_path: Pa
         initial_check=False,
     )
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: isinstance(app.screen, ResumeScreen), what="the question")
+        await until(
+            lambda: isinstance(app.screen, ResumeScreen), what="the question", pause=pilot.pause
+        )
         await pilot.pause(0.2)
         # "n" and "r" were once answers: typed in a message, they must stay text.
         await pilot.press(*"now run df")
@@ -194,9 +192,9 @@ async def test_typing_while_asked_to_resume_goes_to_the_message_box(tmp_path: Pa
         assert [i.text for i in app.queue.items] == ["now run df"]
         await pilot.press("enter")  # now Enter answers: Resume
         await until(
-            pilot,
             lambda: agents and agents[0].handled == ["now run df"],
             what="the queued message to run",
+            pause=pilot.pause,
         )
         await app.shutdown()
 

@@ -19,20 +19,14 @@ from breakglass_tui.ui.screens.resume import ResumeScreen
 from breakglass_tui.ui.widgets.chat import ToolBlock
 from tests.support import fake_messages_api as api
 from tests.support.fake_messages_api import FakeMessagesApi
+from tests.support.waiting import until
+from tests.ui.conftest import agent_busy
 from tests.ui.fakes import ScriptedAgent, fake_backend_factory
 
 
-async def until(pilot, condition, timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
-
-
 async def ready(app: BreakglassApp, pilot) -> None:
-    await until(pilot, lambda: app.backend is not None, what="the lab to start")
-    await until(pilot, lambda: not app._agent_running(), what="the opening check")
+    await until(lambda: app.backend is not None, what="the lab to start", pause=pilot.pause)
+    await until(lambda: not agent_busy(app), what="the opening check", pause=pilot.pause)
     await pilot.pause(0.2)
     app.output.flush()
 
@@ -61,12 +55,14 @@ async def test_second_tab_is_read_only_follows_live_and_takes_over(tmp_path, mon
     monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
     first = tab(tmp_path, agents_1, "viktor")
     async with first.run_test(size=(160, 48)) as pilot_1:
-        await until(pilot_1, lambda: first.backend is not None and agents_1, what="tab 1")
+        await until(
+            lambda: first.backend is not None and agents_1, what="tab 1", pause=pilot_1.pause
+        )
         assert first.driving is True and first.header.driver == ""
         monkeypatch.setenv("BREAKGLASS_OPERATOR", "alice")
         second = tab(tmp_path, agents_2, "alice")
         async with second.run_test(size=(160, 48)) as pilot_2:
-            await until(pilot_2, lambda: second.backend is not None, what="tab 2")
+            await until(lambda: second.backend is not None, what="tab 2", pause=pilot_2.pause)
             assert second.driving is False and agents_2 == [], "a read-only tab runs no agent"
             assert "read-only · viktor drives since" in second.header.driver
             assert second.incident.id == first.incident.id
@@ -87,8 +83,15 @@ async def test_second_tab_is_read_only_follows_live_and_takes_over(tmp_path, mon
                 second.output.flush()
                 return line in second.output_log().lines
 
-            await until(pilot_2, shown_in_second, 5, "tab 1's output in tab 2")
-            await until(pilot_2, lambda: len(second.query(ToolBlock)) == 1, 5, "the tool block")
+            await until(
+                shown_in_second, what="tab 1's output in tab 2", timeout_s=5, pause=pilot_2.pause
+            )
+            await until(
+                lambda: len(second.query(ToolBlock)) == 1,
+                what="the tool block",
+                timeout_s=5,
+                pause=pilot_2.pause,
+            )
             block = second.query(ToolBlock).last()
             assert f"$ echo {line}" in block.heading and block.has_class("-ok")
             operator_lines = [str(w.render()) for w in second.query(".operator")]
@@ -98,23 +101,48 @@ async def test_second_tab_is_read_only_follows_live_and_takes_over(tmp_path, mon
             await second.submit("/takeover")
             assert second.driving is True and second.header.driver == ""
             assert len(agents_2) == 1 and agents_2[0].setup["session_id"] == second.session_id
-            await until(pilot_1, lambda: first.driving is False, 4, "tab 1 to see the take-over")
-            await until(pilot_1, lambda: "took over at" in notices(first), 3, "tab 1's notice")
+            await until(
+                lambda: first.driving is False,
+                what="tab 1 to see the take-over",
+                timeout_s=4,
+                pause=pilot_1.pause,
+            )
+            await until(
+                lambda: "took over at" in notices(first),
+                what="tab 1's notice",
+                timeout_s=3,
+                pause=pilot_1.pause,
+            )
             assert "alice took over at" in notices(first)
             assert "this tab is read-only now" in notices(first)
             assert "read-only · alice drives since" in first.header.driver
-            await until(pilot_1, lambda: driver.closed, 5, "tab 1's agent to be closed")
+            await until(
+                lambda: driver.closed,
+                what="tab 1's agent to be closed",
+                timeout_s=5,
+                pause=pilot_1.pause,
+            )
 
             await first.submit("/sh uptime")
             assert "read-only (alice drives since" in notices(first)
             assert "/sh uptime" not in driver.handled
             # And the other way round now: the new driver's command shows in the first tab.
             await second.submit("/status")
-            await until(pilot_1, lambda: first.forensics.results, 5, "the verb row in tab 1")
+            await until(
+                lambda: first.forensics.results,
+                what="the verb row in tab 1",
+                timeout_s=5,
+                pause=pilot_1.pause,
+            )
             await second.shutdown()
         # The second (driving) tab closed: it released the lease.
         assert first.incident.driver() is None
-        await until(pilot_1, lambda: "nobody drives" in first.header.driver, 3, "no driver")
+        await until(
+            lambda: "nobody drives" in first.header.driver,
+            what="no driver",
+            timeout_s=3,
+            pause=pilot_1.pause,
+        )
         await first.shutdown()
 
 
@@ -123,21 +151,28 @@ async def test_starting_a_new_incident_closes_the_old_one(tmp_path, monkeypatch)
     agents: list[ScriptedAgent] = []
     first = tab(tmp_path, agents, "viktor")
     async with first.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: first.backend is not None and agents, what="tab 1")
+        await until(lambda: first.backend is not None and agents, what="tab 1", pause=pilot.pause)
         await first.submit("/status")
-        await until(pilot, lambda: not first._agent_running(), 5, "the verb")
+        await until(lambda: not agent_busy(first), what="the verb", timeout_s=5, pause=pilot.pause)
         await first.submit("/sh echo hi")
-        await until(pilot, lambda: len(first.query(ToolBlock)) == 2, 5, "the command")
+        await until(
+            lambda: len(first.query(ToolBlock)) == 2,
+            what="the command",
+            timeout_s=5,
+            pause=pilot.pause,
+        )
         old = first.incident.id
         await first.shutdown()
     second = tab(tmp_path, agents, "viktor")
     async with second.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: offered(second), 5, "the offer")
+        await until(lambda: offered(second), what="the offer", timeout_s=5, pause=pilot.pause)
         text = str(second.screen.query_one("#resume-text").render())
         assert "Resume the incident started" in text and "by viktor" in text
         assert "last: devvm_shell: exit 0" in text
         await pilot.press("right", "enter")  # ←/→ and Enter answer: letters go to the input
-        await until(pilot, lambda: second.backend is not None and second.driving, what="tab 2")
+        await until(
+            lambda: second.backend is not None and second.driving, what="tab 2", pause=pilot.pause
+        )
         assert second.incident.id != old
         assert IncidentStore(tmp_path).current().id == second.incident.id
         assert not second.forensics.results, "a new incident starts with empty panes"
@@ -149,7 +184,7 @@ async def test_close_ends_the_incident_and_the_tab_goes_on_with_a_new_one(tmp_pa
     agents: list[ScriptedAgent] = []
     app = tab(tmp_path, agents, "viktor")
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: app.backend is not None and agents, what="the tab")
+        await until(lambda: app.backend is not None and agents, what="the tab", pause=pilot.pause)
         old = app.incident
         await app.submit("/close")
         assert IncidentStore(tmp_path).current().id == app.incident.id != old.id
@@ -175,31 +210,51 @@ async def test_after_close_a_read_only_tab_follows_the_next_incident(tmp_path, m
     monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
     first = tab(tmp_path, agents_1, "viktor")
     async with first.run_test(size=(160, 48)) as pilot_1:
-        await until(pilot_1, lambda: first.backend is not None and agents_1, what="tab 1")
+        await until(
+            lambda: first.backend is not None and agents_1, what="tab 1", pause=pilot_1.pause
+        )
         second = tab(tmp_path, agents_2, "alice")
         async with second.run_test(size=(160, 48)) as pilot_2:
-            await until(pilot_2, lambda: second.backend is not None, what="tab 2")
+            await until(lambda: second.backend is not None, what="tab 2", pause=pilot_2.pause)
             assert second.driving is False
             old = first.incident
             await first.submit("/close")
             new = first.incident
             assert new.id != old.id and first.driving and drives(new) == first.session_id
-            await until(pilot_2, lambda: second.incident.id == new.id, 4, "tab 2 to move on")
+            await until(
+                lambda: second.incident.id == new.id,
+                what="tab 2 to move on",
+                timeout_s=4,
+                pause=pilot_2.pause,
+            )
             assert second.driving is False and agents_2 == []
             await until(
-                pilot_2, lambda: "viktor drives since" in second.header.driver, 3, "the header"
+                lambda: "viktor drives since" in second.header.driver,
+                what="the header",
+                timeout_s=3,
+                pause=pilot_2.pause,
             )
             assert f"Incident {old.id} was closed; this tab now follows the next one" in notices(
                 second
             )
             # The closing tab's work in the next incident shows in the follower.
             await first.submit("/status")
-            await until(pilot_2, lambda: second.forensics.results, 5, "the verb row in tab 2")
+            await until(
+                lambda: second.forensics.results,
+                what="the verb row in tab 2",
+                timeout_s=5,
+                pause=pilot_2.pause,
+            )
 
             await second.submit("/takeover")
             assert second.driving is True and drives(new) == second.session_id
             assert old.driver() is None, "the closed incident's lease stays free"
-            await until(pilot_1, lambda: first.driving is False, 4, "tab 1 to see the take-over")
+            await until(
+                lambda: first.driving is False,
+                what="tab 1 to see the take-over",
+                timeout_s=4,
+                pause=pilot_1.pause,
+            )
             await second.shutdown()
         await first.shutdown()
 
@@ -213,7 +268,7 @@ async def test_takeover_of_an_incident_closed_meanwhile_takes_nothing(tmp_path, 
     monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
     app = tab(tmp_path, [], "viktor")
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: app.backend is not None, what="the tab")
+        await until(lambda: app.backend is not None, what="the tab", pause=pilot.pause)
         assert app.driving is False and app.incident.id == old.id
         new, _ = store.replace(old, "other-tab", "alice")  # the other tab's /close
         old.release("other-tab")
@@ -222,7 +277,12 @@ async def test_takeover_of_an_incident_closed_meanwhile_takes_nothing(tmp_path, 
         assert app.incident.id == new.id and app.driving is False
         assert drives(new) == "other-tab"
         assert "/takeover again to drive this one" in notices(app)
-        await until(pilot, lambda: "alice drives since" in app.header.driver, 3, "the header")
+        await until(
+            lambda: "alice drives since" in app.header.driver,
+            what="the header",
+            timeout_s=3,
+            pause=pilot.pause,
+        )
         await app.shutdown()
 
 
@@ -233,7 +293,7 @@ async def test_the_lease_names_the_backends_operator(tmp_path, monkeypatch):
     agents: list[ScriptedAgent] = []
     app = tab(tmp_path, agents, "viktor")
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: app.backend is not None and agents, what="the tab")
+        await until(lambda: app.backend is not None and agents, what="the tab", pause=pilot.pause)
         driver = app.incident.driver()
         assert driver is not None and driver.operator == "viktor"
         assert app.header.operator == "viktor"
@@ -270,7 +330,9 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
         async with first.run_test(size=(160, 48)) as pilot:
             await ready(first, pilot)
             await pilot.press(*"ssh is slow, what is wrong?", "enter")
-            await until(pilot, lambda: not first._agent_running(), 30, "the turn")
+            await until(
+                lambda: not agent_busy(first), what="the turn", timeout_s=30, pause=pilot.pause
+            )
             await pilot.pause(0.3)
             await first.shutdown()
         assert len(fake.requests) == 2
@@ -278,14 +340,19 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
         fake.push(api.text("Still full: clear the journal next."))
         second = lab_tab(tmp_path)
         async with second.run_test(size=(160, 48)) as pilot:
-            await until(pilot, lambda: offered(second), 10, "the offer")
+            await until(lambda: offered(second), what="the offer", timeout_s=10, pause=pilot.pause)
             offer = str(second.screen.query_one("#resume-text").render())
             assert "events, last: devvm_shell: exit 0" in offer, offer
             await pilot.press("enter")  # Resume has the focus
             await ready(second, pilot)
-            await until(pilot, lambda: second.query("Markdown.assistant"), 5, "the replay")
-            await pilot.pause(0.3)
-            markdown = " ".join(m.source for m in second.query("Markdown.assistant"))
+
+            def replayed() -> str:
+                return " ".join(m.source for m in second.query("Markdown.assistant"))
+
+            await until(
+                lambda: "100% full" in replayed(), what="the replay", timeout_s=5, pause=pilot.pause
+            )
+            markdown = replayed()
             assert "Checking the disk." in markdown and "100% full" in markdown
             assert "ssh is slow, what is wrong?" in [
                 str(w.render()) for w in second.query(".operator")
@@ -297,7 +364,12 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
             assert second.driving is True
 
             await pilot.press(*"and now?", "enter")
-            await until(pilot, lambda: not second._agent_running(), 30, "the next turn")
+            await until(
+                lambda: not agent_busy(second),
+                what="the next turn",
+                timeout_s=30,
+                pause=pilot.pause,
+            )
             # Claude's context came back: the resumed agent sent the whole conversation.
             sent = fake.requests[-1].body["messages"]
             assert "ssh is slow, what is wrong?" in str(sent[0])
@@ -332,9 +404,11 @@ async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
     monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
     app = tab(tmp_path, [], "viktor")
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: offered(app), 5, "the offer")
+        await until(lambda: offered(app), what="the offer", timeout_s=5, pause=pilot.pause)
         await pilot.press("enter")  # Resume has the focus
-        await until(pilot, lambda: app.query(ToolBlock), 5, "the replayed block")
+        await until(
+            lambda: app.query(ToolBlock), what="the replayed block", timeout_s=5, pause=pilot.pause
+        )
         await pilot.pause(0.1)
         block = app.query(ToolBlock).last()
         assert "interrupted: the tab running it closed" in block.heading and block.has_class(
@@ -350,7 +424,12 @@ async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
         ]
         later = tab(tmp_path, [], "alice")  # a tab that joins afterwards, read-only
         async with later.run_test(size=(160, 48)) as pilot_2:
-            await until(pilot_2, lambda: later.query(ToolBlock), 5, "the block in the later tab")
+            await until(
+                lambda: later.query(ToolBlock),
+                what="the block in the later tab",
+                timeout_s=5,
+                pause=pilot_2.pause,
+            )
             await pilot_2.pause(0.1)
             assert later.driving is False
             block = later.query(ToolBlock).last()
@@ -378,7 +457,9 @@ async def test_closing_the_tab_while_it_asks_to_resume_still_closes_everything(
         AppOptions(lab=True, incident_dir=tmp_path), backend_factory=recording, initial_check=False
     )
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: offered(app) and hosts, 5, "the offer")
+        await until(
+            lambda: offered(app) and hosts, what="the offer", timeout_s=5, pause=pilot.pause
+        )
         started = time.monotonic()
         await app.shutdown()
         assert time.monotonic() - started < 5

@@ -7,9 +7,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 
+from breakglass_tui.core import slash
 from breakglass_tui.ui.guard import Guarded
 from breakglass_tui.ui.screens.question import KeepsTyping
-from breakglass_tui.ui.widgets.chat import SLASH_COMMANDS
 
 KEYS = (
     ("Enter", "send the message or slash command (queued while something runs)"),
@@ -27,7 +27,7 @@ KEYS = (
 
 def help_markdown() -> str:
     keys = "\n".join(f"| `{key}` | {what} |" for key, what in KEYS)
-    commands = "\n".join(f"| `{cmd}` | {what} |" for cmd, what in SLASH_COMMANDS)
+    commands = "\n".join(f"| `{c.shown}` | {c.help} |" for c in slash.COMMANDS)
     return (
         "# breakglass — help\n\n"
         "Warm case only: the devvm is wedged while the cluster is healthy. If the PVE host or the"

@@ -15,6 +15,7 @@ from textual.content import Content
 from textual.suggester import SuggestFromList
 from textual.widgets import Collapsible, Input, Static
 
+from breakglass_tui.core import slash, tools
 from breakglass_tui.core.events import ToolCallEnded, ToolCallStarted
 from breakglass_tui.ui.guard import Guarded
 from breakglass_tui.ui.sanitize import literal, one_line, sanitize_text
@@ -23,37 +24,10 @@ if TYPE_CHECKING:
     from textual.widgets import Markdown
     from textual.widgets.markdown import MarkdownStream
 
-# The breakglass agent's slash commands (the agent parses them; the UI completes and lists them).
-SLASH_COMMANDS: tuple[tuple[str, str], ...] = (
-    ("/probe", "probe the devvm's SSH: reachable, refused, no banner, …"),
-    ("/status", "PVE verb status: the VM's state"),
-    ("/forensics", "PVE verb forensics: capture a bundle, change nothing"),
-    ("/reset", "PVE verb reset (mutating): hard reset of the guest, forensics first"),
-    ("/stop", "PVE verb stop (mutating)"),
-    ("/start", "PVE verb start (mutating, never refused by the budget)"),
-    ("/cycle", "PVE verb cycle (mutating): stop then start, forensics first"),
-    ("/sh <command>", "run a command on the devvm (sudo shell)"),
-    ("/cancel", "cancel the running turn or command (same as Esc)"),
-    ("/drop", "drop the newest queued message (/drop all: every one)"),
-    ("/report", "write the incident report and download it"),
-    ("/takeover", "drive the incident from this tab (the driving tab becomes read-only)"),
-    ("/close", "close the incident: this tab drives the next one at once"),
-    ("/selfcheck", "check every link of the rescue path now (changes nothing)"),
-    ("/help", "list the commands"),
-)
-
 
 def describe_call(tool: str, params: dict[str, Any]) -> str:
-    """One line naming what a tool call does: the command, the verb, or the tool."""
-    if "command" in params:
-        return f"$ {params['command']}"
-    if "verb" in params:
-        return f"pve {params['verb']}"
-    if "name" in params and tool.startswith("pve"):
-        return f"pve {params['name']}"
-    if not params:
-        return tool.replace("_", " ")
-    return f"{tool} {json.dumps(params, ensure_ascii=False)[:200]}"
+    """One line naming what a tool call does (its entry in core.tools says how)."""
+    return tools.title(tool, params)
 
 
 class ChatInput(Guarded, Input):
@@ -65,10 +39,9 @@ class ChatInput(Guarded, Input):
     ]
 
     def __init__(self, **kwargs: Any) -> None:
-        words = [cmd.split(" ")[0] + (" " if "<" in cmd else "") for cmd, _ in SLASH_COMMANDS]
         super().__init__(
             placeholder="Tell Claude what is wrong, or /help · → completes · ↑ history",
-            suggester=SuggestFromList(words, case_sensitive=False),
+            suggester=SuggestFromList(slash.completions(), case_sensitive=False),
             **kwargs,
         )
         self.history: list[str] = []

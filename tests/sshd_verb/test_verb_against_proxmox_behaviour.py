@@ -36,6 +36,7 @@ from tests.support.realparts import (
     start_sshd,
     wait_for_port,
 )
+from tests.support.waiting import until
 from tests.verb.conftest import FAST_DEADLINES, PROXMOX_TIMINGS, VERB_PATH
 
 pytestmark = pytest.mark.slow
@@ -176,15 +177,6 @@ def wait_lock_free(sim: SimPve, timeout: float) -> bool:
     return False
 
 
-async def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(condition):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout} s")
-
-
 # -- 1. A wedged QEMU reads as "running" ------------------------------------------------------
 
 
@@ -228,7 +220,12 @@ async def test_2_a_full_monitor_queue_is_named_and_qmp_is_used_briefly(host: Hos
     assert "EAGAIN" in doc["monitor"]["detail"]
     assert elapsed < 15, elapsed  # EAGAIN is retried briefly, not waited out
     # Healthy again: forensics talks QMP once, on one connection, after qm status and qm config.
-    await wait_for(lambda: _qmp_answers(qmp), "QMP answering again")
+    await until(
+        lambda: asyncio.to_thread(lambda: _qmp_answers(qmp)),
+        what="QMP answering again",
+        timeout_s=30.0,
+        interval_s=0.1,
+    )
     before = len(host.calls())
     code, doc = await host.verb("forensics")
     assert code == 0, doc
@@ -278,11 +275,20 @@ async def test_3_a_stop_past_the_ceiling_is_left_running_and_start_completes_the
     # The stop task was not killed: it goes on and stops the VM.
     busy_code, busy = await host.verb("reset")
     assert busy_code == 3 and busy["refused"] == "busy", busy  # the task holds the verb's lock
-    await wait_for(
-        lambda: host.sim.live_kvm_pid() is None and not Path(f"/proc/{pid}").exists(),
-        "the stop task stopping the VM",
+    await until(
+        lambda: asyncio.to_thread(
+            lambda: host.sim.live_kvm_pid() is None and not Path(f"/proc/{pid}").exists()
+        ),
+        what="the stop task stopping the VM",
+        timeout_s=30.0,
+        interval_s=0.1,
     )
-    await wait_for(lambda: lock_is_free(host.sim), "the lock freed once the task ended")
+    await until(
+        lambda: asyncio.to_thread(lambda: lock_is_free(host.sim)),
+        what="the lock freed once the task ended",
+        timeout_s=30.0,
+        interval_s=0.1,
+    )
     host.sim.set_faults(hang_qmp=[])
     code, doc = await host.verb("status")
     assert doc["state_after"] == "stopped" and doc["pending_start"]["upid"] == upid
@@ -356,7 +362,12 @@ async def test_5_start_of_an_ha_vm_is_an_ha_request_verified_over_a_longer_windo
 ) -> None:
     host.sim.set_faults(ha_delay_s=3.0)  # the CRM/LRM act on a loop of their own
     host.sim.set_ha("stopped")
-    await wait_for(lambda: host.sim.kvm_pid() is None, "the HA stack stopping the VM")
+    await until(
+        lambda: asyncio.to_thread(lambda: host.sim.kvm_pid() is None),
+        what="the HA stack stopping the VM",
+        timeout_s=30.0,
+        interval_s=0.1,
+    )
     code, doc = await host.verb("start")
     assert code == 0, doc
     assert "HA stack" in doc["message"] and host.sim.ha_state() == "started"
@@ -512,8 +523,20 @@ async def test_a_dropped_client_still_never_leaves_a_cycle_half_done(host: Host)
     boot = host.sim.vm_state()["boot_id"]
     before = len(host.calls())
     await conn.create_process("cycle")
-    await wait_for(lambda: any(c.startswith("qm stop 102") for c in host.calls(before)), "qm stop")
+    await until(
+        lambda: asyncio.to_thread(
+            lambda: any(c.startswith("qm stop 102") for c in host.calls(before))
+        ),
+        what="qm stop",
+        timeout_s=30.0,
+        interval_s=0.1,
+    )
     conn.abort()
     await asyncio.sleep(0.5)
-    await wait_for(lambda: lock_is_free(host.sim), "the verb finishing", timeout=60)
+    await until(
+        lambda: asyncio.to_thread(lambda: lock_is_free(host.sim)),
+        what="the verb finishing",
+        timeout_s=60,
+        interval_s=0.1,
+    )
     assert host.sim.kvm_pid() is not None and host.sim.vm_state()["boot_id"] > boot

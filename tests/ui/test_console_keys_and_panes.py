@@ -13,7 +13,7 @@ from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
 from breakglass_tui.ui.widgets.chat import ChatInput, ToolBlock
 from breakglass_tui.ui.widgets.status_header import StatusHeader
-from tests.ui.conftest import make_app, settle
+from tests.ui.conftest import agent_busy, make_app, settle
 from tests.ui.fakes import T0, verb
 
 pytestmark = pytest.mark.timeout(30)
@@ -36,11 +36,11 @@ async def test_escape_cancels_the_running_command(agents):
         await settle(app, pilot)
         await pilot.press(*"/sh sleep 600", "enter")
         await pilot.pause(0.1)
-        assert app._agent_running()
+        assert agent_busy(app)
         await pilot.press("escape")
         await settle(app, pilot)
         assert agents[0].cancelled == 1
-        assert not app._agent_running()
+        assert not agent_busy(app)
         block = app.query_one(ToolBlock)
         assert "cancelled" in block.heading
         # The session stays usable after a cancel.
@@ -82,12 +82,12 @@ async def test_quit_while_an_action_runs_asks_first(agents):
         await pilot.press("escape")  # stays
         await pilot.pause(0.1)
         assert not isinstance(app.screen, ConfirmQuitScreen)
-        assert app._agent_running() and app.is_running
+        assert agent_busy(app) and app.is_running
         await pilot.press("ctrl+q")
         await pilot.pause(0.1)
         await pilot.press("y", "n")  # letters are not answers: they go to the message box
         await pilot.pause(0.1)
-        assert isinstance(app.screen, ConfirmQuitScreen) and app._agent_running()
+        assert isinstance(app.screen, ConfirmQuitScreen) and agent_busy(app)
         assert app.query_one(ChatInput).value == "yn"
         await pilot.press("ctrl+q")  # Ctrl+Q again confirms
         await pilot.pause(0.3)
