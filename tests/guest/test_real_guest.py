@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from breakglass_tui.core import fence
 from breakglass_tui.core.events import BundleSaved, ProbeUpdated, ToolCallEnded, VerbCompleted
 from breakglass_tui.hosts.session import HostSession
 from breakglass_tui.hosts.types import Reachability
@@ -68,7 +69,7 @@ async def assert_bundle_has_screendump(hosts: HostSession, bundle_id: str | None
 
 def sent(api: fm.FakeMessagesApi, call_id: str) -> str:
     """The tool_result the agent sent the model for tool call `call_id` (from the fake API's
-    recorded request bodies: what the model really read)."""
+    recorded request bodies: what the model really read), fences taken out."""
     for body in api.bodies:
         for message in body["messages"]:
             if message["role"] != "user" or isinstance(message["content"], str):
@@ -78,8 +79,18 @@ def sent(api: fm.FakeMessagesApi, call_id: str) -> str:
                     content = block["content"]
                     if isinstance(content, list):
                         content = "".join(c.get("text", "") for c in content)
-                    return content
+                    return unfenced(content)
     raise AssertionError(f"no tool_result for {call_id} was sent to the model")
+
+
+def unfenced(content: str) -> str:
+    """A tool result's text as read, its fence markers taken out (the host's text inside them,
+    the agent's outside, in order); it must be well formed (core.fence.parse raises if not)."""
+    parsed = fence.parse(content)
+    pieces = [parsed.outside[0]]
+    for inside, outside in zip(parsed.inside, parsed.outside[1:], strict=True):
+        pieces += [inside, outside]
+    return "".join(pieces)
 
 
 def ended(h: Any, call_id: str) -> ToolCallEnded:

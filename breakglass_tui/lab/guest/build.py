@@ -703,8 +703,14 @@ def build(
 
 def _prune(cache: Path, keep: str) -> None:
     """Remove the images this builder made before (a new one replaces them), and their saved
-    states."""
+    states — those built over an hour ago: a younger one may be another checkout's, in use."""
+    now = time.time()
     for directory in sorted((cache / "images").glob("*")):
+        try:
+            if now - directory.stat().st_mtime < 3600:
+                continue
+        except OSError:
+            continue
         try:
             builder = json.loads((directory / "manifest.json").read_text()).get("builder")
         except (OSError, ValueError):

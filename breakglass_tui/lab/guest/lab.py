@@ -314,11 +314,22 @@ async def _ensure(
         lock.close()
 
 
+PRUNE_AFTER_S = 3600.0  # a saved state younger than this may be another lab's, in use now
+
+
 def _prune_saved(kept: SavedState) -> None:
     """A new booted state replaces the states saved before it (for an older image, or another
-    QEMU or machine): remove them, with their scenarios' states and locks."""
+    QEMU or machine): remove them, with their scenarios' states and locks — but only those
+    untouched for PRUNE_AFTER_S: a younger one may be another lab's (another checkout, or a test
+    worker with other settings) that a drill runs on now, its disks backed by that state."""
+    now = time.time()
     for path in sorted(kept.directory.parent.iterdir()):
         if path.name.startswith(kept.directory.name):
+            continue
+        try:
+            if now - path.stat().st_mtime < PRUNE_AFTER_S:
+                continue
+        except OSError:
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

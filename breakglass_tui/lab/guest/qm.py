@@ -172,14 +172,20 @@ def qemus_under(directory: Path) -> list[int]:
 
 
 def kill_qemus_under(directory: Path, wait_s: float = 5.0) -> list[int]:
-    """SIGKILL every QEMU :func:`qemus_under` finds (a last resort: any thread, no QMP); wait up
-    to `wait_s` for them to go. Returns those still alive."""
-    pids = qemus_under(directory)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    """SIGKILL every QEMU :func:`qemus_under` finds (a last resort: any thread, no QMP), again
+    until none is left — a QEMU caught daemonizing forks the one that stays — for up to `wait_s`.
+    Returns those still alive."""
     deadline = time.monotonic() + wait_s
-    return [pid for pid in pids if not wait_gone(pid, max(0.0, deadline - time.monotonic()))]
+    while True:
+        pids = qemus_under(directory)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            wait_gone(pid, max(0.0, deadline - time.monotonic()))
+        left = qemus_under(directory)
+        if not left or time.monotonic() >= deadline:
+            return left
 
 
 # -- starting QEMU -------------------------------------------------------------------------------
