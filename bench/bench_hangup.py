@@ -1,7 +1,7 @@
 """Benchmark: how long `breakglass-tui` takes to end after its terminal hangs up or it gets
 SIGTERM, in each phase (issue 12; aim: 2 s), against a bare Textual app measured in the same run.
 
-    .venv/bin/python bench/bench_hangup.py [--runs 5] [--json]
+    .venv/bin/python bench/bench_hangup.py [--runs 5] [--lab guest|sandbox] [--json]
 
 Every figure is from a real pseudo-terminal (tests.ui.console_pty): the console is brought to a
 phase — starting, idle, streaming Claude's answer (the fake Messages API), running a command — and
@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from breakglass_tui.lab.guest.build import default_cache  # noqa: E402
 from tests.support import fake_messages_api as fm  # noqa: E402
 from tests.ui.console_pty import PHASES, PtyConsole, run_trial, stall  # noqa: E402
 
@@ -82,8 +83,13 @@ def baseline(runs: int, stalled: bool) -> tuple[list[float], int]:
     return times, stuck
 
 
-def ours(runs: int, api: fm.FakeMessagesApi) -> dict[str, list[float]]:
-    env = {"ANTHROPIC_API_KEY": "sk-ant-bench-0123456789abcdef", "ANTHROPIC_BASE_URL": api.base_url}
+def ours(runs: int, api: fm.FakeMessagesApi, lab: str) -> dict[str, list[float]]:
+    env = {
+        "ANTHROPIC_API_KEY": "sk-ant-bench-0123456789abcdef",
+        "ANTHROPIC_BASE_URL": api.base_url,
+        # The real devvm's image and saved states (each trial's HOME is its own directory).
+        "BREAKGLASS_GUEST_CACHE": str(default_cache()),
+    }
     figures: dict[str, list[float]] = {}
     for phase in PHASES:
         for how in ("hangup", "sigterm"):
@@ -92,7 +98,9 @@ def ours(runs: int, api: fm.FakeMessagesApi) -> dict[str, list[float]]:
                 for n in range(runs):
                     api.script.append(fm.stalled(after=4))
                     with tempfile.TemporaryDirectory(prefix="bg-bench-") as tmp:
-                        trial = run_trial(Path(tmp), phase, how, stalled=stalled, seed=n, env=env)
+                        trial = run_trial(
+                            Path(tmp), phase, how, stalled=stalled, seed=n, env=env, lab=lab
+                        )
                     figures.setdefault(key, []).append(
                         trial.exit_s if trial.exited else float("inf")
                     )
@@ -107,6 +115,12 @@ def p95(values: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="trials per phase and signal")
+    parser.add_argument(
+        "--lab",
+        choices=("guest", "sandbox"),
+        default="guest",
+        help="the devvm: the real one under QEMU (--lab's default) or the sandbox",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -118,7 +132,7 @@ def main() -> int:
     base_times, _ = baseline(args.runs, stalled=False)
     _, base_stuck = baseline(args.runs, stalled=True)
     base = statistics.median(base_times) if base_times else float("nan")
-    figures = ours(args.runs, api)
+    figures = ours(args.runs, api, args.lab)
     if args.json:
         print(
             json.dumps(
@@ -126,6 +140,7 @@ def main() -> int:
                     "baseline_s": base,
                     "baseline_stalled_never_exited": base_stuck,
                     "runs": args.runs,
+                    "lab": args.lab,
                     "figures": figures,
                 },
                 indent=2,
@@ -137,7 +152,8 @@ def main() -> int:
         f"baseline, terminal stalled first: {base_stuck} of {args.runs} never exited"
         f" (still running {STUCK_S:.0f} s after the hang-up)"
     )
-    print(f"breakglass-tui --lab, {args.runs} trials each (aim: ≤ {AIM_S:.0f} s):")
+    lab = "--lab" if args.lab == "guest" else "--lab --sandbox"
+    print(f"breakglass-tui {lab}, {args.runs} trials each (aim: ≤ {AIM_S:.0f} s):")
     print(f"  {'phase':9} {'signal':7} {'terminal':8}   median      p95   max    ×baseline")
     worst = 0.0
     for key, values in figures.items():

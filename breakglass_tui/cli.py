@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
     if stopper is not None and stopper.requested.is_set():
         return stopper.exit_code  # hung up before the screen opened: nothing to undo
     problem = terminal_problem() or state_dir_problem(Path(settings.state_dir))
+    # A terminal found unusable because it was just hung up is the hang-up, not a problem to
+    # report (its SIGHUP may land a moment after the check saw the terminal gone).
+    if problem and stopper is not None and stopper.requested.wait(0.3):
+        return stopper.exit_code
     if problem:
         return _fail(problem)
     from breakglass_tui.ui.app import BreakglassApp
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
         choice = runtime.choose_lab(
             args.scenario,
             "sandbox" if args.sandbox else "auto",
-            progress=_say,
+            progress=lambda line: _say(line, stopper),
+            stopper=stopper,
         )
         if stopper is not None and stopper.requested.is_set():
             return stopper.exit_code  # hung up while the lab's devvm was being prepared
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
     if choice is not None and choice.devvm == "guest":
         # QEMU starts restoring the devvm now, while the console itself starts.
         prestarted = runtime.prestart_devvm(choice.scenario)
+        if prestarted is not None and stopper is not None:
+            stopper.add_last_resort(prestarted.kill_now)  # the hard deadline: its QEMU goes
     try:
         app = BreakglassApp(
             AppOptions(
@@ -138,13 +145,19 @@ def main(argv: list[str] | None = None, *, stopper: Stopper | None = None) -> in
         app.run()
     finally:
         if prestarted is not None:
-            prestarted.abandon()  # not adopted (the app ended first): its QEMU goes
+            # The app has ended: whatever of the drill is still there goes (never adopted, or
+            # adopted by a lab whose close did not finish).
+            prestarted.close()
     return app.return_code or 0
 
 
-def _say(line: str) -> None:
-    with contextlib.suppress(OSError):  # a terminal that is already gone (hung up)
-        print(f"breakglass-tui: {line}", file=sys.stderr)
+def _say(line: str, stopper: Stopper | None = None) -> None:
+    """One line of progress on the terminal before the screen opens; nothing once the terminal
+    is gone, and never an error (a hung-up terminal fails every write)."""
+    if stopper is not None and stopper.terminal_gone.is_set():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(f"breakglass-tui: {line}", file=sys.stderr, flush=True)
 
 
 def run_check(settings, args: argparse.Namespace) -> int:

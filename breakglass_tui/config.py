@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     max_cost_usd: float = Field(20.0, gt=0)
     # Tool calls Claude may make for one operator message before it must stop and sum up.
     max_steps: int = Field(40, ge=1)
+    # Mutating verbs (reset, stop, start, cycle) Claude may run for one operator message; a
+    # further one waits for the driving operator's approval (one key) and is not run without
+    # it. 0: every mutating verb of Claude's asks. The PVE host's budget stays the hard limit.
+    max_mutating_verbs_per_message: int = Field(2, ge=0, le=100)
+    # Seconds the console waits for that approval before telling Claude the verb was not run.
+    verb_approval_timeout_s: float = Field(120.0, gt=0, le=3600)
     # Thinking counts against max_tokens; a reply cut at it is asked again with twice as much.
     max_tokens: int = Field(16_000, ge=1024, le=128_000)
     # Seconds to wait for a complete answer from the Claude API (its retries included) before

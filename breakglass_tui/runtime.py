@@ -83,13 +83,18 @@ def choose_lab(
     *,
     progress: Progress | None = None,
     prepare: bool = True,
+    stopper: Any = None,
 ) -> LabPlan:
     """Which devvm --lab rehearses on ("auto": the real devvm where QEMU runs, else the
     sandbox, else none; "guest" or "sandbox" to insist), decided before the screen opens. With
     ``prepare``, the real devvm's first run (the image built, a booted state saved: about a
     minute) happens here, its progress given to ``progress``, so the console then starts in
     seconds; if it fails, the sandbox stands in and the plan's note says why in one sentence.
-    Without, the lab's start does it (a server, which logs its progress)."""
+    Without, the lab's start does it (a server, which logs its progress).
+
+    The first run runs in a child process (lab.guest.plan's Preparation), so a hang-up or
+    SIGTERM meanwhile (``stopper``, ui.stopping's) ends it at once, leaving no QEMU and no
+    temporary directory: the plan returned then is "none" and the caller exits."""
     from breakglass_tui.lab.choice import choose_devvm
 
     say = progress or (lambda _line: None)
@@ -100,21 +105,37 @@ def choose_lab(
         if not plan.ready(choice.scenario):
             say("preparing the lab's devvm (first run)…")
             try:
-                plan.prepare(choice.scenario, progress=say)
-            except Exception as exc:  # shown in the console; the sandbox may stand in
-                fallback = choose_devvm(scenario, "sandbox")
-                reason = f"The real devvm could not be prepared ({exc})"
-                if fallback.devvm is None:
-                    return LabPlan("none", f"{reason}; {fallback.note}", scenario)
-                return LabPlan(
-                    "sandbox", f"{reason}: this drill runs on a sandboxed shell.", fallback.scenario
+                preparation = plan.Preparation(choice.scenario)
+            except OSError as exc:  # no TMPDIR space: the sandbox may stand in
+                return _fallback(scenario, f"The real devvm could not be prepared ({exc})")
+            if stopper is not None:
+                stopper.add_last_resort(preparation.kill)
+            try:
+                preparation.run(
+                    say,
+                    stopped=stopper.requested.is_set if stopper is not None else lambda: False,
                 )
+            except plan.PreparationStopped:
+                return LabPlan("none", None, scenario)
+            except plan.PreparationFailed as exc:  # shown in the console
+                return _fallback(scenario, f"The real devvm could not be prepared ({exc})")
     return LabPlan(choice.devvm or "none", choice.note, choice.scenario)
 
 
+def _fallback(scenario: str, reason: str) -> LabPlan:
+    """The sandbox in place of the real devvm that could not be prepared (or none)."""
+    from breakglass_tui.lab.choice import choose_devvm
+
+    fallback = choose_devvm(scenario, "sandbox")
+    if fallback.devvm is None:
+        return LabPlan("none", f"{reason}; {fallback.note}", scenario)
+    return LabPlan("sandbox", f"{reason}: this drill runs on a sandboxed shell.", fallback.scenario)
+
+
 def prestart_devvm(scenario: str) -> Any:
-    """Start restoring the real devvm now, while the console itself starts (its ``abandon()``
-    ends it if nothing adopts it); pass it to :func:`wire_lab` as ``prestarted``."""
+    """Start restoring the real devvm now, while the console itself starts (its ``close()``
+    ends it once the console has; ``kill_now()`` at the stop's hard deadline); pass it to
+    :func:`wire_lab` as ``prestarted``."""
     from breakglass_tui.lab.guest.drill import prestart
 
     return prestart(scenario)

@@ -9,15 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-app}
 
-debs=(openssh-client)
+# python3-venv: Debian's python3 makes no virtual environment without it.
+debs=(python3 python3-venv openssh-client)
 if [ "$mode" = test ]; then
     # Real parts for the tests: sshd for the forced command, sudo as on the devvm, QEMU for QMP
     # and the real devvm, bubblewrap for the sandbox devvm, Chromium for the page, tmux for the
     # newcomer-in-a-terminal test; and the image test's tools: mmdebstrap makes the Debian base,
     # buildah builds the Containerfile, podman runs it with runc (crun refuses this kind of
     # host's cgroups).
-    # promtool (Debian's prometheus) checks and unit-tests the chart's alerting rules.
-    debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc prometheus)
+    # promtool (Debian's prometheus) checks and unit-tests the chart's alerting rules; git names
+    # the image test's checkout.
+    debs+=(openssh-server sudo qemu-system-x86 chromium tmux mmdebstrap buildah podman runc prometheus git)
 fi
 if [ "$mode" = test ] || [ "$mode" = guest ]; then
     # The lab: QEMU runs the real devvm (qemu-utils makes its disks), e2fsprogs writes them;

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from breakglass_tui.config import Settings
 from breakglass_tui.core import events as ev
 from breakglass_tui.core import prompt, report, slash, tools
+from breakglass_tui.core.approval import VerbGate
 from breakglass_tui.core.audit import audit_log, transcript
 from breakglass_tui.core.conversation import Conversation, tool_result
 from breakglass_tui.core.hostapi import HostSessionLike
@@ -153,6 +154,13 @@ class BreakglassAgent:
             image_limit_bytes=image_limit_bytes,
             wait_probe_interval_s=wait_probe_interval_s,
         )
+        # [issue 15] The agent-side bound on Claude's mutating verbs (core.approval).
+        self.verb_gate = VerbGate(
+            limit=settings.max_mutating_verbs_per_message,
+            timeout_s=settings.verb_approval_timeout_s,
+            emit=self._emit,
+            audit=self.audit.write,
+        )
         # Manual call ids name the session: tabs sharing an incident journal never repeat one.
         self._manual_prefix = f"manual-{self.session_id}-"
         self._manual_count = 0
@@ -234,10 +242,16 @@ class BreakglassAgent:
         self.audit.close()
         self.transcript.close()
 
+    def answer_approval(self, request_id: str, approved: bool) -> bool:
+        """The driving operator's answer to a VerbApprovalAsked (core.approval); False when
+        that question is no longer waiting."""
+        return self.verb_gate.answer(request_id, approved)
+
     # -- the tool loop ------------------------------------------------------------------------
 
     async def _converse(self, text: str) -> None:
         self.asker.at_operator_message(self.context_limit_bytes, self.keep_recent_results)
+        self.verb_gate.new_operator_message()  # [issue 15] core.approval counts per message
         # Kept in the conversation even when Claude cannot be asked now: it is context later.
         said = self.conversation.manual_context()
         said.append({"type": "text", "text": text})
@@ -272,6 +286,11 @@ class BreakglassAgent:
                         results.append(tool_result(block["id"], why, is_error=True))
                         continue
                     steps += 1
+                    # [issue 15] Past the per-message limit a mutating verb waits for approval.
+                    refusal = await self.verb_gate.admit(block["id"], block["name"], block["input"])
+                    if refusal is not None:
+                        results.append(tool_result(block["id"], refusal, is_error=True))
+                        continue
                     run = await tools.run_call(
                         self.tools, block["id"], block["name"], block["input"]
                     )
@@ -286,7 +305,10 @@ class BreakglassAgent:
             # thinking blocks are bound to it); the API's context editing clears old results.
             answer: list[BetaContentBlockParam] = [*results]
             if steps < max_steps:
-                answer += steering_blocks(self.operator_queue, self._deliver_queued)
+                steering = steering_blocks(self.operator_queue, self._deliver_queued)
+                if steering:  # a new operator message: the verb limit counts afresh
+                    self.verb_gate.new_operator_message()
+                answer += steering
             self.conversation.append_user(answer)
             if steps >= max_steps:
                 await self._step_limit_summary(max_steps)
@@ -320,8 +342,7 @@ class BreakglassAgent:
         self._notice("info", self.timeline.where_things_stand())
 
     def _keep(self, reply: Reply) -> None:
-        """A turn of only thinking is not kept: it adds nothing, and an empty message is
-        refused."""
+        """A turn of only thinking is not kept (it adds nothing; an empty message is refused)."""
         if reply.worth_keeping():
             self.conversation.append_assistant(reply.content, model=reply.model, basis=reply.basis)
 
@@ -356,31 +377,18 @@ class BreakglassAgent:
             self.tools,
             call_id=f"{self._manual_prefix}{self._manual_count}",
             said=self.scrubber.text(text),
-            scrub=self.scrubber.text,
             pending=self.conversation.pending_manual,
         )
 
     # -- report --------------------------------------------------------------------------------
 
     async def report(self) -> Path:
-        """/report: the incident report written by Claude when it can be asked (one extra turn
-        with the same system prompt and tools and ``tool_choice: none``, so the prefix stays
-        intact and nothing is kept in the conversation), with the mechanical record as its
-        appendix; the mechanical report alone when Claude cannot be asked (manual mode)."""
-        written: str | None = None
-        if self._api_key() and not self.manual and self.messages:
-            self._notice("info", "Asking Claude to write the incident report…")
-            last_word = self.timeline.last_assistant_text
-            try:
-                reply = await self.asker.ask(
-                    use_tools=False, extra=[{"type": "text", "text": prompt.REPORT_REQUEST}]
-                )
-            finally:  # the report is not the incident's last word
-                self.timeline.last_assistant_text = last_word
-            if reply is not None and reply.text.strip():
-                written = reply.text.strip()
-            else:
-                self._notice("warning", "Claude could not write the report: the record alone.")
+        """/report: Claude's account when it can be asked (core.report.ask_claude), with the
+        mechanical record as its appendix; the record alone in manual mode."""
+        asked = self._api_key() and not self.manual and self.messages
+        written = (
+            await report.ask_claude(self.asker, self.timeline, self._notice) if asked else None
+        )
         return self.write_report(written)
 
     def write_report(self, written: str | None = None) -> Path:

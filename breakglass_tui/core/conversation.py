@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from breakglass_tui.core import fence, manual_note
 from breakglass_tui.core.records import Record
 
 if TYPE_CHECKING:
@@ -157,10 +158,13 @@ def shorten_old_results(
         text = _result_text(block)
         if text.startswith(SHORTENED) or len(text) <= 600:
             continue
-        header, _, rest = text.partition("\n")
-        block["content"] = (
-            f"{SHORTENED} {header}\n[... shortened to keep the context small; use"
-            f" read_output/grep_output with the output_id above ...]\n{rest[-400:]}"
+        # The host's text stays inside its fence, with the same token (core.fence).
+        block["content"] = fence.shorten(
+            text,
+            keep=400,
+            prefix=SHORTENED,
+            note="[... shortened to keep the context small; use read_output/grep_output with the"
+            " output_id above ...]",
         )
         shortened += 1
     return shortened, total
@@ -319,16 +323,11 @@ class Conversation:
         return {"results": shortened, "thinking_blocks_dropped": dropped, "bytes_before": total}
 
     def manual_context(self) -> list[BetaTextBlockParam]:
-        """The operator's manual commands since Claude was last asked, as one text block."""
-        if not self.pending_manual:
-            return []
-        text = (
-            "While you were not involved, the operator ran these commands manually (outputs are"
-            " kept: use read_output/grep_output with the output_id):\n"
-            + "\n".join(self.pending_manual)
-        )
+        """The operator's manual commands since Claude was last asked, as one text block of
+        metadata only: no host text in a user-role block (issue 15, core.manual_note)."""
+        block = manual_note.context_block(self.pending_manual)
         self.pending_manual.clear()
-        return [{"type": "text", "text": text}]
+        return [block] if block is not None else []
 
     def repair(self, *, is_legacy_id: Callable[[str], bool], example_id: str) -> list[str]:
         """A restored conversation (resume, take-over) was another session's: answer the tool

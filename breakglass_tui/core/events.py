@@ -189,6 +189,38 @@ class BundleSaved(Event):
     manifest: dict[str, Any]
 
 
+@dataclass(frozen=True, kw_only=True)
+class VerbApprovalAsked(Event):
+    """Claude wants a mutating verb past the per-message limit (core.approval): the driving tab
+    asks its operator (one key runs it); the agent waits at most ``timeout_s``."""
+
+    request_id: str
+    call_id: str
+    verb: str
+    nth: int  # which mutating verb of this operator message it would be
+    limit: int  # BREAKGLASS_MAX_MUTATING_VERBS_PER_MESSAGE
+    timeout_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerbApprovalEnded(Event):
+    """The question is over: ``approved`` (it runs), ``refused``, ``no answer`` or
+    ``cancelled`` (not run)."""
+
+    request_id: str
+    verb: str
+    outcome: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class InjectionReported(Event):
+    """Claude says host text (an output, a host image) tried to instruct it (its
+    ``report_injection`` tool, core.injection): shown to the operator as a warning."""
+
+    output_id: str | None  # the output it was in, when Claude named a valid one
+    summary: str  # Claude's one line: what the text tried to make it do
+
+
 # -- the codec: one JSON form of every event, for the incident journal and the transcript --------
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from breakglass_tui.core.fence import Fence
 from breakglass_tui.core.outputs import OutputRecord, OutputStore
 
 if TYPE_CHECKING:
@@ -69,10 +70,17 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 
 
 def bundle_view(
-    bundle_id: str, doc: dict[str, Any], store: OutputStore, *, image_limit_bytes: int
+    bundle_id: str,
+    doc: dict[str, Any],
+    store: OutputStore,
+    *,
+    image_limit_bytes: int,
+    fence: Fence,
 ) -> BundleView:
     """Store each file of a fetched bundle (``{"manifest", "files": {name: base64}}``) as an
-    output and describe it for Claude; the screendump as an image within the image limit."""
+    output and describe it for Claude; the screendump as an image within the image limit. What
+    the host wrote (a state file shown inline, a file name the verb does not produce) is inside
+    ``fence``, the tool result's one fence (core.fence)."""
     files: dict[str, bytes] = {}
     for name, b64 in sorted((doc.get("files") or {}).items()):
         safe = Path(str(name)).name  # never a path from the host
@@ -84,6 +92,7 @@ def bundle_view(
             continue
     view = BundleView(text="")
     lines = [f"forensics bundle {bundle_id}: its files are outputs (read_output/grep_output):"]
+    others: list[str] = []  # files the verb does not produce: their names are the host's text
     for name, data in files.items():
         if name == SCREENDUMP:
             continue
@@ -91,11 +100,18 @@ def bundle_view(
         recorder.feed_text(data.decode("utf-8", "replace"))
         record, _ = store.finish(recorder)
         view.outputs[name] = record
-        label = LABELS.get(name, name)
-        lines.append(f"- {name} ({label}): output_id {record.output_id}, {record.raw_bytes} bytes")
+        if name not in LABELS:
+            others.append(f"{name}: output_id {record.output_id}, {record.raw_bytes} bytes")
+            continue
+        lines.append(
+            f"- {name} ({LABELS[name]}): output_id {record.output_id}, {record.raw_bytes} bytes"
+        )
         if name in INLINE and 0 < len(data) <= INLINE_MAX_BYTES:
             shown = record.head.decode("utf-8", "replace").strip()  # scrubbed, like every output
-            lines.append("  " + shown.replace("\n", "\n  "))
+            lines.append(fence.wrap(shown))
+    if others:
+        lines.append(f"- {len(others)} other file(s), named by the host:")
+        lines.append(fence.wrap("\n".join(others)))
     png = files.get(SCREENDUMP)
     if png is None:
         lines.append("- no screendump in this bundle (QMP did not answer, or over its byte cap)")

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from breakglass_tui.core.fence import Fence, escape
 from breakglass_tui.core.scrub import Scrubber, StreamScrubber
 from breakglass_tui.hosts.types import OutputChunk
 
@@ -299,8 +300,9 @@ class OutputStore:
         _write_facts(record)
         return record, rest
 
-    def view(self, record: OutputRecord, header: str) -> str:
-        """The model's view of an output: a header line, head, elision note, tail."""
+    def view(self, record: OutputRecord, header: str, fence: Fence) -> str:
+        """The model's view of an output: the agent's header line, then its head and tail inside
+        ``fence`` (core.fence), with the elision note between them outside it."""
         sizes = f"{record.raw_bytes} bytes"
         if record.stderr_bytes:
             sizes += f" (stdout {record.stdout_bytes}, stderr {record.stderr_bytes})"
@@ -313,24 +315,25 @@ class OutputStore:
             lines.append("(no output)")
             return "\n".join(lines)
         if record.elided_bytes == 0:
-            lines.append(_decode(record.head + record.tail))
+            lines.append(fence.wrap(_decode(record.head + record.tail)))
             return "\n".join(lines)
-        lines.append(_decode(record.head))
+        lines.append(fence.wrap(_decode(record.head)))
         kept = (
             f"the first {record.stored_bytes} bytes are kept"
             if record.truncated
             else "the whole output is kept"
         )
         lines.append(
-            f"\n[... {record.elided_bytes} bytes elided; {kept}: use"
+            f"[... {record.elided_bytes} bytes elided; {kept}: use"
             f" read_output(output_id={record.output_id!r}, offset, length) or"
-            f" grep_output(output_id={record.output_id!r}, pattern) to see more ...]\n"
+            f" grep_output(output_id={record.output_id!r}, pattern) to see more ...]"
         )
-        lines.append(_decode(record.tail))
+        lines.append(fence.wrap(_decode(record.tail)))
         return "\n".join(lines)
 
-    def read(self, output_id: str, offset: int, length: int) -> str:
-        """Bytes ``offset..offset+length`` of a stored output, capped by the budget."""
+    def read(self, output_id: str, offset: int, length: int, fence: Fence) -> str:
+        """Bytes ``offset..offset+length`` of a stored output, capped by the budget: a note line,
+        then the bytes inside ``fence``."""
         record = self._record(output_id)
         offset = max(0, int(offset))
         asked = int(length)
@@ -346,7 +349,7 @@ class OutputStore:
             note += f" (length capped at {self.view_bytes})"
         if record.truncated:
             note += f" (only these were kept, of {record.scrubbed_bytes})"
-        return note + "\n" + _decode(data)
+        return note + "\n" + fence.wrap(_decode(data))
 
     async def grep(
         self,
@@ -354,6 +357,7 @@ class OutputStore:
         pattern: str,
         max_matches: int = 50,
         *,
+        fence: Fence,
         timeout_s: float | None = None,
     ) -> str:
         """Lines of a stored output matching a regular expression, with line numbers and byte
@@ -409,7 +413,7 @@ class OutputStore:
         answer = json.loads(out)
         found: list[str] = answer["found"]
         matches: int = answer["matches"]
-        head = f"output_id {output_id}: {matches} matching line(s) for {pattern!r}"
+        head = f"output_id {output_id}: {matches} matching line(s) for {escape(repr(pattern))}"
         if matches > len(found):
             head += f", first {len(found)} shown"
         notes = []
@@ -422,7 +426,9 @@ class OutputStore:
             notes.append(f"only the kept first {record.stored_bytes} bytes were searched")
         if notes:
             head += f" ({'; '.join(notes)})"
-        return "\n".join([head, *found])
+        if not found:
+            return head
+        return head + "\n" + fence.wrap("\n".join(found))
 
     def _record(self, output_id: str) -> OutputRecord:
         found = _OUTPUT_ID.match(output_id) if isinstance(output_id, str) else None

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from breakglass_tui.config import Settings
+from breakglass_tui.core import prompt
 from breakglass_tui.core.timeline import Timeline
+from breakglass_tui.core.turn import Asker
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,23 @@ def render(timeline: Timeline, about: About, *, written: str | None = None) -> s
         first = text.strip().splitlines()[0] if text.strip() else ""
         lines.append(f"- {_ts(t)} {first[:300]}")
     return "\n".join(lines) + "\n"
+
+
+async def ask_claude(
+    asker: Asker, timeline: Timeline, notice: Callable[[str, str], None]
+) -> str | None:
+    """Claude's written report: one extra turn with the same system prompt and tools and
+    ``tool_choice: none`` (the prefix stays intact; nothing is kept in the conversation).
+    None when Claude could not write it (the record alone is the report then)."""
+    notice("info", "Asking Claude to write the incident report…")
+    last_word = timeline.last_assistant_text
+    try:
+        reply = await asker.ask(
+            use_tools=False, extra=[{"type": "text", "text": prompt.REPORT_REQUEST}]
+        )
+    finally:  # the report is not the incident's last word
+        timeline.last_assistant_text = last_word
+    if reply is not None and reply.text.strip():
+        return reply.text.strip()
+    notice("warning", "Claude could not write the report: the record alone.")
+    return None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from breakglass_tui.core import tools
+from breakglass_tui.core import manual_note, tools
 from breakglass_tui.hosts.types import MUTATING_VERBS, VERBS
 
 ToolInput = dict[str, Any]
@@ -156,12 +156,11 @@ async def run_manual(
     *,
     call_id: str,
     said: str,
-    scrub: Callable[[str], str],
     pending: list[str],
 ) -> None:
     """Run an agent command's tool call as the operator's (``manual``), shown and audited as
-    Claude's are; ``pending`` gets a line for Claude's next turn (the whole output stays
-    readable by its id). A missing argument is said, not run."""
+    Claude's are; ``pending`` gets a line of metadata for Claude's next turn (never the host's
+    text: the output is readable by its id). A missing argument is said, not run."""
     assert command.tool is not None and command.tool_input is not None
     tool_input = command.tool_input(rest)
     if tool_input is None:
@@ -170,12 +169,8 @@ async def run_manual(
     try:
         run = await tools.run_call(ctx, call_id, command.tool, tool_input, manual=True)
     except asyncio.CancelledError:
-        pending.append(f"- {said}: cancelled by the operator")
+        pending.append(manual_note.cancelled(said))
         raise
-    entry = f"- {said}: {scrub(run.summary)}"
-    if run.record is not None:
-        entry += f" (output_id {run.record.output_id})"
-        tail = run.record.tail or run.record.head
-        if tail:
-            entry += "\n  last output: " + tail[-600:].decode("utf-8", "ignore").strip()
-    pending.append(entry)
+    # [issue 15] Claude learns of it as metadata only (core.manual_note); the output itself it
+    # reads by id, fenced.
+    pending.append(manual_note.entry(said, command.tool, run.facts, run.record))

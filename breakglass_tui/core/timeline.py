@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from breakglass_tui.core import events as ev
+from breakglass_tui.core import injection
 from breakglass_tui.core.pricing import add
 from breakglass_tui.core.tools import label
 from breakglass_tui.hosts.types import ProbeResult, VerbResult
@@ -130,6 +131,10 @@ class Timeline:
                     self.note(f"Claude: {text}", at)
             case ev.Notice() if event.level != "info":
                 self.note(event.text, at)
+            case ev.InjectionReported():
+                self.note(injection.notice_text(event), at)
+            case ev.VerbApprovalEnded():
+                self.note(f"Claude's {event.verb} past the per-message limit: {event.outcome}", at)
             case _:
                 pass
 

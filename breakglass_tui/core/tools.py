@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from breakglass_tui.config import Settings
-from breakglass_tui.core import forensics
+from breakglass_tui.core import forensics, injection
 from breakglass_tui.core.events import (
     BundleSaved,
     Event,
@@ -31,6 +32,7 @@ from breakglass_tui.core.events import (
     ToolOutput,
     VerbCompleted,
 )
+from breakglass_tui.core.fence import escape, new_fence
 from breakglass_tui.core.hostapi import HostSessionLike
 from breakglass_tui.core.outputs import OutputRecord, OutputStore
 from breakglass_tui.core.records import Record
@@ -54,6 +56,10 @@ TIMEOUT_MIN_S = 1
 TIMEOUT_MAX_S = 3600
 
 ToolInput = dict[str, Any]
+# A verb's refusal reason as breakglass_verb names them (REFUSED_*), and a signal's name: shown
+# outside the fence only when they are such names (core.fence).
+_REFUSAL = re.compile(r"[a-z_]{1,32}")
+_SIGNAL = re.compile(r"[A-Z0-9]{1,12}")
 
 
 @dataclass
@@ -66,6 +72,9 @@ class ToolRun:
     record: OutputRecord | None = None
     exit_status: int | None = None
     ok: bool | None = None  # for the operator: exit 0 / verb ok; None = not is_error
+    # What the agent itself knows of the run, never the host's text: the manual-mode
+    # note (core.manual_note) is built from these.
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 class CallLog(Protocol):
@@ -191,23 +200,50 @@ async def devvm_shell(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> 
         show(record.output_id, chunk)
     record_stored(ctx, call_id, record)
     ending = describe_ending(outcome)
-    header = f"devvm_shell: {ending} in {outcome.duration_s:.1f} s"
+    # [issue 15] The agent's facts outside the fence; the host's text (the output, and the hosts
+    # layer's message about an ending, which may quote the host) inside it (core.fence).
+    fence = new_fence()
+    kind = outcome.ending.value
+    if outcome.ending is Ending.EXITED and outcome.signal:
+        # The signal's name comes from the devvm's sshd: shown only when it is a name.
+        named = _SIGNAL.fullmatch(outcome.signal)
+        kind = f"killed by signal {outcome.signal}" if named else "killed by a signal"
+    elif outcome.ending is Ending.EXITED:
+        kind = f"exit {outcome.exit_status}"
+    header = f"devvm_shell: {escape(kind)} in {outcome.duration_s:.1f} s"
     if timeout_note:
-        header += f" | {timeout_note}"
-    content = ctx.outputs.view(record, header)
+        header += f" | {escape(timeout_note)}"
+    content = ctx.outputs.view(record, header, fence)
+    if outcome.message and outcome.ending is not Ending.EXITED:
+        content += "\nhow it ended:\n" + fence.wrap(outcome.message)
     summary = f"{ending}, {size(record.raw_bytes)}, {outcome.duration_s:.1f} s"
     if record.truncated:
         summary += f" (only the first {size(record.stored_bytes)} kept)"
     is_error = outcome.ending is not Ending.EXITED
+    facts = {
+        "ending": outcome.ending.value,
+        "exit_status": outcome.exit_status,
+        "signal": outcome.signal,
+        "duration_s": outcome.duration_s,
+    }
     return ToolRun(
-        content, is_error, summary, record, exit_status=outcome.exit_status, ok=outcome.ok
+        content,
+        is_error,
+        summary,
+        record,
+        exit_status=outcome.exit_status,
+        ok=outcome.ok,
+        facts=facts,
     )
 
 
 async def pve_verb(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> ToolRun:
     verb = tool_input.get("verb")
     if not isinstance(verb, str) or verb not in VERBS:
-        return ToolRun(f"Unknown verb {verb!r}: one of {', '.join(VERBS)}.", True, "bad input")
+        return ToolRun(
+            f"Unknown verb {escape(repr(verb))}: one of {', '.join(VERBS)}.", True, "bad input"
+        )
+    fence = new_fence()  # [issue 15] one per tool result, for the verb's and the bundle's text
     result = await ctx.hosts.verb(verb)
     ctx.emit(VerbCompleted(result=result))
     ctx.audit.write(
@@ -228,7 +264,11 @@ async def pve_verb(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> Too
         doc = await fetch_bundle(ctx, result.bundle_id)
         if doc is not None:
             bundle = forensics.bundle_view(
-                result.bundle_id, doc, ctx.outputs, image_limit_bytes=ctx.image_limit_bytes
+                result.bundle_id,
+                doc,
+                ctx.outputs,
+                image_limit_bytes=ctx.image_limit_bytes,
+                fence=fence,
             )
             for name, rec in bundle.outputs.items():
                 record_stored(ctx, "", rec)
@@ -248,20 +288,22 @@ async def pve_verb(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> Too
     recorder.feed_text(json.dumps(result.document or verb_dict(result), indent=1))
     record, _ = ctx.outputs.finish(recorder)
     record_stored(ctx, "", record)
-    state = f"{result.state_before or '?'} -> {result.state_after or '?'}"
-    header = (
-        f"pve_verb {verb}: {'ok' if result.ok else 'FAILED'} (exit {result.exit_code}),"
-        f" {state}: {result.message}"
-    )
-    if result.bundle_id:
-        header += f" | forensics bundle {result.bundle_id}"
+    # [issue 15] What the agent knows outside the fence; what the host said (the states, its
+    # message) inside it, then its whole answer.
+    bundle_id = result.bundle_id if BUNDLE_ID_RE.fullmatch(result.bundle_id or "") else None
+    header = f"pve_verb {verb}: {'ok' if result.ok else 'FAILED'} (exit {result.exit_code})"
+    if bundle_id:
+        header += f" | forensics bundle {bundle_id}"
     if result.refused:
-        header += f" | refused by policy: {result.refused}"
+        refused = result.refused if _REFUSAL.fullmatch(result.refused) else "(see below)"
+        header += f" | refused: {refused}"
     if result.cold_case:
         header += " | COLD CASE: host-level recovery is needed, out of scope. " + (
             ctx.settings.cold_path_pointer
         )
-    text = ctx.outputs.view(record, header)
+    state = f"{result.state_before or '?'} -> {result.state_after or '?'}"
+    said = fence.wrap(f"state: {state}\nmessage: {result.message}")
+    text = f"{header}\n{said}\n" + ctx.outputs.view(record, "the verb's answer", fence)
     content: str | list[BetaTextBlockParam | BetaImageBlockParam] = text
     if bundle is not None:
         text += "\n\n" + bundle.text
@@ -271,8 +313,21 @@ async def pve_verb(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> Too
     summary = f"{'ok' if result.ok else 'failed'}: {result.message}"
     if result.bundle_id:
         summary += f" (bundle {result.bundle_id})"
+    facts = {
+        "verb": verb,
+        "ok": result.ok,
+        "exit_code": result.exit_code,
+        "bundle_id": bundle_id,
+        "refused": result.refused,
+    }
     return ToolRun(
-        content, not result.ok, summary, record, exit_status=result.exit_code, ok=result.ok
+        content,
+        not result.ok,
+        summary,
+        record,
+        exit_status=result.exit_code,
+        ok=result.ok,
+        facts=facts,
     )
 
 
@@ -333,11 +388,16 @@ async def _probe(ctx: ToolContext) -> ProbeResult:
 
 
 def _probe_run(result: ProbeResult) -> ToolRun:
-    text = f"probe_devvm: {result.reachability.value} in {result.elapsed_s:.2f} s: "
-    text += result.message
-    if result.banner:
-        text += f"\nbanner: {result.banner[:200]}"
-    return ToolRun(text, False, f"{result.reachability.value}: {result.message}"[:200])
+    # [issue 15] The message and the SSH banner may hold the devvm's text: fenced.
+    said = result.message + (f"\nbanner: {result.banner[:200]}" if result.banner else "")
+    text = f"probe_devvm: {result.reachability.value} in {result.elapsed_s:.2f} s\n"
+    text += new_fence().wrap(said)
+    return ToolRun(
+        text,
+        False,
+        f"{result.reachability.value}: {result.message}"[:200],
+        facts={"reachability": result.reachability.value},
+    )
 
 
 async def wait_for_devvm(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> ToolRun:
@@ -356,11 +416,12 @@ async def wait_for_devvm(ctx: ToolContext, call_id: str, tool_input: ToolInput) 
             break
         await asyncio.sleep(ctx.wait_probe_interval_s)
     verdict = "the devvm answers" if healthy else f"still not healthy after {elapsed:.0f} s"
+    last = _probe_run(result)
     return ToolRun(
-        f"wait_for_devvm: {verdict} ({probes} probe(s), {elapsed:.1f} s)\n"
-        f"{_probe_run(result).content}",
+        f"wait_for_devvm: {verdict} ({probes} probe(s), {elapsed:.1f} s)\n{last.content}",
         False,
         f"{verdict} ({probes} probes)",
+        facts=last.facts,
     )
 
 
@@ -370,9 +431,10 @@ async def read_output(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> 
             tool_input.get("output_id", ""),
             int(tool_input.get("offset", 0)),
             int(tool_input.get("length", ctx.outputs.view_bytes)),
+            new_fence(),
         )
     except (ValueError, TypeError) as exc:
-        return ToolRun(str(exc), True, "bad input")
+        return ToolRun(escape(str(exc)), True, "bad input")
     return ToolRun(text, False, f"{len(text.encode())} bytes")
 
 
@@ -388,8 +450,11 @@ async def list_outputs(ctx: ToolContext, call_id: str, tool_input: ToolInput) ->
         lines.append(f"- {call.output_id}: {shown} ({facts})")
     if not lines:
         return ToolRun("No outputs are kept yet.", False, "0 outputs")
+    # The labels and summaries hold the hosts' words (a verb's message, a bundle's file
+    # names): the list is fenced.
     return ToolRun(
-        f"{len(lines)} outputs (read_output/grep_output):\n" + "\n".join(lines[-200:]),
+        f"{len(lines)} outputs (read_output/grep_output):\n"
+        + new_fence().wrap("\n".join(lines[-200:])),
         False,
         f"{len(lines)} outputs",
     )
@@ -401,10 +466,22 @@ async def grep_output(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> 
             tool_input.get("output_id", ""),
             str(tool_input.get("pattern", "")),
             int(tool_input.get("max_matches", 50)),
+            fence=new_fence(),
         )
     except (ValueError, TypeError) as exc:
-        return ToolRun(str(exc), True, "bad input")
+        return ToolRun(escape(str(exc)), True, "bad input")
     return ToolRun(text, False, text.split("\n", 1)[0])
+
+
+async def report_injection(ctx: ToolContext, call_id: str, tool_input: ToolInput) -> ToolRun:
+    """[issue 15] Claude says host text tried to instruct it: a warning for the operator
+    (core.injection)."""
+    event, text = injection.report(tool_input)
+    if event is None:
+        return ToolRun(text, True, "bad input")
+    ctx.emit(event)
+    ctx.audit.write("injection_reported", output_id=event.output_id, summary=event.summary)
+    return ToolRun(text, False, f"reported: {event.summary}"[:200])
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -533,6 +610,13 @@ REGISTRY: dict[str, Tool] = {
             handler=grep_output,
             label=_output_id,
         ),
+        Tool(
+            name=injection.NAME,
+            description=injection.DEFINITION["description"],
+            input_schema=injection.DEFINITION["input_schema"],
+            handler=report_injection,
+            label=lambda i: str(i.get("output_id") or ""),
+        ),
     )
 }
 
@@ -595,7 +679,9 @@ async def run_call(
     tool = REGISTRY.get(name)
     try:
         if tool is None:
-            run = ToolRun(f"Unknown tool {name!r}.", is_error=True, summary="unknown tool")
+            run = ToolRun(
+                f"Unknown tool {escape(repr(name))}.", is_error=True, summary="unknown tool"
+            )
         else:
             run = await tool.handler(ctx, call_id, tool_input)
     except asyncio.CancelledError:
@@ -627,8 +713,9 @@ async def run_call(
         )
         raise
     except Exception as exc:  # a tool that fails must not end the incident
+        # The exception's text may carry the host's (an SSH disconnect reason): fenced.
         run = ToolRun(
-            f"The tool failed: {exc.__class__.__name__}: {exc}",
+            f"The tool failed: {exc.__class__.__name__}\n{new_fence().wrap(str(exc))}",
             is_error=True,
             summary=f"failed: {exc.__class__.__name__}: {exc}",
         )
@@ -682,7 +769,11 @@ def interrupted(ctx: ToolContext, exc: BaseException, call_ids: list[str]) -> st
             ctx.note(f"the tool loop failed: {error}")
     if isinstance(exc, asyncio.CancelledError):
         return "Cancelled by the operator."
-    return f"Not completed: the breakglass agent failed ({error})."
+    # The error's text may quote a host: fenced.
+    return (
+        f"Not completed: the breakglass agent failed ({exc.__class__.__name__})\n"
+        + new_fence().wrap(str(exc))
+    )
 
 
 def record_stored(ctx: ToolContext, call_id: str, record: OutputRecord) -> None:

@@ -246,7 +246,11 @@ def build_request(
 def _system_prompt(settings: Settings) -> list[dict[str, Any]]:
     from breakglass_tui.core import prompt
 
-    return prompt.system_prompt(settings.vmid, settings.cold_path_pointer)
+    return prompt.system_prompt(
+        settings.vmid,
+        settings.cold_path_pointer,
+        verbs_per_message=settings.max_mutating_verbs_per_message,
+    )
 
 
 class ModelClient:

@@ -183,6 +183,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _sighup_default() -> None:  # in the child, before bwrap: SIGHUP as the kernel makes it
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class SandboxDevvm:
     """One sandbox devvm. ``await start()``, then ``await close()``."""
 
@@ -266,6 +270,10 @@ class SandboxDevvm:
                 stderr=subprocess.PIPE,
                 pass_fds=[*fds, info_w],
                 start_new_session=True,
+                # A SIGHUP ignored by whoever started us (nohup, a CI runner) would be ignored by
+                # the sandbox's init too, and sh cannot trap a signal ignored on entry: its
+                # reboot (a reset or cycle) would never happen.
+                preexec_fn=_sighup_default,
             )
         finally:
             for fd in fds:

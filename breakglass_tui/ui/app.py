@@ -49,6 +49,7 @@ from breakglass_tui.ui.guard import Guarded
 from breakglass_tui.ui.messages import AgentEvent, BackendReady
 from breakglass_tui.ui.records import UiRecord
 from breakglass_tui.ui.sanitize import clean, one_line
+from breakglass_tui.ui.screens import approve_verb
 from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
 from breakglass_tui.ui.screens.link import LinkScreen
@@ -1024,7 +1025,10 @@ class BreakglassApp(Guarded, App[None]):
 
     async def on_agent_event(self, message: AgentEvent) -> None:
         event = message.event
-        chat = self.chat
+        try:
+            chat = self.chat
+        except Exception:  # the screen is gone (an agent's last events while the app ends)
+            return
         match event:
             case ev.SessionStarted():
                 if message.own:  # another tab's session names its own operator
@@ -1075,6 +1079,8 @@ class BreakglassApp(Guarded, App[None]):
                 await chat.add_notice(f"Claude API: {event.message}", level)
             case ev.Notice():
                 await chat.add_notice(event.text, event.level)
+            case ev.VerbApprovalAsked() | ev.VerbApprovalEnded() | ev.InjectionReported():
+                await approve_verb.show(self, event, own=message.own)  # [issue 15]
             case ev.ReportReady():
                 self._report = event
                 if message.own:

@@ -79,11 +79,13 @@ async def test_what_the_operator_did_manually_reaches_claude_next_turn(make_agen
     await h.agent.handle("what did I find?")
     content = fake_api.bodies[0]["messages"][0]["content"]
     assert content[0]["type"] == "text" and "ran these commands manually" in content[0]["text"]
+    # Metadata only (issue 15): the command, its outcome, sizes, output_id; never the output.
     assert (
-        "/sh df -h: exit 0" in content[0]["text"]
-        and f"output_id {h.agent.outputs.id_for(1)})" in content[0]["text"]
+        f"/sh df -h: devvm_shell, exit 0, 17 B, 0.0 s, output_id {h.agent.outputs.id_for(1)}"
+        in content[0]["text"]
     )
-    assert "100%" in content[0]["text"] and "/status: ok" in content[0]["text"]
+    assert "/status: pve_verb, ok (exit 0)" in content[0]["text"]
+    assert "100%" not in content[0]["text"] and "status done" not in content[0]["text"]
     assert content[1]["text"] == "what did I find?"
     # Told once only.
     fake_api.push(fm.text("ok"))

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from breakglass_tui.core import fence
 from breakglass_tui.core.outputs import OutputStore
 from breakglass_tui.core.scrub import (
     KEY_MAX_LINES,
@@ -22,6 +23,8 @@ from breakglass_tui.core.scrub import (
     Scrubber,
 )
 from breakglass_tui.hosts.types import OutputChunk
+
+F = fence.Fence("0123456789abcdef")  # a fixed token: the views are compared as text
 
 KEY = (
     "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA1234567890abcdef\nqwertyuiop\n"
@@ -39,8 +42,9 @@ def record(store: OutputStore, chunks: list[str]):
 def test_small_output_is_shown_whole(tmp_path):
     store = OutputStore(tmp_path, Scrubber())
     rec = record(store, ["hello\n", "world\n"])
-    view = store.view(rec, "devvm_shell: exit 0")
-    assert view.endswith("hello\nworld\n") and "elided" not in view
+    view = store.view(rec, "devvm_shell: exit 0", F)
+    assert fence.parse(view).inside == ["hello\nworld\n"] and "elided" not in view
+    assert view.startswith("devvm_shell: exit 0 | output_id ")
     assert rec.sha256 == hashlib.sha256(b"hello\nworld\n").hexdigest()
 
 
@@ -87,14 +91,14 @@ def test_scrubber_removes_the_configured_secret_and_anthropic_keys():
 async def test_read_and_grep_validate_ids_and_patterns(tmp_path):
     store = OutputStore(tmp_path, Scrubber())
     record(store, ["alpha\nbeta\ngamma\n"])
-    assert store.read(store.id_for(1), 6, 4).endswith("beta")
-    assert "2 @6: beta" in await store.grep(store.id_for(1), "^b")
+    assert fence.parse(store.read(store.id_for(1), 6, 4, F)).inside == ["beta"]
+    assert "2 @6: beta" in await store.grep(store.id_for(1), "^b", fence=F)
     with pytest.raises(ValueError, match="not an output id"):
-        store.read("../../etc/passwd", 0, 10)
+        store.read("../../etc/passwd", 0, 10, F)
     with pytest.raises(ValueError, match=f"no output '{store.id_for(9)}'"):
-        await store.grep(store.id_for(9), "x")
+        await store.grep(store.id_for(9), "x", fence=F)
     with pytest.raises(ValueError, match="not a valid regular expression"):
-        await store.grep(store.id_for(1), "(")
+        await store.grep(store.id_for(1), "(", fence=F)
 
 
 # -- the per-output storage cap (security review: a huge output filled the state volume) --------
@@ -110,10 +114,10 @@ def test_an_output_past_the_cap_is_counted_and_hashed_but_not_written(tmp_path):
     assert rec.sha256 == hashlib.sha256(whole).hexdigest()  # of the whole, not of the kept part
     assert rec.path.read_bytes() == whole[:10_000]
     assert rec.tail.endswith(b"line 004999\n")  # the real end of the output
-    view = store.view(rec, "devvm_shell: exit 0")
+    view = store.view(rec, "devvm_shell: exit 0", F)
     assert "TRUNCATED: only the first 10000 of 60000 bytes are kept" in view
     assert "line 004999" in view and rec.sha256 in view
-    assert "only these were kept, of 60000" in store.read(store.id_for(1), 9990, 100)
+    assert "only these were kept, of 60000" in store.read(store.id_for(1), 9990, 100, F)
     assert len(view.encode()) < 1000 + 1000
 
 
@@ -141,7 +145,7 @@ def test_a_full_disk_ends_the_file_not_the_output(tmp_path, monkeypatch):
     final, _ = store.finish(rec)
     assert final.truncated and final.stored_bytes == 5 and "No space left" in final.store_error
     assert (final.head + final.tail).endswith(b"lost\n")  # shown, though not stored
-    assert "writing it failed" in store.view(final, "x")
+    assert "writing it failed" in store.view(final, "x", F)
 
 
 # -- private key mode is bounded (security review) ----------------------------------------------
@@ -206,7 +210,7 @@ async def test_a_catastrophic_pattern_times_out_without_freezing_the_loop(tmp_pa
     started = time.monotonic()
     try:
         with pytest.raises(ValueError, match=r"ran longer than 0\.5 s"):
-            await store.grep(store.id_for(1), r"(a+)+$", timeout_s=0.5)
+            await store.grep(store.id_for(1), r"(a+)+$", fence=F, timeout_s=0.5)
     finally:
         task.cancel()
     assert time.monotonic() - started < 3.0
@@ -214,6 +218,6 @@ async def test_a_catastrophic_pattern_times_out_without_freezing_the_loop(tmp_pa
     assert gaps and max(gaps) < 0.3, max(gaps)
     # An ordinary pattern still works, and the pattern sees a bounded part of a long line.
     record(store, ["x" * 10_000 + "NEEDLE\n", "NEEDLE here\n"])
-    found = await store.grep(store.id_for(2), "NEEDLE")
+    found = await store.grep(store.id_for(2), "NEEDLE", fence=F)
     assert "1 matching line(s)" in found and "2 @10007: NEEDLE here" in found
     assert "longer than 4096 characters" in found

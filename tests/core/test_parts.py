@@ -19,3 +19,14 @@ def test_no_part_imports_the_agent_and_core_has_no_import_circle() -> None:
             if imported.startswith(CORE + ".") and imported != module:
                 back = graph.find_shortest_chain(importer=imported, imported=module)
                 assert back is None, f"import circle: {module} -> {' -> '.join(back or ())}"
+
+
+def test_the_agent_module_holds_the_loop_only() -> None:
+    """Issue 14's measure: what grows goes into a part (a tool, a slash command, the report),
+    not back into the loop."""
+    from pathlib import Path
+
+    import breakglass_tui.core.agent as agent
+
+    lines = Path(agent.__file__).read_text().count("\n")
+    assert lines < 450, f"core/agent.py has {lines} lines: move what is not the loop into a part"

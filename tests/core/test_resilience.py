@@ -17,6 +17,7 @@ from breakglass_tui.core.events import (
     Notice,
     ToolCallEnded,
 )
+from breakglass_tui.core.fence import parse
 from tests.core.conftest import ScriptedHost
 from tests.core.test_loop import assert_tool_results_first
 from tests.support import fake_messages_api as fm
@@ -140,7 +141,10 @@ async def test_a_tool_that_fails_is_answered_as_an_error_and_the_loop_goes_on(ma
     await h.agent.handle("check")
     result = fake_api.bodies[1]["messages"][2]["content"][0]
     assert result["is_error"] is True
-    assert "ConnectionResetError: connection reset by the devvm" in result["content"]
+    # The exception's text may be the host's: inside the fence; its class outside (issue 15).
+    parsed = parse(result["content"])
+    assert "ConnectionResetError" in parsed.outside[0]
+    assert parsed.inside == ["connection reset by the devvm"]
     [ended] = h.of(ToolCallEnded)
     assert not ended.ok and "failed" in ended.summary
     assert h.of(AssistantTurnEnded)[-1].stop_reason == "end_turn"

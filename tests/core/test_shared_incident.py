@@ -16,6 +16,7 @@ from breakglass_tui.core.events import (
     ToolCallEnded,
     ToolCallStarted,
 )
+from breakglass_tui.core.fence import new_fence, parse
 from breakglass_tui.core.incident import event_from_json, event_to_json
 from breakglass_tui.core.outputs import OutputStore
 from breakglass_tui.core.scrub import Scrubber
@@ -145,7 +146,7 @@ async def test_a_session_id_used_again_never_appends_to_its_earlier_outputs(make
     state = Path(settings.state_dir) / "transcripts" / SESSION_A
     assert (state / f"{one}.out").read_text() == "ONE\n"
     assert (state / f"{two}.out").read_text() == "TWO\n"
-    assert "ONE" in again.agent.outputs.read(one, 0, 100)
+    assert "ONE" in again.agent.outputs.read(one, 0, 100, new_fence())
 
 
 def test_the_store_reads_an_earlier_sessions_output_with_its_facts(tmp_path):
@@ -158,12 +159,12 @@ def test_the_store_reads_an_earlier_sessions_output_with_its_facts(tmp_path):
 
     now = OutputStore(root / SESSION_B, Scrubber(), max_stored_bytes=10, shared_root=root)
     assert now.id_for(1) == "o1-bbbb0002"
-    text = now.read(record.output_id, 0, 100)
-    assert text.endswith("0123456789") and "only these were kept, of 21" in text
+    text = now.read(record.output_id, 0, 100, new_fence())
+    assert parse(text).inside == ["0123456789"] and "only these were kept, of 21" in text
     # An id of a session whose files are not here: a clear refusal.
     missing = "o4-cccc0003"
     try:
-        now.read(missing, 0, 10)
+        now.read(missing, 0, 10, new_fence())
     except ValueError as exc:
         assert "earlier tab's session and is not readable here" in str(exc)
     else:
@@ -171,7 +172,7 @@ def test_the_store_reads_an_earlier_sessions_output_with_its_facts(tmp_path):
     # Ids are still validated strictly (no paths, no glob characters).
     for bad in ("o1-*", "../o1", "o1-aaaa0001/../x", "o1-AAAA0001"):
         try:
-            now.read(bad, 0, 10)
+            now.read(bad, 0, 10, new_fence())
         except ValueError as exc:
             assert "not an output id" in str(exc)
         else:

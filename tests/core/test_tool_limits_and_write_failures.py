@@ -17,6 +17,7 @@ import pytest
 
 from breakglass_tui.core import outputs
 from breakglass_tui.core.events import Notice
+from breakglass_tui.core.fence import new_fence, parse
 from tests.core.conftest import ScriptedHost
 from tests.core.test_loop import assert_tool_results_first
 from tests.support import fake_messages_api as fm
@@ -57,7 +58,8 @@ async def test_a_huge_output_is_stored_once_within_the_cap_and_the_model_is_told
     assert "THE LAST LINE" in content  # the tail is the real end
     assert any(r["kind"] == "output_truncated" for r in h.audit())
     # read_output still works on what was kept, and the incident report is written.
-    assert h.agent.outputs.read(record.output_id, 0, 10).endswith("y" * 10)
+    read = h.agent.outputs.read(record.output_id, 0, 10, new_fence())
+    assert parse(read).inside == ["y" * 10]
     assert h.agent.write_report().exists()
 
 
@@ -99,7 +101,9 @@ async def test_anything_escaping_a_tool_still_answers_every_tool_use(make_agent,
     assert last["role"] == "user"
     assert [b["tool_use_id"] for b in last["content"]] == ["t1", "t2"]
     assert all(b.get("is_error") for b in last["content"])
-    assert "Escaped: boom" in last["content"][0]["content"]
+    # The error's class is the agent's word; its text may quote a host: fenced (issue 15).
+    failed = parse(last["content"][0]["content"])
+    assert "(Escaped)" in failed.outside[0] and failed.inside == ["boom"]
     # The session is not stuck: the next message makes a valid request.
     host.fail_with = None
     fake_api.push(fm.text("Back."))

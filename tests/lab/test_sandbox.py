@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from pathlib import Path
 
 import asyncssh
@@ -206,3 +207,16 @@ async def test_closing_leaves_no_process(devvm_factory):
     # Every process of the sandbox died with it (its PID namespace went with its init).
     probe = await devvm.run("true", timeout_s=3)
     assert probe.ending is not Ending.EXITED
+
+
+async def test_a_reboot_happens_when_whoever_started_the_lab_ignored_sighup(devvm_factory):
+    """Under nohup or a CI runner that ignores SIGHUP, the sandbox's init must still trap it (sh
+    cannot trap a signal ignored on entry): its reboot is how a reset or a cycle works."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        devvm = await devvm_factory("healthy")
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    await devvm.sandbox.reboot()
+    assert devvm.sandbox.boots == 2
+    assert (await devvm.run("echo back")).stdout == "back\n"

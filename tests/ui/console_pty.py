@@ -34,16 +34,20 @@ def _controlling_terminal() -> None:  # runs in the child, after setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def pids_with_environ(mark: bytes) -> list[int]:
-    """Processes whose environment holds ``mark`` (one ``NAME=value`` entry)."""
+def pids_with_environ(mark: bytes, path: bytes | None = None) -> list[int]:
+    """Processes whose environment holds ``mark`` (one ``NAME=value`` entry), or whose command
+    line names a file under the directory ``path`` (QEMU runs with an environment of its own,
+    but its disks, sockets and console log are under the console's TMPDIR)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if mark in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                args = (entry / "cmdline").read_bytes().split(b"\0")[1:] if path else []
             except OSError:
-                pass
+                continue
+            if mark in environ or any(path in arg for arg in args if path):
+                pids.append(int(entry.name))
     return pids
 
 
@@ -69,7 +73,10 @@ class PtyConsole:
         rows: int = 48,
         argv: list[str] | None = None,
         read: bool = True,
+        lab: str = "guest",
     ) -> None:
+        """``lab``: "guest" (``--lab``'s default, the real devvm under QEMU) or "sandbox"
+        (``--lab --sandbox``)."""
         self.workdir = workdir
         self.state = workdir / "state"
         self.private_tmp = workdir / "tmp"
@@ -92,6 +99,7 @@ class PtyConsole:
             "-m",
             "breakglass_tui.cli",
             "--lab",
+            *(["--sandbox"] if lab == "sandbox" else []),
             "--scenario",
             scenario,
         ]
@@ -179,7 +187,12 @@ class PtyConsole:
     def left_processes(self) -> list[int]:
         """Live processes started by this console (their TMPDIR is the private one)."""
         mark = f"TMPDIR={self.private_tmp}".encode()
-        return [pid for pid in pids_with_environ(mark) if alive(pid)]
+        path = str(self.private_tmp).encode() + b"/"
+        return [pid for pid in pids_with_environ(mark, path) if alive(pid) and pid != os.getpid()]
+
+    def left_files(self) -> list[str]:
+        """What the console left in its private TMPDIR (a drill's directory, a preparation's)."""
+        return sorted(p.name for p in self.private_tmp.iterdir())
 
     def wait_no_processes(self, timeout_s: float) -> list[int]:
         deadline = time.monotonic() + timeout_s
@@ -198,19 +211,25 @@ class PtyConsole:
             self.proc.wait(5)
 
     # -- its records ----------------------------------------------------------------------------
+    def records(self) -> Path:
+        """Where this run keeps its records: a --lab run's own directory under the state dir's
+        lab/ (runtime.lab_run_dir), else the state dir."""
+        runs = sorted((self.state / "lab").glob("*")) if (self.state / "lab").is_dir() else []
+        return runs[-1] if runs else self.state
+
     def audit(self) -> list[dict[str, Any]]:
-        return _json_lines(self.state / "audit.jsonl")
+        return _json_lines(self.records() / "audit.jsonl")
 
     def journal(self) -> list[dict[str, Any]]:
         """The events of the incident this console opened (all incidents, in order)."""
         records: list[dict[str, Any]] = []
-        for path in sorted((self.state / "incidents").glob("*/events.jsonl")):
+        for path in sorted((self.records() / "incidents").glob("*/events.jsonl")):
             records += _json_lines(path)
         return records
 
     def drivers(self) -> list[Path]:
         """Driver leases still held in the state dir."""
-        return [p for p in (self.state / "incidents").glob("*/driver.json") if p.exists()]
+        return [p for p in (self.records() / "incidents").glob("*/driver.json") if p.exists()]
 
     def wait_for(self, predicate, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -264,7 +283,9 @@ class Trial:
     exited: bool = False
     exit_s: float = 0.0  # from the signal to the process gone
     returncode: int | None = None
+    lab: str = "guest"  # "guest" (the real devvm under QEMU) or "sandbox"
     left: list[int] = field(default_factory=list)  # processes of the console still alive
+    left_files: list[str] = field(default_factory=list)  # what it left in its private TMPDIR
     leases: list[str] = field(default_factory=list)  # driver leases still on disk
     audit: list[dict[str, Any]] = field(default_factory=list)
     journal: list[dict[str, Any]] = field(default_factory=list)
@@ -339,12 +360,14 @@ def run_trial(
     env: dict[str, str] | None = None,
     exit_timeout_s: float = 15.0,
     phase_timeout_s: float = 60.0,
+    lab: str = "guest",
 ) -> Trial:
-    """Start ``breakglass-tui --lab`` in a pty, bring it to ``phase``, then hang up (close the
-    terminal) or send SIGTERM, and record how it ended."""
+    """Start ``breakglass-tui --lab`` (``lab``: "guest", the real devvm; "sandbox": with
+    ``--sandbox``) in a pty, bring it to ``phase``, then hang up (close the terminal) or send
+    SIGTERM, and record how it ended."""
     rng = random.Random(seed)
-    trial = Trial(phase, how, stalled)
-    console = PtyConsole(workdir, env=env)
+    trial = Trial(phase, how, stalled, lab=lab)
+    console = PtyConsole(workdir, env=env, lab=lab)
     try:
         reach_phase(console, phase, rng, phase_timeout_s)
         if stalled:
@@ -354,6 +377,7 @@ def run_trial(
         trial.exit_s = time.monotonic() - at
         trial.returncode = console.proc.returncode
         trial.left = console.wait_no_processes(5)
+        trial.left_files = console.left_files()
         trial.leases = [str(p) for p in console.drivers()]
         trial.audit = console.audit()
         trial.journal = console.journal()

@@ -51,6 +51,7 @@ class ScriptedAgent:
         self.setup: dict[str, Any] = {}  # how the app built it: session_id, conversation, ...
         self.operator_queue: OperatorQueue | None = None
         self.steered: list[str] = []  # queued messages taken at a step boundary, as Claude would
+        self.approvals: list[tuple[str, bool]] = []  # the operator's answers (core.approval)
         self._n = 0
 
     def _id(self) -> str:
@@ -164,6 +165,10 @@ class ScriptedAgent:
                 exit_status=0,
             )
         )
+
+    def answer_approval(self, request_id: str, approved: bool) -> bool:
+        self.approvals.append((request_id, approved))
+        return True
 
     async def close(self) -> None:
         self.closed = True

@@ -649,6 +649,12 @@ def _staging_dir() -> str | None:
     return SHM if free > 1024**3 else None
 
 
+def staging_prefix(pid: int) -> str:
+    """The name a build's staging directory starts with, in SHM or TMPDIR (the building process's
+    PID in it: whoever stops a build it started can remove what the build could not)."""
+    return f"bg-guest-{pid}-"
+
+
 def find_image(cache: Path | None = None) -> GuestImage | None:
     """The image last built by this builder (no apt call, no hashing of .debs: fast), or None."""
     cache = cache or default_cache()
@@ -718,7 +724,7 @@ def assemble(image: GuestImage, debs: list[Path], say: Progress = _quiet) -> Non
     started = time.monotonic()
     kernel_deb = next(d for d in debs if re.match(r"linux-image-\d", d.name))
     userland = [d for d in debs if d is not kernel_deb]
-    with tempfile.TemporaryDirectory(prefix="bg-guest-", dir=_staging_dir()) as tmp:
+    with tempfile.TemporaryDirectory(prefix=staging_prefix(os.getpid()), dir=_staging_dir()) as tmp:
         work = Path(tmp)
         kernel_root, root, data = work / "kernel", work / "root", work / "data"
         for d in (kernel_root, root, data):

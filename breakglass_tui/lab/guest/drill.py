@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -225,40 +226,83 @@ def write_verb_config(
 class Prestart:
     """A drill's devvm being restored in the background: laid out and QEMU started (from the
     saved state) in a thread, for :func:`~breakglass_tui.lab.guest.lab.start_real_lab` to
-    adopt. Whoever made it adopts it or calls :meth:`abandon`."""
+    adopt (:meth:`adopt`). The lab calls :meth:`abandon` when it will not adopt it; the command
+    line calls :meth:`close` once the console has ended, and :meth:`kill_now` is the stop's
+    last resort at the hard deadline. Its QEMU is found by its command line, which names this
+    drill's root, even while it is still starting (no pid file yet)."""
 
     def __init__(self, image: GuestImage, saved: SavedState, accel: str, memory_mb: int) -> None:
         self.image = image
         self.saved = saved
         self.accel = accel
         self.memory_mb = memory_mb
-        self.root = Path(tempfile.mkdtemp(prefix="bg-realab-"))
+        self.root = Path(tempfile.mkdtemp(prefix="bg-realab-")).resolve()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self.adopted = False
+        self._pve: RealPve | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lab-prestart")
         self.future: concurrent.futures.Future[tuple[RealPve, int]] = self._pool.submit(self._run)
-        self.adopted = False
+        self._pool.shutdown(wait=False)  # its one task runs; nothing waits for the thread
 
     def _run(self) -> tuple[RealPve, int]:
-        pve, port = lay_out(self.root, self.image, self.saved, self.accel, None, self.memory_mb)
-        pve.start_vm()
+        try:
+            pve, port = lay_out(self.root, self.image, self.saved, self.accel, None, self.memory_mb)
+            self._pve = pve
+            if self._abandoned:
+                raise RuntimeError("abandoned before its QEMU started")
+            pve.start_vm()
+            return pve, port
+        finally:
+            if self._abandoned:  # abandoned meanwhile: what it started goes at once
+                self._remove()
+
+    def adopt(self) -> tuple[RealPve, int]:
+        """Take the restored devvm (its future is done): the caller now owns its QEMU and root.
+        RuntimeError when it was abandoned first (the console is stopping)."""
+        with self._lock:
+            if self._abandoned:
+                raise RuntimeError("the devvm's restore was abandoned: the console is stopping")
+            pve, port = self.future.result(0)
+            self.adopted = True
         return pve, port
 
-    def result(self, timeout_s: float | None = None) -> tuple[RealPve, int]:
-        """The laid-out RealPve (its QEMU restored) and the devvm's SSH port."""
-        self.adopted = True
-        try:
-            return self.future.result(timeout_s)
-        finally:
-            self._pool.shutdown(wait=False)
-
-    def abandon(self) -> None:
-        """Not adopted: kill its QEMU (by PID) and remove its directory."""
-        if self.adopted:
-            return
-        self.adopted = True
+    def abandon(self, wait_s: float = 3.0) -> None:
+        """Not adopted (the lab will not take it): stop its QEMU at once, even mid-start, and
+        remove its directory. Bounded: it waits at most `wait_s` for the starting thread (which
+        removes what it started after that itself)."""
+        with self._lock:
+            if self.adopted or self._abandoned:
+                return
+            self._abandoned = True
+        self._remove()
         with contextlib.suppress(Exception):
-            pve, _ = self.future.result(60)
-            pve.cleanup()
-        self._pool.shutdown(wait=False)
+            self.future.result(wait_s)
+        self._remove()  # one that daemonized meanwhile
+
+    def close(self, wait_s: float = 3.0) -> None:
+        """The console has ended: nothing of this drill may stay, adopted or not (the lab's own
+        close normally removed it already; this is the guarantee)."""
+        with self._lock:
+            self._abandoned = True
+        self._remove()
+        if not self.future.done():
+            with contextlib.suppress(Exception):
+                self.future.result(wait_s)
+            self._remove()
+
+    def kill_now(self) -> None:
+        """The stop's last resort (any thread, the loop may be stuck, the process about to
+        end): SIGKILL this drill's QEMU, adopted or not, and remove its directory."""
+        self._abandoned = True
+        self._remove()
+
+    def _remove(self) -> None:
+        guest_qm.kill_qemus_under(self.root, wait_s=2.0)
+        pve = self._pve
+        if pve is not None:
+            with contextlib.suppress(Exception):
+                pve.cleanup()  # by its pid file too; and its run dir when it had its own
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -447,6 +447,7 @@ async def _save(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             wait_gone(pid, 5)
+        guest_qm.kill_qemus_under(work, wait_s=5.0)  # one killed mid-start: no pid file yet
         shutil.rmtree(work, ignore_errors=True)
         if own_run:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -584,7 +585,10 @@ async def start_real_lab(
     try:
         try:
             if prestarted is not None:
-                pve, ssh_port = await asyncio.to_thread(prestarted.result, START_TIMEOUT_S)
+                # Awaited, not waited on in a thread: a console stopping now cancels this, and
+                # the restore is abandoned below (its QEMU killed) rather than left running.
+                await asyncio.wait_for(asyncio.wrap_future(prestarted.future), START_TIMEOUT_S)
+                pve, ssh_port = prestarted.adopt()
                 root = pve.root
             else:
                 if root is None:
@@ -621,9 +625,13 @@ async def start_real_lab(
         with contextlib.suppress(BaseException):
             await pve_host.close(grace_s=0.5)
         console = ""
+        if prestarted is not None and pve is None:  # never adopted: its QEMU goes now
+            await asyncio.to_thread(prestarted.abandon)
         if pve is not None:
             console = pve.console()[-1500:]
             await asyncio.to_thread(pve.cleanup)
+        if root is not None and prestarted is None:  # one still starting: no pid file yet
+            await asyncio.to_thread(guest_qm.kill_qemus_under, root, 2.0)
         if own and root is not None:
             shutil.rmtree(root, ignore_errors=True)
         if isinstance(exc, TimeoutError | RuntimeError | ConnectionError) and not isinstance(

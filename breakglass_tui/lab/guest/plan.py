@@ -9,18 +9,31 @@ seconds.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import inspect
 import os
+import queue
 import shutil
+import signal
 import subprocess
+import sys
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from breakglass_tui.lab.guest import qm as guest_qm
-from breakglass_tui.lab.guest.build import GuestImage, default_cache, find_image
+from breakglass_tui.lab.guest.build import (
+    SHM,
+    GuestImage,
+    default_cache,
+    find_image,
+    staging_prefix,
+)
 
 QEMU = "qemu-system-x86_64"
 BUILD_TOOLS = ("apt-get", "dpkg-deb", "mke2fs", "debugfs")
@@ -159,6 +172,132 @@ def prepare(
             image, accel=choose_accel(), cache=cache, progress=progress, scenario=scenario
         )
     )
+
+
+class PreparationFailed(RuntimeError):
+    """The first run's preparation failed; the message says why (from the preparation itself)."""
+
+
+class PreparationStopped(RuntimeError):
+    """The console was told to stop while the first run's preparation ran: it was ended."""
+
+
+class Preparation:
+    """:func:`prepare` in a child process of its own, so that a console told to stop (a hang-up,
+    SIGTERM) can end it at once and leave nothing behind: the child runs in a session of its
+    own with a private TMPDIR, so :meth:`kill` ends its process group (apt, dpkg-deb, qemu-img),
+    any QEMU it started (a daemon in a session of its own, found by its command line, which
+    names that TMPDIR), and removes its temporary directories (TMPDIR, the image build's
+    staging directory in /dev/shm) and the half-made states in the cache nobody is making.
+
+    Its progress lines come back through a pipe, never the terminal (a gone terminal must not
+    stop or fail the preparation; the parent relays them)."""
+
+    def __init__(self, scenario: str = "healthy", *, cache: Path | None = None) -> None:
+        self.scenario = scenario
+        self.cache = cache or default_cache()
+        self.tmp = Path(tempfile.mkdtemp(prefix="bg-prep-"))
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._killed = threading.Lock()
+        self._done = False
+        env = dict(os.environ, TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
+        env["BREAKGLASS_GUEST_CACHE"] = str(self.cache)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "breakglass_tui.lab.guest.plan", scenario],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # no SIGHUP from our terminal; its group ends as one
+        )
+        self._reader = threading.Thread(target=self._read, name="lab-prepare-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        with contextlib.suppress(Exception):
+            for raw in self.proc.stderr:
+                self._lines.put(raw.decode(errors="replace").rstrip("\n"))
+        self._lines.put(None)
+
+    def run(self, progress: Callable[[str], None], stopped: Callable[[], bool]) -> None:
+        """Wait for the preparation, passing each line of progress on (control characters
+        removed); PreparationStopped as soon as `stopped()` is true (the child ended first),
+        PreparationFailed when it failed."""
+        said: list[str] = []
+        try:
+            while True:
+                if stopped():
+                    raise PreparationStopped("the console was told to stop")
+                try:
+                    line = self._lines.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                said.append(line)
+                if line.startswith("lab: "):
+                    progress(_printable(line.removeprefix("lab: ")))
+            code = self.proc.wait()
+            if stopped():
+                raise PreparationStopped("the console was told to stop")
+            if code != 0:
+                raise PreparationFailed(_failure(said, code))
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """End the child and everything it started, remove what it left (any thread, at most
+        a few seconds; again: nothing more to do)."""
+        with self._killed:
+            if self._done:
+                return
+            self._done = True
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            guest_qm.kill_qemus_under(self.tmp, wait_s=3.0)
+            for staging in Path(SHM).glob(staging_prefix(self.proc.pid) + "*"):
+                shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_abandoned_partials(self.cache)
+
+
+def _printable(text: str) -> str:
+    return "".join(c for c in text if c.isprintable())
+
+
+def _failure(said: list[str], code: int) -> str:
+    """What the child said last about why it failed: its last "lab:" message with the lines
+    that follow it (a console's tail), else the last line (a traceback's)."""
+    lines = [line for line in said if line.strip()]
+    if not lines:
+        return f"the preparation exited with code {code}"
+    starts = [i for i, line in enumerate(lines) if line.startswith("lab: ")]
+    tail = lines[starts[-1] :] if starts else []
+    if tail and not any(line.startswith("Traceback") for line in tail):
+        return "\n".join(_printable(line) for line in tail).removeprefix("lab: ")[:1500]
+    return _printable(lines[-1])[:1500]
+
+
+def remove_abandoned_partials(cache: Path) -> None:
+    """Remove the half-made images and saved states (``*.partial``) of the cache that nobody is
+    making: their lock is free (a killed preparation's; a running one holds it)."""
+    for folder in (cache / "images", cache / "saved"):
+        for partial in folder.glob("*.partial"):
+            lock_path = partial.with_name(partial.name.removesuffix(".partial") + ".lock")
+            try:
+                lock = lock_path.open("a")
+            except OSError:
+                continue
+            with lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # being made now
+                shutil.rmtree(partial, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,6 +152,36 @@ def is_lab_qemu(pid: int, root: Path) -> bool:
     return any(str(paths.qmp_socket).encode() in arg for arg in cmdline)
 
 
+def qemus_under(directory: Path) -> list[int]:
+    """Live QEMU processes whose command line names a file under `directory` (a drill's root, a
+    preparation's private TMPDIR: their disks, console log and sockets are there), whether or not
+    they wrote a pid file yet: one still daemonizing is found too."""
+    mark = str(directory).rstrip("/").encode() + b"/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = args and b"qemu-system" in args[0] and any(mark in arg for arg in args[1:])
+        if ours and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_qemus_under(directory: Path, wait_s: float = 5.0) -> list[int]:
+    """SIGKILL every QEMU :func:`qemus_under` finds (a last resort: any thread, no QMP); wait up
+    to `wait_s` for them to go. Returns those still alive."""
+    pids = qemus_under(directory)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    return [pid for pid in pids if not wait_gone(pid, max(0.0, deadline - time.monotonic()))]
+
+
 # -- starting QEMU -------------------------------------------------------------------------------
 LAB_PORT_NAME = "org.breakglass.lab"  # the virtio-serial port of the guest's lab-agent
 _KVM_GET_API_VERSION = 0xAE00

@@ -22,6 +22,7 @@ KEYS = (
     ("Ctrl+P", "command palette: verbs, probe, incident report"),
     ("Ctrl+Q", "quit (asks first while an action runs: Ctrl+Q again quits)"),
     ("← / →, Enter", "answer a question; what you type meanwhile goes to the message box"),
+    ("Ctrl+Y", "run the mutating verb Claude asks approval for (past its per-message limit)"),
 )
 
 
