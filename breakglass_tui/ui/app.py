@@ -580,8 +580,7 @@ class BreakglassApp(Guarded, App[None]):
     async def on_input_submitted(self, message: Input.Submitted) -> None:
         if not isinstance(message.input, ChatInput):
             return
-        message.input.value = ""
-        await self.submit(message.value)
+        await self.submit(message.value)  # the box emptied itself: what follows is kept
 
     async def submit(self, text: str) -> None:
         """Send an operator message or slash command to the breakglass agent: at once when the

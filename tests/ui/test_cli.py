@@ -303,17 +303,14 @@ def test_newcomer_runs_the_lab_in_tmux_probe_df_and_quit(tmp_path):
         first = tmux.wait_for("VM 102: running")
         assert "manual mode" in first and "scenario disk-full" in first
         assert tmux.lab_processes(), "the lab should run under our TMPDIR"
-        probes = tmux.screen().count("↳ healthy")
+        # Back to back, as a newcomer types: the second line is neither lost behind the first
+        # nor glued to it (issue 12: both Enters once sent "/probe/sh df -h").
         tmux.type("/probe")
-        until_sync(
-            lambda: tmux.screen().count("↳ healthy") > probes,
-            what="the probe's answer",
-            timeout_s=30,
-            interval_s=0.2,
-        )
         tmux.type("/sh df -h")
         shown = tmux.wait_for("100% /data")
         assert "Filesystem" in shown
+        assert "█ /probe " in shown and "█ /sh df -h " in shown, "each line is its own message"
+        assert "/probe/sh" not in shown and "Unknown command" not in shown
         _tmux(tmux.sock, "send-keys", "C-q")
         assert tmux.wait_no_lab_processes() == []
         assert tmux.wait_app_gone() == [], "the console did not exit after Ctrl+Q"

@@ -48,14 +48,25 @@ class ChatInput(Guarded, Input):
         self._history_index = 0
 
     async def _on_key(self, event: events.Key) -> None:
-        if event.key == "ctrl+j":
-            # Enter typed before the console set the terminal to raw mode arrives as a line
-            # feed: it sends, as Enter does.
+        if event.key in ("enter", "ctrl+j"):
+            # Enter sends here, in the order the keys came. Textual's own Enter is a binding,
+            # found only once the key has bubbled back up to the app: by then the keys typed
+            # after it (a burst from a terminal, `/probe⏎/sh df -h⏎`) are already in the box,
+            # and both Enters sent "/probe/sh df -h". (ctrl+j: Enter typed before the console
+            # set the terminal to raw mode arrives as a line feed.)
             event.stop()
             event.prevent_default()
             await self.action_submit()
             return
         await super()._on_key(event)
+
+    async def action_submit(self) -> None:
+        """Send what is in the box, and empty it at once: what is typed next is the next
+        message, never cleared with this one."""
+        value = self.value
+        validation = self.validate(value) if "submitted" in self.validate_on else None
+        self.value = ""
+        self.post_message(self.Submitted(self, value, validation))
 
     def remember(self, text: str) -> None:
         if text and (not self.history or self.history[-1] != text):
