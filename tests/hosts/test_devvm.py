@@ -23,6 +23,7 @@ from tests.hosts.sshparts import (
     wait_for_pids,
 )
 from tests.support.realparts import SshAgent, Sshd, new_key, public_line, start_sshd
+from tests.support.waiting import until
 
 KEY = new_key("breakglass-devvm")
 
@@ -128,10 +129,14 @@ async def test_close_right_after_a_cancel_still_stops_the_remote_command(sshd: S
     must wait for the kill to be sent, or the quiet command outlives the closed channel."""
     devvm = DevvmShell(target_for(sshd), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     marker = "sleep 4712.25"
-    task = asyncio.create_task(devvm.run(marker))
+    seen: list[str] = []
+    task = asyncio.create_task(
+        devvm.run(f"echo started; {marker}", on_output=lambda chunk: seen.append(chunk.text))
+    )
     try:
         assert await wait_for_pids(marker, present=True), "the remote command never started"
-        await asyncio.sleep(0.3)  # its process-group line has reached us
+        # Its process-group line comes before its first output: once that is here, so is the line.
+        await until(lambda: "started" in "".join(seen), what="the command's first output")
         task.cancel()
         await asyncio.sleep(0)  # the cancel is delivered: run() has started stopping it
         await devvm.close()
