@@ -96,7 +96,7 @@ async def test_a_page_from_another_origin_cannot_open_the_socket(
         and r.get("origin") == f"http://127.0.0.1:{evil_port}"
     ]
     assert refused, "the server did not log the refusal"
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # must not happen within it: an app process started anyway
     spawned = {p.pid for p in lab_serve.app_processes()} - apps_before
     assert not spawned, f"an app process was started for a foreign origin: {spawned}"
 

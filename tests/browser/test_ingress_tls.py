@@ -83,7 +83,7 @@ async def test_chromium_without_it_gets_nothing(
         with pytest.raises(Exception) as err:
             await page.goto(tls_serve.base + "/", timeout=20_000)
         assert "net::ERR_" in str(err.value), err.value
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # must not happen within it: an app process started anyway
         assert {p.pid for p in tls_serve.app_processes()} <= before, "an app process started"
         assert sessions() == opened
     finally:

@@ -5,7 +5,6 @@ back."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -21,15 +20,21 @@ MARK = "hello-from-tab-1"
 async def wait_for_output_line(tab: Console, text: str, timeout_s: float = 15.0) -> str:
     """Wait for a row showing ``text`` as command output (not only in the command's own line,
     "$ echo …"); return the screen."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        rows = await tab.rows()
+    rows: list[str] = []
+
+    async def shown() -> str | None:
+        rows[:] = await tab.rows()
         if any(text in row and "echo" not in row for row in rows):
             return "\n".join(rows)
-        if loop.time() > deadline:
-            raise AssertionError(f"no output row with {text!r}:\n" + "\n".join(rows))
-        await asyncio.sleep(0.1)
+        return None
+
+    return await until(
+        shown,
+        what=f"an output row with {text!r}",
+        timeout_s=timeout_s,
+        interval_s=0.1,
+        diagnostics=lambda: "\n".join(rows),
+    )
 
 
 async def test_second_tab_follows_takes_over_and_a_reopened_tab_resumes(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from breakglass_tui.hosts.types import SshTarget
 from tests.support.realparts import Sshd, new_key, public_line
+from tests.support.waiting import until_sync
 
 
 def target_for(sshd: Sshd, *, user: str = "root", known_hosts: str | None = None) -> SshTarget:
@@ -83,8 +84,20 @@ def full_backlog_listener() -> tuple[socket.socket, list[socket.socket]]:
         with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
         fillers.append(s)
-    time.sleep(0.1)
+    # Full once a handshake has completed into the queue (it holds one more than the backlog, 0).
+    until_sync(lambda: accept_queue_length(port) >= 1, what="the listener's accept queue full")
     return listener, fillers
+
+
+def accept_queue_length(port: int) -> int:
+    """How many completed connections wait in the accept queue of the listener on 127.0.0.1:port
+    (a listening socket's rx_queue in /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+            return int(fields[4].split(":")[1], 16)
+    return 0
 
 
 def sshd_descendants(sshd: Sshd) -> list[int]:

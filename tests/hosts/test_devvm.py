@@ -23,6 +23,7 @@ from tests.hosts.sshparts import (
     wait_for_pids,
 )
 from tests.support.realparts import SshAgent, Sshd, new_key, public_line, start_sshd
+from tests.support.waiting import until
 
 KEY = new_key("breakglass-devvm")
 

@@ -17,6 +17,7 @@ from breakglass_tui.hosts.session import HostSession
 from breakglass_tui.hosts.ssh import ConnectOptions
 from breakglass_tui.hosts.types import Ending, Reachability
 from breakglass_tui.lab.sandbox import SandboxUnavailable
+from tests.support.waiting import until
 
 
 def _write_vm(path, **vm) -> None:
@@ -49,12 +50,21 @@ async def test_the_port_follows_the_vm_state(devvm_factory, tmp_path):
 
     # Paused (an I/O error): a running command's bytes are held, new connections hear nothing;
     # resumed, the command's output arrives.
-    running = asyncio.create_task(devvm.run("sleep 1; echo after-the-pause", timeout_s=30))
-    await asyncio.sleep(0.3)
+    seen: list[str] = []
+    running = asyncio.create_task(
+        devvm.shell.run(
+            "echo started; sleep 1; echo after-the-pause",
+            timeout_s=30,
+            on_output=lambda chunk: seen.append(chunk.text),
+        )
+    )
+    await until(lambda: "started" in "".join(seen), what="the command running on the devvm")
     _write_vm(vm_json, status="running", qmp_status="io-error", boot_id=1, booted_at=time.time())
     await sim.wait_for_mode("no_banner", 3)
     probe = await probe_devvm(devvm.target, client_keys=[devvm.key], timeout_s=1.0)
     assert probe.reachability is Reachability.NO_BANNER
+    # Must not happen within 1.5 s: the command's own second would have ended it, were its
+    # bytes not held.
     await asyncio.sleep(1.5)
     assert not running.done()  # held while paused
     _write_vm(vm_json, status="running", qmp_status="running", boot_id=1, booted_at=time.time())
@@ -79,8 +89,13 @@ async def test_the_port_follows_the_vm_state(devvm_factory, tmp_path):
 
 async def test_a_dropped_link_ends_the_running_command_as_disconnected(devvm_factory):
     devvm = await devvm_factory("healthy")
-    running = asyncio.create_task(devvm.run("sleep 30", timeout_s=20))
-    await asyncio.sleep(0.5)
+    seen: list[str] = []
+    running = asyncio.create_task(
+        devvm.shell.run(
+            "echo started; sleep 30", timeout_s=20, on_output=lambda chunk: seen.append(chunk.text)
+        )
+    )
+    await until(lambda: "started" in "".join(seen), what="the command running on the devvm")
     devvm.sim.drop()
     assert (await asyncio.wait_for(running, 10)).ending is Ending.DISCONNECTED
     assert (await devvm.run("echo back")).stdout == "back\n"  # a new connection works
@@ -104,14 +119,19 @@ async def test_wedged_lab_recovered_end_to_end_with_reset(lab_factory):
     assert "qmp system_reset" in lab.sim.call_texts()
 
     seen: list[Reachability] = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    async def healthy() -> bool:
         probe = await probe_devvm(lab.devvm, client_keys=[lab.devvm_key], timeout_s=1.0)
         seen.append(probe.reachability)
-        if probe.reachability is Reachability.HEALTHY:
-            break
-        await asyncio.sleep(0.2)
-    assert seen[-1] is Reachability.HEALTHY, seen
+        return probe.reachability is Reachability.HEALTHY
+
+    await until(
+        healthy,
+        what="the devvm healthy again",
+        timeout_s=15,
+        interval_s=0.2,
+        diagnostics=lambda: f"seen: {seen}",
+    )
     assert Reachability.REFUSED in seen  # booting, then up
 
 

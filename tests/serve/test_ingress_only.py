@@ -139,7 +139,7 @@ async def test_a_certificate_from_another_ca_is_refused_in_the_handshake(
                 server_hostname=SERVER_NAME,
                 headers={"Origin": console.url, HEADER: "viktor"},
             )
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # must not happen within it: a session or an app started anyway
     assert console.server.sessions == {} and not console.started_apps
 
 
@@ -208,7 +208,7 @@ async def test_without_the_identity_header_every_console_request_is_refused_with
                 headers={"Origin": console.url, HEADER: " "},
             )
         assert err.value.status == 403
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # must not happen within it: a session or an app started anyway
     assert console.server.sessions == {} and not console.started_apps
 
 

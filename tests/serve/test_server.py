@@ -106,7 +106,7 @@ async def test_foreign_origin_is_refused_and_spawns_nothing(served: Served, orig
         with pytest.raises(aiohttp.WSServerHandshakeError) as err:
             await http.ws_connect(served.ws_url, headers=headers)
     assert err.value.status == 403
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # must not happen within it: a session or an app started anyway
     assert served.server.sessions == {}
     assert not served.out.exists(), "an app process was started for a foreign origin"
 
@@ -510,7 +510,14 @@ async def test_a_huge_stderr_line_neither_blocks_the_app_nor_leaks_the_slot(
             await until(
                 done.exists, timeout_s=15.0
             )  # it got past 200 kB of stderr: the pipe was drained
-            await asyncio.sleep(0.3)
+            await until(
+                lambda: any(
+                    getattr(r, "line", "") == "line 199"
+                    for r in caplog.records
+                    if r.getMessage() == "app stderr"
+                ),
+                what="the app's last stderr line relayed to the log",
+            )
             await ws.close()
             await until(lambda: s.server.sessions == {}, timeout_s=10)
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -119,6 +120,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _app_pid(label: str) -> int | None:
+    """The PID of the process the server started for the session ``label``: its child (this
+    test runs the server in-process) whose environment carries that session id."""
+    mine, wanted = str(os.getpid()), f"BREAKGLASS_SESSION_ID={label}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if ppid == mine and wanted in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
 def _records(state: Path) -> str:
     """What the incident's journal and the audit log hold so far (for a failure's message)."""
     return (
@@ -157,21 +174,20 @@ async def one_drop(served: Served, phase: str, how: str, seed: int) -> Drop:
         reader = asyncio.create_task(_drain(ws))
         try:
             label = next(iter(set(served.server.sessions) - before))
-            service = served.server.sessions[label]
 
             def journal_has(kind: str, needle: str = "") -> bool:
                 return any(
                     r.get("type") == kind and needle in json.dumps(r) for r in _journal(state)
                 )
 
-            await until(
-                lambda: service._process is not None,
+            pid = await until(
+                lambda: _app_pid(label),
                 what="the app process",
                 timeout_s=10,
                 diagnostics=lambda: _records(state),
             )
-            pid = service._process.pid
             if phase == "starting":
+                # A random moment in the start-up, not a wait for anything: the trial's point.
                 await asyncio.sleep(rng.uniform(0.0, 1.5))
             else:
                 if phase == "streaming":  # typed during the opening probe: queued
@@ -197,7 +213,7 @@ async def one_drop(served: Served, phase: str, how: str, seed: int) -> Drop:
                         timeout_s=PHASE_TIMEOUT_S,
                         diagnostics=lambda: _records(state),
                     )
-                await asyncio.sleep(rng.uniform(0.0, 0.3))
+                await asyncio.sleep(rng.uniform(0.0, 0.3))  # a random moment in the phase
             at = time.monotonic()
             if how == "close":
                 await ws.close()

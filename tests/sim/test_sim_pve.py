@@ -410,7 +410,7 @@ def test_kvm_d_state_wedges_qmp_and_ignores_sigterm(sim: SimPve) -> None:
     sim.set_faults(kvm_d_state=True, status_qmp_timeout_s=0.5)
     assert sim.vm_state()["kvm_state"] == "D"
     os.kill(pid, signal.SIGTERM)  # stays pending, like for a process stuck in the kernel
-    time.sleep(0.3)
+    time.sleep(0.3)  # must not happen within it: the kvm ending
     assert sim.kvm_pid() == pid
     assert "running-qemu" not in qm(sim, "status", "102", "--verbose").stdout
 

@@ -407,9 +407,11 @@ async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
         await until(lambda: offered(app), what="the offer", timeout_s=5, pause=pilot.pause)
         await pilot.press("enter")  # Resume has the focus
         await until(
-            lambda: app.query(ToolBlock), what="the replayed block", timeout_s=5, pause=pilot.pause
+            lambda: app.query(ToolBlock) and app.query(ToolBlock).last().has_class("-failed"),
+            what="the replayed block, ended",
+            timeout_s=5,
+            pause=pilot.pause,
         )
-        await pilot.pause(0.1)
         block = app.query(ToolBlock).last()
         assert "interrupted: the tab running it closed" in block.heading and block.has_class(
             "-failed"
@@ -425,12 +427,13 @@ async def test_a_call_left_open_by_a_closed_tab_is_shown_interrupted_on_resume(
         later = tab(tmp_path, [], "alice")  # a tab that joins afterwards, read-only
         async with later.run_test(size=(160, 48)) as pilot_2:
             await until(
-                lambda: later.query(ToolBlock),
-                what="the block in the later tab",
+                lambda: (
+                    later.query(ToolBlock) and later.query(ToolBlock).last().has_class("-failed")
+                ),
+                what="the block in the later tab, ended",
                 timeout_s=5,
                 pause=pilot_2.pause,
             )
-            await pilot_2.pause(0.1)
             assert later.driving is False
             block = later.query(ToolBlock).last()
             assert block.has_class("-failed") and "interrupted" in block.heading
