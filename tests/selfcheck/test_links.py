@@ -125,13 +125,16 @@ async def parts(
         known_hosts_line("127.0.0.1", pve.port, pve.host_key),
     )
     vault.write_secret(fields)
+    made = Parts(vault, sim, pve, pve_line, devvm, user, rule, api, workdir, devvm_key, fields)
     try:
-        yield Parts(vault, sim, pve, pve_line, devvm, user, rule, api, workdir, devvm_key, fields)
+        yield made
     finally:
         vault.write_secret(vault.fields())  # the session's good secret, for other modules
         await api.close()
         devvm.close()
+        made.devvm.close()  # the one a test brought back after stopping the first
         pve.close()
+        made.pve.close()
         sim.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
