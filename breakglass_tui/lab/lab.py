@@ -121,6 +121,23 @@ class Lab:
         await self.close()
 
 
+def _lab_keys() -> tuple[asyncssh.SSHKey, asyncssh.SSHKey, asyncssh.SSHKey, asyncssh.SSHKey]:
+    """A lab's four keys, made now (devvm and PVE user keys, their host keys); the verb must be
+    there for the PVE host to run it."""
+    if not VERB_PATH.exists():
+        raise RuntimeError(f"the breakglass verb is missing at {VERB_PATH}: reinstall the package")
+    devvm_key, pve_key, devvm_host_key, pve_host_key = (
+        new_key(c)
+        for c in (
+            loopback.DEVVM_KEY,
+            loopback.PVE_KEY,
+            loopback.DEVVM_HOST_KEY,
+            loopback.PVE_HOST_KEY,
+        )
+    )
+    return devvm_key, pve_key, devvm_host_key, pve_host_key
+
+
 async def start_sandbox_lab(
     scenario: str = "healthy",
     *,
@@ -137,17 +154,7 @@ async def start_sandbox_lab(
             f"the sandbox lab cannot stage {scenario!r}: choose one of"
             f" {', '.join(SANDBOX_SCENARIOS)} (the real devvm stages {', '.join(SCENARIOS)})"
         )
-    if not VERB_PATH.exists():
-        raise RuntimeError(f"the breakglass verb is missing at {VERB_PATH}: reinstall the package")
-    devvm_key, pve_key, devvm_host_key, pve_host_key = (
-        new_key(c)
-        for c in (
-            loopback.DEVVM_KEY,
-            loopback.PVE_KEY,
-            loopback.DEVVM_HOST_KEY,
-            loopback.PVE_HOST_KEY,
-        )
-    )
+    devvm_key, pve_key, devvm_host_key, pve_host_key = _lab_keys()
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="breakglass-lab-")) if workdir is None else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -216,17 +223,7 @@ async def start_lab_without_devvm(
     """Where no devvm can run (a read-only container without capabilities): the simulated
     Proxmox and the PVE host running the real verb, and a devvm address where nothing listens.
     The console opens, says why (`note`), and its verbs, audit and manual mode work."""
-    if not VERB_PATH.exists():
-        raise RuntimeError(f"the breakglass verb is missing at {VERB_PATH}: reinstall the package")
-    devvm_key, pve_key, devvm_host_key, pve_host_key = (
-        new_key(c)
-        for c in (
-            loopback.DEVVM_KEY,
-            loopback.PVE_KEY,
-            loopback.DEVVM_HOST_KEY,
-            loopback.PVE_HOST_KEY,
-        )
-    )
+    devvm_key, pve_key, devvm_host_key, pve_host_key = _lab_keys()
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="breakglass-lab-")) if workdir is None else Path(workdir)
     sim: SimPve | None = None
