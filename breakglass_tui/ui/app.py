@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import json
 import os
@@ -170,6 +171,7 @@ class BreakglassApp(Guarded, App[None]):
         self._unechoed: list[str] = []  # own commands the console ran by itself
         self._early_keys: list[str] = []  # typed before the message box existed
         self._stop_task: asyncio.Task[None] | None = None
+        self._app_context: contextvars.Context | None = None  # set on mount (see on_mount)
         self._closed_in_time = False
         self._unconfirmed_written = False
         self.stopper.add_last_resort(self._last_resort)
@@ -219,10 +221,16 @@ class BreakglassApp(Guarded, App[None]):
         # A closed terminal (SIGHUP), a stopped pod (SIGTERM) or a closed tab must still end
         # the session in order, whatever runs (ui.stopping): from now on a request reaches us.
         loop = asyncio.get_running_loop()
+        # The app's own context (no worker in it). A signal handler runs between any two
+        # bytecodes of the main thread, also inside the agent worker's step: a stop scheduled
+        # from there would inherit that worker as Textual's active worker, and could then not
+        # wait for it (Textual refuses a wait from inside a worker), closing the agent before
+        # the running command's cancel was recorded.
+        self._app_context = contextvars.copy_context()
 
         def on_request() -> None:  # any thread, or a signal handler
             with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(self.begin_stop)
+                loop.call_soon_threadsafe(self.begin_stop, context=self._app_context.copy())
 
         self.stopper.attach(on_request)
         chat_input = self.query_one(ChatInput)
@@ -859,7 +867,9 @@ class BreakglassApp(Guarded, App[None]):
     def begin_stop(self) -> None:
         """Start the orderly stop once (called on the loop by the stopper)."""
         if self._stop_task is None:
-            self._stop_task = asyncio.get_running_loop().create_task(self._stop())
+            # In the app's context, whoever asks (see on_mount).
+            context = self._app_context.copy() if self._app_context is not None else None
+            self._stop_task = asyncio.get_running_loop().create_task(self._stop(), context=context)
 
     async def _stop(self) -> None:
         stopper = self.stopper

@@ -6,6 +6,7 @@ starts at once."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -299,3 +300,35 @@ async def test_claudes_bracket_commands_run_and_a_queued_message_steers_the_next
     finally:
         await fake.close()
     fake.assert_no_rejections()  # the strict fake refused nothing
+
+
+async def test_a_stop_requested_inside_a_worker_still_waits_for_the_running_command(
+    tmp_path, monkeypatch
+):
+    """A signal handler runs between any two bytecodes of the main thread, also in the middle of
+    the agent worker's step; the stop it schedules must not inherit that worker's context (it
+    did: the stop then could not wait for the worker — Textual refuses a wait from inside it —
+    and closed the agent first, so the running command's cancel never reached the audit)."""
+    from textual.worker import active_worker
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    app = lab_app(tmp_path)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(app, pilot)
+        await pilot.press(*"/sh sleep 60", "enter")
+        await until(lambda: len(app._open_calls) == 1, what="the sleep to start", pause=pilot.pause)
+        worker = next(w for w in app.workers if w.group == "agent" and not w.is_finished)
+        token = active_worker.set(worker)  # as inside the worker's step, when the signal lands
+        try:
+            app.stopper.request("SIGTERM received", signum=15)
+        finally:
+            active_worker.reset(token)
+        await until(lambda: app._stop_task is not None and app._stop_task.done(), what="the stop")
+    audit = [
+        json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()
+    ]
+    kinds = [r["kind"] for r in audit]
+    results = [r for r in audit if r["kind"] == "tool_result"]
+    assert results[-1]["tool"] == "devvm_shell" and results[-1]["cancelled"], kinds
+    assert kinds.index("session_end") > audit.index(results[-1]), kinds
+    assert not any(r.get("forced") for r in audit), kinds

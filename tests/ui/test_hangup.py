@@ -134,7 +134,9 @@ def check(trial: Trial) -> list[str]:
     if trial.phase == "command":
         results = [r for r in trial.audit if r.get("kind") == "tool_result"]
         if not (results and results[-1].get("cancelled")):
-            problems.append(f"{name}: the running command's cancel is not in the audit")
+            problems.append(
+                f"{name}: the running command's cancel is not in the audit ({kinds[-8:]})"
+            )
         ended = [r for r in trial.journal if r.get("type") == "ToolCallEnded"]
         if not (ended and ended[-1].get("cancelled")):
             problems.append(f"{name}: the running command's end is not in the journal")
