@@ -316,14 +316,16 @@ async def test_a_stop_requested_inside_a_worker_still_waits_for_the_running_comm
     async with app.run_test(size=(160, 48)) as pilot:
         await ready(app, pilot)
         await pilot.press(*"/sh sleep 60", "enter")
-        await until(lambda: len(app._open_calls) == 1, what="the sleep to start", pause=pilot.pause)
+        await until(
+            lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start", pause=pilot.pause
+        )
         worker = next(w for w in app.workers if w.group == "agent" and not w.is_finished)
         token = active_worker.set(worker)  # as inside the worker's step, when the signal lands
         try:
             app.stopper.request("SIGTERM received", signum=15)
         finally:
             active_worker.reset(token)
-        await until(lambda: app._stop_task is not None and app._stop_task.done(), what="the stop")
+        await until(app.stopper.finished.is_set, what="the orderly stop", pause=pilot.pause)
     audit = [
         json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()
     ]
