@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from textual.command import CommandPalette
 
 from breakglass_tui.core import events as ev
 from breakglass_tui.hosts.types import OutputChunk
@@ -13,10 +13,16 @@ from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
 from breakglass_tui.ui.screens.help import HelpScreen
 from breakglass_tui.ui.widgets.chat import ChatInput, ToolBlock
 from breakglass_tui.ui.widgets.status_header import StatusHeader
-from tests.ui.conftest import agent_busy, make_app, settle
+from tests.support.waiting import until, written_json
+from tests.ui.conftest import agent_busy, make_app, palette_highlight, settle, suggested
 from tests.ui.fakes import T0, verb
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def asked(app) -> bool:
+    """The quit question is up."""
+    return isinstance(app.screen, ConfirmQuitScreen)
 
 
 async def test_chat_input_has_focus_and_initial_check_fills_the_header(agents):
@@ -35,7 +41,7 @@ async def test_escape_cancels_the_running_command(agents):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press(*"/sh sleep 600", "enter")
-        await pilot.pause(0.1)
+        await until(lambda: app.query(ToolBlock), what="the sleep to start", pause=pilot.pause)
         assert agent_busy(app)
         await pilot.press("escape")
         await settle(app, pilot)
@@ -54,10 +60,10 @@ async def test_a_second_request_while_busy_is_queued_then_run_in_order(agents):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press(*"/sh sleep 600", "enter")
-        await pilot.pause(0.1)
+        await until(lambda: app.query(ToolBlock), what="the sleep to start", pause=pilot.pause)
         await pilot.press(*"/status", "enter")
         await pilot.press(*"/sh uptime", "enter")
-        await pilot.pause(0.1)
+        await pilot.pause()  # what the two Enters started, if anything
         assert agents[0].handled == ["/sh sleep 600"], "nothing jumps the running command"
         assert [i.text for i in app.queue.items] == ["/status", "/sh uptime"]
         shown = str(app.query_one("#queued").render())
@@ -75,22 +81,20 @@ async def test_quit_while_an_action_runs_asks_first(agents):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press(*"/sh sleep 600", "enter")
-        await pilot.pause(0.1)
+        await until(lambda: app.query(ToolBlock), what="the sleep to start", pause=pilot.pause)
         await pilot.press("ctrl+q")
-        await pilot.pause(0.1)
-        assert isinstance(app.screen, ConfirmQuitScreen)
+        await until(lambda: asked(app), what="the quit question", pause=pilot.pause)
         await pilot.press("escape")  # stays
-        await pilot.pause(0.1)
-        assert not isinstance(app.screen, ConfirmQuitScreen)
+        await until(lambda: not asked(app), what="the question to go", pause=pilot.pause)
         assert agent_busy(app) and app.is_running
         await pilot.press("ctrl+q")
-        await pilot.pause(0.1)
+        await until(lambda: asked(app), what="the quit question", pause=pilot.pause)
         await pilot.press("y", "n")  # letters are not answers: they go to the message box
-        await pilot.pause(0.1)
+        await pilot.pause()
         assert isinstance(app.screen, ConfirmQuitScreen) and agent_busy(app)
         assert app.query_one(ChatInput).value == "yn"
         await pilot.press("ctrl+q")  # Ctrl+Q again confirms
-        await pilot.pause(0.3)
+        await until(lambda: agents[0].closed, what="the console to close its backend")
     assert agents[0].cancelled == 1
     assert agents[0].closed
 
@@ -100,8 +104,8 @@ async def test_quit_when_idle_does_not_ask_and_closes_the_backend(agents):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press("ctrl+q")
-        await pilot.pause(0.2)
         assert not isinstance(app.screen, ConfirmQuitScreen)
+        await until(lambda: agents[0].closed, what="the console to close its backend")
     assert agents[0].closed
 
 
@@ -111,7 +115,7 @@ async def test_slash_completion_and_history(agents):
         await settle(app, pilot)
         chat_input = app.query_one(ChatInput)
         await pilot.press(*"/fo")
-        await pilot.pause(0.1)
+        await suggested(app, pilot)
         await pilot.press("right")
         assert chat_input.value == "/forensics"
         await pilot.press("enter")
@@ -239,13 +243,15 @@ async def test_events_render_tool_blocks_turns_and_forensics(agents, tmp_path: P
         # Download the bundle from the forensics pane.
         app.backend.hosts.bundles["B1"] = {"verb": "bundle", "bundle_id": "B1", "files": {}}
         await pilot.press("f4", "d")
-        await settle(app, pilot, delay=0.3)
-        saved = json.loads((tmp_path / "B1.json").read_text())
+        saved = await until(lambda: written_json(tmp_path / "B1.json"), what="the bundle saved")
         assert saved["bundle_id"] == "B1"
         # The incident report arrives as an event and is delivered as a file.
         emit(ev.ReportReady(at=T0, filename="incident.md", markdown="# Incident\n"))
-        await settle(app, pilot, delay=0.3)
-        assert (tmp_path / "incident.md").read_text() == "# Incident\n"
+        report = tmp_path / "incident.md"
+        await until(lambda: report.exists(), what="the report saved", pause=pilot.pause)
+        await until(
+            lambda: report.read_text() == "# Incident\n", what="the report whole", timeout_s=5
+        )
 
 
 async def test_live_output_arrives_in_the_pane_with_a_separator(agents):
@@ -287,11 +293,16 @@ async def test_command_palette_runs_a_verb(agents):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press("ctrl+p")
-        await pilot.pause(0.2)
+        await until(lambda: isinstance(app.screen, CommandPalette), what="the palette")
         await pilot.press(*"forensics")
-        await pilot.pause(0.3)
+        await until(
+            lambda: "forensics" in palette_highlight(app).lower(),
+            what="the palette to offer the forensics verb",
+            pause=pilot.pause,
+        )
         await pilot.press("enter")
-        await settle(app, pilot, delay=0.3)
+        await until(lambda: agents[0].handled, what="the verb to run", pause=pilot.pause)
+        await settle(app, pilot)
         assert agents[0].handled == ["/forensics"]
 
 
@@ -333,7 +344,8 @@ async def test_any_exit_closes_the_backend(agents):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         app.exit()  # as when the browser tab closes: no Ctrl+Q
-        await pilot.pause(0.2)
+        await until(lambda: not app.is_running, what="the app to stop")
+    # (The test harness unmounts the app as the block ends: that is where it closes.)
     assert agents[0].closed
 
 

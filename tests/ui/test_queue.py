@@ -60,7 +60,9 @@ def notices(app: BreakglassApp) -> str:
 async def test_the_first_message_typed_during_the_opening_probe_is_queued_then_run(agents):
     app = slow_console(agents, start_s=0.5, probe_s=4)
     async with app.run_test(size=(160, 48)) as pilot:
-        await pilot.pause(0.1)
+        await until(
+            lambda: isinstance(app.focused, ChatInput), what="the message box", pause=pilot.pause
+        )
         await pilot.press(*"/status", "enter")  # before the hosts are even up
         await until(
             lambda: agents and agents[0].handled == ["/probe"], what="the probe", pause=pilot.pause
@@ -136,7 +138,7 @@ async def test_claude_reads_a_queued_message_at_its_next_step(agents):
         await until(running.is_set, what="Claude's turn", pause=pilot.pause)
         await app.submit("it runs a migration: do not reboot")
         assert [i.text for i in app.queue.items] == ["it runs a migration: do not reboot"]
-        await settle(app, pilot, delay=0.4)
+        await settle(app, pilot)
         assert agent.steered == ["it runs a migration: do not reboot"], "taken at the step"
         assert agent.handled == ["why is it slow?"], "not run as a turn of its own"
         conversation = list(app.query_one("#conversation").children)
@@ -159,7 +161,7 @@ async def test_a_read_only_tab_does_not_queue_and_keeps_the_words(tmp_path: Path
         await until(lambda: app.backend is not None, what="the tab", pause=pilot.pause)
         assert app.driving is False
         await pilot.press(*FIRST, "enter")
-        await pilot.pause(0.1)
+        await until(lambda: "/takeover" in notices(app), what="the refusal", pause=pilot.pause)
         assert not app.queue
         assert "/takeover" in notices(app) and "back in the message box" in notices(app)
         assert app.query_one(ChatInput).value == FIRST
@@ -178,9 +180,10 @@ async def test_typing_while_asked_to_resume_goes_to_the_message_box(tmp_path: Pa
     )
     async with app.run_test(size=(160, 48)) as pilot:
         await until(
-            lambda: isinstance(app.screen, ResumeScreen), what="the question", pause=pilot.pause
+            lambda: isinstance(app.screen, ResumeScreen) and app.screen.query("#question-typed"),
+            what="the question, drawn",
+            pause=pilot.pause,
         )
-        await pilot.pause(0.2)
         # "n" and "r" were once answers: typed in a message, they must stay text.
         await pilot.press(*"now run df")
         assert isinstance(app.screen, ResumeScreen), "typing did not answer the question"
@@ -207,13 +210,14 @@ async def test_typing_while_help_is_open_goes_to_the_message_box(agents):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press("f1")
-        await pilot.pause(0.2)
-        assert isinstance(app.screen, HelpScreen)
+        await until(lambda: isinstance(app.screen, HelpScreen), what="help", pause=pilot.pause)
         await pilot.press(*"quota")  # "q" once closed the help, and was lost
         assert isinstance(app.screen, HelpScreen)
         assert app.query_one(ChatInput).value == "quota"
         await pilot.press("escape")
-        await pilot.pause(0.1)
+        await until(
+            lambda: not isinstance(app.screen, HelpScreen), what="help to close", pause=pilot.pause
+        )
         await pilot.press("enter")
         await settle(app, pilot)
         assert agents[0].handled == ["quota"]

@@ -4,11 +4,13 @@ completed in the message box, listed on the help screen and offered by the comma
 from __future__ import annotations
 
 import pytest
+from textual.command import CommandPalette
 
 from breakglass_tui.core import slash
 from breakglass_tui.ui.screens.help import HelpScreen, help_markdown
 from breakglass_tui.ui.widgets.chat import ChatInput
-from tests.ui.conftest import make_app, settle
+from tests.support.waiting import until
+from tests.ui.conftest import make_app, palette_highlight, settle, suggested
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,7 +37,7 @@ async def test_a_new_command_is_completed_listed_and_in_the_palette(agents, monk
         await settle(app, pilot)
         chat_input = app.query_one(ChatInput)
         await pilot.press(*"/upt")
-        await pilot.pause(0.1)
+        await suggested(app, pilot)
         await pilot.press("right")
         assert chat_input.value == "/uptime"
         await pilot.press("enter")
@@ -48,9 +50,14 @@ async def test_a_new_command_is_completed_listed_and_in_the_palette(agents, monk
         await pilot.press("escape")
 
         await pilot.press("ctrl+p")
-        await pilot.pause(0.2)
+        await until(lambda: isinstance(app.screen, CommandPalette), what="the palette")
         await pilot.press(*"Uptime of")
-        await pilot.pause(0.3)
+        await until(
+            lambda: "Uptime of the devvm" in palette_highlight(app),
+            what="the palette to offer the new command",
+            pause=pilot.pause,
+        )
         await pilot.press("enter")
-        await settle(app, pilot, delay=0.3)
+        await until(lambda: len(agents[0].handled) == 2, what="it to run", pause=pilot.pause)
+        await settle(app, pilot)
         assert agents[0].handled == ["/uptime", "/uptime"]
