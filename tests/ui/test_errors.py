@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from breakglass_tui.core import events as ev
 from breakglass_tui.ui.app import BreakglassApp
 from breakglass_tui.ui.backend import AppOptions
 from breakglass_tui.ui.widgets.forensics import ForensicsPane
+from tests.support.waiting import until
 from tests.ui.conftest import settle
 from tests.ui.fakes import T0, ScriptedAgent, fake_backend_factory, probe_ok
 
@@ -68,17 +68,27 @@ async def test_an_error_in_a_worker_or_a_timer_is_recorded_and_survived(tmp_path
             raise ConnectionError("the PVE host went away mid-download")
 
         app.backend.hosts.bundle = failing_bundle
-        app._download_bundle("20261128T151200Z-forensics-a1b2c3")
+        # As the forensics pane asks when the operator picks a bundle.
+        app.post_message(ForensicsPane.DownloadRequested("20261128T151200Z-forensics-a1b2c3"))
 
         def tick() -> None:
             raise ValueError("a timer of the console failed")
 
         app.set_timer(0.05, tick)
-        await pilot.pause(0.5)  # (not settle: waiting on the workers re-raises the failure)
+
+        def recorded() -> list[str]:
+            return [r.get("error", "") for r in audit(tmp_path) if r["kind"] == "ui_error"]
+
+        # (Not settle: waiting on the workers re-raises the failure.)
+        await until(
+            lambda: (
+                any("went away mid-download" in e for e in recorded())
+                and any("a timer of the console failed" in e for e in recorded())
+            ),
+            what="both failures in the audit",
+            pause=pilot.pause,
+        )
         assert app.is_running
-        kinds = [(r["kind"], r.get("error", "")) for r in audit(tmp_path)]
-        assert any("went away mid-download" in e for k, e in kinds if k == "ui_error")
-        assert any("a timer of the console failed" in e for k, e in kinds if k == "ui_error")
         await app.submit("/probe")
         await settle(app, pilot)
         assert agents[0].handled[-1] == "/probe"
@@ -94,10 +104,7 @@ async def test_a_console_that_keeps_failing_stops_in_order(tmp_path):
             raise ValueError("failing on every frame")
 
         app.set_interval(0.01, tick)
-        for _ in range(200):
-            if not app.is_running or app._exit:
-                break
-            await pilot.pause(0.05)
+        await until(lambda: not app.is_running, what="the console to stop itself", timeout_s=10)
     kinds = [r["kind"] for r in audit(tmp_path)]
     assert "ui_error" in kinds and "stop_requested" in kinds
     stop = next(r for r in audit(tmp_path) if r["kind"] == "stop_requested")
@@ -105,16 +112,24 @@ async def test_a_console_that_keeps_failing_stops_in_order(tmp_path):
     assert agents[0].closed, "the session was still ended properly"
 
 
-def test_a_crash_report_never_carries_local_variables():
-    app = BreakglassApp(AppOptions(lab=True))
-    api_key = "-".join(["sk-ant-api03", "only", "in", "a", "local"])  # noqa: F841 - under test
-    try:
+def test_a_crash_report_never_carries_local_variables(capsys):
+    """An exception while the console is stopping is the one Textual ends the app for: its
+    crash report (on stderr, the server's log under breakglass-serve) shows no local variable."""
+    app = BreakglassApp(
+        AppOptions(lab=True), backend_factory=fake_backend_factory(), initial_check=False
+    )
+
+    def fails_while_stopping() -> None:
+        api_key = "-".join(["sk-ant-api03", "only", "in", "a", "local"])  # noqa: F841 - under test
         raise RuntimeError("boom")
-    except RuntimeError:
-        app._fatal_error()
-    out = Console(width=120, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
-    for renderable in app._exit_renderables:
-        out.print(renderable)
-    text = out.export_text()
+
+    async def stop_then_fail(pilot) -> None:
+        await pilot.pause()
+        app.exit()
+        app.call_later(fails_while_stopping)
+
+    app.run(headless=True, size=(120, 40), auto_pilot=stop_then_fail)
+    assert app.return_code == 1, "the exception did not end the app"
+    text = capsys.readouterr().err
     assert "RuntimeError" in text and "boom" in text
     assert "sk-ant-api03-only-in-a-local" not in text
