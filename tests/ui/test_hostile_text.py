@@ -137,12 +137,14 @@ async def test_a_follower_and_a_resumed_tab_show_the_command_literally(tmp_path,
             driver.script["/sh " + GREP] = lambda: driver.shell(GREP, "[b]3[/b]\n")
             await pilot_1.press(*("/sh " + GREP), "enter")
             await until(
-                lambda: follower.query(ToolBlock),
-                what="the block in tab 2",
+                lambda: (
+                    follower.query(ToolBlock) and follower.query(ToolBlock).last().has_class("-ok")
+                ),
+                what="the whole call in tab 2",
                 timeout_s=10,
                 pause=pilot_2.pause,
             )
-            await pilot_2.pause(0.3)
+            await pilot_2.pause()  # drawn: a markup error would surface here
             assert follower.is_running and not follower.unexpected_errors
             heading_shows(follower.query(ToolBlock).last(), "$ " + GREP)
             await follower.shutdown()
@@ -151,12 +153,14 @@ async def test_a_follower_and_a_resumed_tab_show_the_command_literally(tmp_path,
     resumed = tab(tmp_path, [])
     async with resumed.run_test(size=(160, 48)) as pilot:
         await until(
-            lambda: isinstance(resumed.screen, ResumeScreen),
+            lambda: (
+                isinstance(resumed.screen, ResumeScreen) and resumed.screen.query("#resume-text")
+            ),
             what="the offer",
             timeout_s=10,
             pause=pilot.pause,
         )
-        await pilot.pause(0.2)
+        await pilot.pause()  # drawn
         offer = rendered(resumed.screen.query_one("#resume-text"))
         assert "Resume the incident" in offer and not has_control(offer)
         await pilot.press("enter")
@@ -166,7 +170,7 @@ async def test_a_follower_and_a_resumed_tab_show_the_command_literally(tmp_path,
             timeout_s=10,
             pause=pilot.pause,
         )
-        await pilot.pause(0.3)
+        await pilot.pause()  # drawn: a markup error would surface here
         assert resumed.is_running and not resumed.unexpected_errors
         heading_shows(resumed.query(ToolBlock).last(), "$ " + GREP)
         resumed.output.flush()
@@ -335,7 +339,7 @@ async def _every_entry_point(texts: list[str], tmp_path: Path) -> None:
             app.notify(text, title=text)
             app.header.targets = text
             await app.submit(text if not text.startswith("/") else "x" + text)
-            await settle(app, pilot, delay=0.05)
+            await settle(app, pilot)
         await settle(app, pilot)
         assert app.is_running, "the console ended"
         assert not app.unexpected_errors, app.unexpected_errors
@@ -406,7 +410,7 @@ async def _follow_and_resume(texts: list[str], incident_dir: Path) -> None:
             timeout_s=15,
             pause=pilot.pause,
         )
-        await pilot.pause(0.2)
+        await pilot.pause()  # drawn: a markup error would surface here
         assert follower.driving is False
         assert follower.is_running and not follower.unexpected_errors
         for text, block in zip(texts, follower.query(ToolBlock), strict=True):
@@ -418,12 +422,14 @@ async def _follow_and_resume(texts: list[str], incident_dir: Path) -> None:
     resumed = tab(incident_dir, [])
     async with resumed.run_test(size=(120, 40)) as pilot:
         await until(
-            lambda: isinstance(resumed.screen, ResumeScreen),
+            lambda: (
+                isinstance(resumed.screen, ResumeScreen) and resumed.screen.query("#resume-text")
+            ),
             what="the offer",
             timeout_s=15,
             pause=pilot.pause,
         )
-        await pilot.pause(0.2)
+        await pilot.pause()  # drawn
         assert not has_control(rendered(resumed.screen.query_one("#resume-text")))
         await pilot.press("enter")
         await until(
@@ -432,7 +438,7 @@ async def _follow_and_resume(texts: list[str], incident_dir: Path) -> None:
             timeout_s=15,
             pause=pilot.pause,
         )
-        await pilot.pause(0.2)
+        await pilot.pause()  # drawn: a markup error would surface here
         assert resumed.is_running and not resumed.unexpected_errors
         for text, block in zip(texts, resumed.query(ToolBlock), strict=True):
             heading_shows(block, "$ " + journaled(text))
