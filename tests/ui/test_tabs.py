@@ -20,15 +20,14 @@ from breakglass_tui.ui.widgets.chat import ToolBlock
 from tests.support import fake_messages_api as api
 from tests.support.fake_messages_api import FakeMessagesApi
 from tests.support.waiting import until
-from tests.ui.conftest import agent_busy
+from tests.ui.conftest import agent_busy, drawn
 from tests.ui.fakes import ScriptedAgent, fake_backend_factory
 
 
 async def ready(app: BreakglassApp, pilot) -> None:
     await until(lambda: app.backend is not None, what="the lab to start", pause=pilot.pause)
     await until(lambda: not agent_busy(app), what="the opening check", pause=pilot.pause)
-    await pilot.pause(0.2)
-    app.output.flush()
+    await drawn(app, pilot)
 
 
 def tab(incident_dir: Path, agents: list[ScriptedAgent], operator: str) -> BreakglassApp:
@@ -333,7 +332,7 @@ async def test_reopened_tab_resumes_chat_output_and_claudes_context(tmp_path, mo
             await until(
                 lambda: not agent_busy(first), what="the turn", timeout_s=30, pause=pilot.pause
             )
-            await pilot.pause(0.3)
+            await drawn(first, pilot)
             await first.shutdown()
         assert len(fake.requests) == 2
 
