@@ -20,7 +20,7 @@ from breakglass_tui.ui.widgets.chat import ThinkingBlock, ToolBlock
 from tests.support import fake_messages_api as api
 from tests.support.fake_messages_api import FakeMessagesApi
 from tests.support.waiting import until, until_sync
-from tests.ui.conftest import agent_busy
+from tests.ui.conftest import agent_busy, drawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -50,8 +50,7 @@ def processes_mentioning(text: str) -> list[int]:
 async def ready(app: BreakglassApp, pilot) -> None:
     await until(lambda: app.backend is not None, what="the lab to start", pause=pilot.pause)
     await app.workers.wait_for_complete()
-    await pilot.pause(0.2)
-    app.output.flush()
+    await drawn(app, pilot)
 
 
 async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkeypatch):
@@ -69,8 +68,7 @@ async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkey
         assert processes_mentioning(lab_root), "the lab's QEMU should be running"
         await pilot.press(*"/sh df -h", "enter")
         await until(lambda: not agent_busy(app), what="df to finish", pause=pilot.pause)
-        await pilot.pause(0.2)
-        app.output.flush()
+        await drawn(app, pilot)
         lines = app.output_log().lines
         assert any(line.startswith("Filesystem") for line in lines)
         assert any("100% /data" in line for line in lines), "disk-full shows a full /data"
@@ -95,11 +93,15 @@ async def test_escape_cancels_a_running_lab_command_at_once(tmp_path, monkeypatc
         await until(
             lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start", pause=pilot.pause
         )
-        await pilot.pause(0.3)
+        await until(
+            lambda: processes_mentioning("sleep 60"),
+            what="the sleep running on the devvm",
+            pause=pilot.pause,
+        )
         started = time.monotonic()
         await pilot.press("escape")
         await until(lambda: not agent_busy(app), what="the cancel", timeout_s=10, pause=pilot.pause)
-        await pilot.pause(0.2)
+        await drawn(app, pilot)
         assert time.monotonic() - started < 5
         assert "cancelled" in app.query(ToolBlock).last().heading
         await pilot.press(*"/sh uptime", "enter")
@@ -117,9 +119,7 @@ async def test_osc52_from_the_devvm_never_reaches_the_screen(tmp_path, monkeypat
         # hostile file's content would.
         await app.submit("/sh printf 'a\x1b]52;c;SGVsbG8=\x07b\\n'")
         await until(lambda: not agent_busy(app), what="printf", pause=pilot.pause)
-        await pilot.pause(0.2)
-        app.output.flush()
-        await pilot.pause(0.1)
+        await drawn(app, pilot)
         lines = app.output_log().lines
         assert "ab" in lines, lines
         assert "SGVsbG8=" not in app.export_screenshot()
@@ -143,7 +143,7 @@ async def test_claude_streams_an_answer_with_tool_blocks_over_the_lab(tmp_path, 
             await until(
                 lambda: not agent_busy(app), what="the turn", timeout_s=30, pause=pilot.pause
             )
-            await pilot.pause(0.3)
+            await drawn(app, pilot)
             markdown = " ".join(m.source for m in app.query("Markdown.assistant"))
             assert "Checking the disk." in markdown and "100% full" in markdown
             block = app.query(ToolBlock).last()
@@ -198,7 +198,7 @@ async def test_the_between_tools_text_reaches_the_chat_as_a_dimmed_timed_thinkin
             await until(
                 lambda: not agent_busy(app), what="the turn", timeout_s=30, pause=pilot.pause
             )
-            await pilot.pause(0.3)
+            await drawn(app, pilot)
             first, second = app.query(ThinkingBlock)
             assert "thought for" in str(first.title) and "thought for" in str(second.title)
             shown = str(first.query_one(".thinking-text").render())
@@ -231,7 +231,7 @@ async def test_the_api_failing_mid_turn_is_said_and_the_session_goes_on(tmp_path
                 timeout_s=30,
                 pause=pilot.pause,
             )
-            await pilot.pause(0.3)
+            await drawn(app, pilot)
             notices = " ".join(str(n.render()) for n in app.query(".notice"))
             assert "Claude API" in notices
             await pilot.press(*"/sh uptime", "enter")
@@ -280,7 +280,7 @@ async def test_claudes_bracket_commands_run_and_a_queued_message_steers_the_next
             await until(
                 lambda: not agent_busy(app), what="the turn", timeout_s=60, pause=pilot.pause
             )
-            await pilot.pause(0.3)
+            await drawn(app, pilot)
             assert app.is_running and not app.unexpected_errors
             first, second = list(app.query(ToolBlock))[-2:]
             assert f"$ {awk}" in first.heading and f"$ {grep}" in second.heading
