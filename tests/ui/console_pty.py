@@ -150,6 +150,12 @@ class PtyConsole:
     def output(self) -> bytes:
         return bytes(self._output)
 
+    def wait_output_end(self, timeout_s: float) -> bool:
+        """Wait until everything written to the terminal has been read: the reader stops at
+        the end of it, once no process holds the terminal open. False if it is still open."""
+        self._reader.join(timeout_s)
+        return not self._reader.is_alive()
+
     def type(self, text: str) -> None:
         """Type ``text`` (``\\r`` is Enter)."""
         if self.master is not None:

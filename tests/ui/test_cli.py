@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from breakglass_tui.cli import main
 from breakglass_tui.lab.guest.build import default_cache
-from tests.support.waiting import until_sync
+from tests.support.waiting import until, until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,12 +111,12 @@ async def test_a_lab_without_a_devvm_still_opens_the_console_saying_why():
     sentence = "The lab has no devvm here: QEMU is not installed and bubblewrap is missing."
     app = BreakglassApp(AppOptions(lab=True, devvm="none", lab_note=sentence))
     async with app.run_test(size=(160, 48)) as pilot:
-        for _ in range(100):
-            notices = " ".join(str(n.render()) for n in app.query(".notice"))
-            if sentence in notices:
-                break
-            await pilot.pause(0.1)
-        assert sentence in notices
+        await until(
+            lambda: sentence in " ".join(str(n.render()) for n in app.query(".notice")),
+            what="the sentence saying why",
+            timeout_s=10,
+            pause=pilot.pause,
+        )
         assert app.is_running
         await app.shutdown()
 
@@ -346,7 +345,7 @@ def _run_in_pty(tmp_path: Path, env: dict[str, str], wrap: list[str] | None = No
     console = PtyConsole(tmp_path, env=env, argv=argv)
     try:
         assert console.wait_exit(30), "the console started instead of refusing"
-        time.sleep(0.2)  # the last output through the pty
+        assert console.wait_output_end(10), "its terminal stayed open after it exited"
         return console.proc.returncode, console.output.decode(errors="replace")
     finally:
         console.close()
