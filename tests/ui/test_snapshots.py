@@ -9,8 +9,11 @@ import pytest
 
 from breakglass_tui.core import events as ev
 from breakglass_tui.ui.app import BreakglassApp
+from breakglass_tui.ui.screens.confirm_quit import ConfirmQuitScreen
+from breakglass_tui.ui.screens.help import HelpScreen
 from breakglass_tui.ui.widgets.chat import ToolBlock
-from tests.ui.conftest import make_app, no_blink
+from tests.support.waiting import until
+from tests.ui.conftest import make_app, no_blink, settle
 from tests.ui.fakes import api_fails_midturn, streamed_answer
 
 WIDE = (160, 48)
@@ -18,16 +21,11 @@ NARROW = (80, 24)
 
 
 async def _ready(pilot) -> None:
+    """The screen is final: the backend up, the console at rest, its output drawn."""
     app: BreakglassApp = pilot.app
     no_blink(app)
-    for _ in range(50):
-        if app.backend is not None:
-            break
-        await pilot.pause(0.05)
-    await app.workers.wait_for_complete()
-    await pilot.pause(0.2)
-    app.output.flush()
-    await pilot.pause()
+    await until(lambda: app.backend is not None, what="the backend", pause=pilot.pause)
+    await settle(app, pilot)
 
 
 def _script(name: str, coroutine_factory):
@@ -54,7 +52,12 @@ class TestFirstScreen:
         async def run_before(pilot) -> None:
             await _ready(pilot)
             await pilot.press("f1")
-            await pilot.pause(0.2)
+            await until(
+                lambda: isinstance(pilot.app.screen, HelpScreen) and pilot.app.screen.query("*"),
+                what="help, composed",
+                pause=pilot.pause,
+            )
+            await pilot.pause()  # drawn
 
         assert snap_compare(make_app([]), terminal_size=(120, 40), run_before=run_before)
 
@@ -116,10 +119,16 @@ class TestPanes:
     def test_quit_confirmation(self, snap_compare):
         async def run_before(pilot) -> None:
             await _ready(pilot)
+            app = pilot.app
             await pilot.press(*"/sh sleep 600", "enter")
-            await pilot.pause(0.1)
+            await until(lambda: app.query(ToolBlock), what="the sleep to start", pause=pilot.pause)
             await pilot.press("ctrl+q")
-            await pilot.pause(0.2)
+            await until(
+                lambda: isinstance(app.screen, ConfirmQuitScreen) and app.screen.query("*"),
+                what="the quit question, composed",
+                pause=pilot.pause,
+            )
+            await pilot.pause()  # drawn
 
         app = make_app([], initial_check=False)
         assert snap_compare(app, terminal_size=NARROW, run_before=run_before)
