@@ -57,6 +57,12 @@ class LabPveHost:
         self._conns: set[asyncssh.SSHServerConnection] = set()
         self.port: int | None = None
 
+    @property
+    def running_commands(self) -> tuple[asyncio.subprocess.Process, ...]:
+        """The forced commands running now (one process per SSH session), for a caller that
+        must see them end."""
+        return tuple(self._children)
+
     async def start(
         self,
         *,

@@ -12,6 +12,7 @@ import pytest
 
 from breakglass_tui.lab.pve_host import LabPveHost
 from tests.support.realparts import new_key, public_line
+from tests.support.waiting import until
 
 SCRIPT = r"""
 case "$SSH_ORIGINAL_COMMAND" in
@@ -106,9 +107,10 @@ async def test_close_lets_a_running_command_finish_then_kills_a_laggard(tmp_path
     )
     await conn.create_process("quick")
     await conn.create_process("slow")
-    await asyncio.sleep(0.1)
-    children = list(host._children)
-    assert len(children) == 2
+    children = await until(
+        lambda: len(host.running_commands) == 2 and host.running_commands,
+        what="both commands running",
+    )
     started = time.monotonic()
     await host.close(grace_s=1.5)
     assert time.monotonic() - started < 10
