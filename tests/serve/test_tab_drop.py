@@ -28,7 +28,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from breakglass_tui.config import Settings
 from breakglass_tui.serve.backend import ServeBackend
@@ -49,7 +48,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 @dataclass
 class Served:
     server: BreakglassServer
-    runner: web.AppRunner
     port: int
     api: fm.FakeMessagesApi
 
@@ -78,13 +76,11 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serv
         prepare=backend.prepare,
         cleanup=backend.close,
     )
-    runner = web.AppRunner(await server._make_app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await server.start()
     try:
-        yield Served(server, runner, port, api)
+        yield Served(server, port, api)
     finally:
-        await runner.cleanup()
+        await server.stop()
         await api.close()
 
 
