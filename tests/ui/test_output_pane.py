@@ -8,22 +8,14 @@ import time
 from breakglass_tui.ui.widgets.output_pane import MAX_PARTIAL_CHARS, OutputPane
 
 
-def queued(pane: OutputPane) -> list[str]:
-    return [str(line) for line in pane._pending]
-
-
-def held(pane: OutputPane, call_id: str) -> int:
-    return sum(len(piece) for piece in pane._partial.get(call_id, []))
-
-
 def test_lines_split_across_chunks_are_joined() -> None:
     pane = OutputPane()
     for chunk in ("fi", "rst li", "ne\nsec", "ond\n", "third", ""):
         pane.feed("c1", chunk)
     pane.feed("c2", "other call\n")
-    assert queued(pane) == ["first line", "second", "other call"]
+    assert pane.queued_lines == ["first line", "second", "other call"]
     pane.end("c1")
-    assert queued(pane)[-1] == "third" and pane.ingested == 4
+    assert pane.queued_lines[-1] == "third" and pane.ingested == 4
 
 
 def test_a_long_line_without_newline_is_flushed_in_64_kib_lines() -> None:
@@ -34,13 +26,14 @@ def test_a_long_line_without_newline_is_flushed_in_64_kib_lines() -> None:
         chunk = chr(ord("a") + i % 26) * 1024
         pane.feed("c1", chunk)
         total += len(chunk)
-        assert held(pane, "c1") < MAX_PARTIAL_CHARS, "the unfinished line grows without bound"
-    lines = queued(pane)
+        held = pane.unfinished_chars("c1")
+        assert held < MAX_PARTIAL_CHARS, "the unfinished line grows without bound"
+    lines = pane.queued_lines
     assert len(lines) == total // MAX_PARTIAL_CHARS
     assert {len(line) for line in lines} == {MAX_PARTIAL_CHARS}
     pane.feed("c1", "tail\n")
     pane.end("c1")
-    lines = queued(pane)
+    lines = pane.queued_lines
     assert "".join(lines) == "".join(chr(ord("a") + i % 26) * 1024 for i in range(1100)) + "tail"
 
 
@@ -52,6 +45,6 @@ def test_a_long_line_in_small_chunks_costs_linear_time() -> None:
         pane.feed("c1", chunk)
     elapsed = time.perf_counter() - started
     pane.end("c1")
-    assert sum(len(line) for line in queued(pane)) == 4 * 1024 * 1024
+    assert sum(len(line) for line in pane.queued_lines) == 4 * 1024 * 1024
     # Linear: well under a second here (re-concatenating the whole line took many seconds).
     assert elapsed < 1.0, f"{elapsed:.1f} s"

@@ -160,6 +160,15 @@ class OutputPane(Guarded, Vertical):
     def log_widget(self) -> OutputLog:
         return self.query_one(OutputLog)
 
+    @property
+    def queued_lines(self) -> list[str]:
+        """The lines taken in and not written yet: the next flush writes them."""
+        return [str(line) for line in self._pending]
+
+    def unfinished_chars(self, call_id: str) -> int:
+        """How much of ``call_id``'s unfinished line (no newline yet) the pane holds."""
+        return sum(len(piece) for piece in self._partial.get(call_id, []))
+
     def begin(self, call_id: str, label: str) -> None:
         """A separator naming the command whose output follows."""
         self._end_partial(call_id)
