@@ -84,6 +84,11 @@ class StreamScrubber:
         self._key_lines = 0
         self._key_chars = 0
 
+    @property
+    def held_chars(self) -> int:
+        """How much of an unfinished line (no newline yet) waits for the next feed."""
+        return len(self._partial)
+
     def feed(self, text: str) -> str:
         """Scrubbed complete lines of ``text`` (a trailing partial line waits for the next feed)."""
         data = self._partial + text
