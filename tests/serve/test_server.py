@@ -436,18 +436,19 @@ def test_child_environment_is_an_allowlist() -> None:
     }
 
 
-def test_audit_forwarder_forwards_only_new_complete_lines(tmp_path: Path) -> None:
+async def test_audit_forwarder_forwards_only_new_complete_lines(tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
     audit.write_text('{"event": "old"}\n')
     out = io.StringIO()
-    fwd = AuditForwarder(audit, out)
-    fwd._offset, fwd._inode = audit.stat().st_size, audit.stat().st_ino  # as start() does
+    fwd = AuditForwarder(audit, out, poll_s=3600)  # its own polls stay out of the way
+    fwd.start()  # from the end of the file as it is now
     with audit.open("a") as f:
         f.write('{"event": "tool_call", "session": "s1"}\n{"event": "par')
     assert fwd.pump() == 1
     with audit.open("a") as f:
         f.write('tial"}\n')
     assert fwd.pump() == 1
+    await fwd.stop()
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["record"]["event"] for line in lines] == ["tool_call", "partial"]
     assert all(line["log"] == "audit" for line in lines)
