@@ -150,19 +150,34 @@ async def test_close_right_after_a_cancel_still_stops_the_remote_command(sshd: S
 
 
 async def test_close_waits_only_a_bounded_time_for_a_stuck_stop(
-    shell: DevvmShell, monkeypatch: pytest.MonkeyPatch
+    sshd: Sshd, monkeypatch: pytest.MonkeyPatch
 ):
-    """A stop that cannot finish (a wedged guest) delays close() by its bound, not forever."""
+    """A stop that cannot finish (a wedged guest: the kill itself hangs) delays close() by its
+    bound, not forever."""
     import breakglass_tui.hosts.devvm as devvm_module
 
     monkeypatch.setattr(devvm_module, "STOP_CLOSE_WAIT_S", 0.3)
-    never: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    stuck = asyncio.ensure_future(never)
-    shell._stops.add(stuck)  # a stop in flight that will never end
-    started = time.monotonic()
-    await shell.close()
-    assert time.monotonic() - started < 2.0
-    stuck.cancel()
+    stuck_kill = "sleep 4713.5"  # what the devvm makes of the kill: it never returns
+    monkeypatch.setattr(devvm_module, "stop_command", lambda pgid, *, as_root: stuck_kill)
+    devvm = DevvmShell(target_for(sshd), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
+    marker = "sleep 4712.75"
+    seen: list[str] = []
+    task = asyncio.create_task(
+        devvm.run(f"echo started; {marker}", on_output=lambda chunk: seen.append(chunk.text))
+    )
+    try:
+        await until(lambda: "started" in "".join(seen), what="the command's first output")
+        task.cancel()
+        assert await wait_for_pids(stuck_kill, present=True), "the stop never began"
+        started = time.monotonic()
+        await devvm.close()  # a stop in flight that will never end
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        kill_pids(pids_matching(marker))
+        kill_pids(pids_matching(stuck_kill))
+        await devvm.close()
 
 
 async def test_keep_output_false_keeps_a_bounded_tail_and_counts_every_byte(shell: DevvmShell):
