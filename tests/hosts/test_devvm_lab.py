@@ -21,6 +21,7 @@ from breakglass_tui.lab.devvm_sim import DevvmSim
 from breakglass_tui.lab.loopback import pinned_target
 from breakglass_tui.lab.sandbox import SandboxDevvm
 from tests.support.realparts import new_key, public_line
+from tests.support.waiting import until
 
 KEY = new_key("breakglass-lab-devvm")
 HOST_KEY = new_key("lab-devvm-host")
@@ -102,20 +103,16 @@ async def test_cancel_stops_the_command_in_the_sandbox():
         return "sleep 100" in (await watcher.run("ps -eo args", timeout_s=5)).stdout
 
     try:
+
+        async def gone() -> bool:
+            return not await sleeping()
+
         task = asyncio.create_task(shell.run("sleep 100"))
-        for _ in range(100):
-            if await sleeping():
-                break
-            await asyncio.sleep(0.02)
-        assert await sleeping(), "the command never started in the sandbox"
+        await until(sleeping, what="the command started in the sandbox")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if not await sleeping():
-                break
-            await asyncio.sleep(0.05)
-        assert not await sleeping()
+        await until(gone, what="the command gone from the sandbox")
     finally:
         await watcher.close()
         await stopped(sandbox, sim, shell)

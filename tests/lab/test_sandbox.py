@@ -17,6 +17,7 @@ from breakglass_tui.hosts.types import Ending, OutputChunk
 from breakglass_tui.lab.catalog import SANDBOX_SCENARIOS, SCENARIOS
 from breakglass_tui.lab.sandbox import SandboxDevvm, sandbox_problem
 from tests.support.realparts import new_key, public_line
+from tests.support.waiting import until
 
 
 def test_the_sandbox_runs_here():
@@ -106,21 +107,15 @@ async def test_cancelling_run_stops_the_remote_command(devvm_factory):
         ps = await devvm.run("ps -eo args", timeout_s=5)
         return "sleep 300" in ps.stdout
 
+    async def stopped() -> bool:
+        return not await sleeping()
+
     task = asyncio.create_task(devvm.run("sleep 300", timeout_s=60))
-    for _ in range(100):
-        if await sleeping():
-            break
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("the command never showed in ps")
+    await until(sleeping, what="the command in ps")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if not await sleeping():
-            break
-        await asyncio.sleep(0.05)
-    assert not await sleeping()
+    await until(stopped, what="the command gone from ps")
 
 
 async def test_the_process_group_marker_and_kill_of_the_group(devvm_factory):

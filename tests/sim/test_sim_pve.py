@@ -164,10 +164,7 @@ def test_qm_stop_kills_the_process_and_it_does_not_linger_as_a_zombie(sim: SimPv
     pid = sim.start_vm()
     stopped = qm(sim, "stop", "102", "--timeout", "5", "--skiplock", "1")
     assert stopped.returncode == 0, stopped.stderr
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not Path(f"/proc/{pid}").exists(), "the stopped kvm is still in /proc"
+    until_sync(lambda: not Path(f"/proc/{pid}").exists(), what="the stopped kvm gone from /proc")
     assert not (sim.qemu_run_dir / "102.pid").exists()
     assert sim.vm_state()["status"] == "stopped" and sim.kvm_pid() is None
     assert sim.scope_pids() == []
@@ -180,10 +177,7 @@ def test_qm_stop_kills_the_process_and_it_does_not_linger_as_a_zombie(sim: SimPv
 def test_a_kvm_that_dies_on_its_own_is_reaped_and_the_vm_reads_stopped(sim: SimPve) -> None:
     pid = sim.start_vm()
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not Path(f"/proc/{pid}").exists()
+    until_sync(lambda: not Path(f"/proc/{pid}").exists(), what="the killed kvm gone from /proc")
     assert json.loads((sim.root / "vm.json").read_text())["status"] == "stopped"
     assert qm(sim, "status", "102").stdout == "status: stopped\n"
 
