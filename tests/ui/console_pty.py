@@ -312,22 +312,23 @@ def _opening_check_done(console: PtyConsole) -> bool:
 
 
 def reach_phase(console: PtyConsole, phase: str, rng: random.Random, timeout_s: float) -> None:
-    """Drive the console into ``phase`` (it was started moments ago)."""
+    """Drive the console into ``phase`` (it was started moments ago), then let a random moment
+    of it pass: the sleeps here are the trial's point (when the hang-up lands), not waits."""
     if phase == "starting":
-        time.sleep(rng.uniform(0.0, 1.2))
+        time.sleep(rng.uniform(0.0, 1.2))  # a random moment in the start-up
         return
     if phase == "streaming":
         console.type(TYPED_FIRST + "\r")  # typed during start-up: queued, never refused
     console.wait_for(lambda: _opening_check_done(console), timeout_s, "the opening check")
     if phase == "idle":
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, 0.5))  # a random moment in the phase
     elif phase == "streaming":
         console.wait_for(
             lambda: _journal_has(console, lambda r: r.get("type") == "AssistantTextDelta"),
             timeout_s,
             "Claude's answer to stream",
         )
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.3))  # a random moment in the phase
     elif phase == "command":
         console.type("/sh sleep 600\r")
         console.wait_for(
@@ -338,7 +339,7 @@ def reach_phase(console: PtyConsole, phase: str, rng: random.Random, timeout_s: 
             timeout_s,
             "the command to start",
         )
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.3))  # a random moment in the phase
 
 
 def stall(console: PtyConsole) -> None:
@@ -347,13 +348,13 @@ def stall(console: PtyConsole) -> None:
     past the pty's buffer and Textual's writer queue (30 writes) — the state in which the stock
     writer deadlocked the main thread when the terminal then went away."""
     console.reading.clear()
-    for n in range(12):
+    for n in range(12):  # paced as a person and a window manager would: time passing, no wait
         console.resize(160 + (n % 2) * 20, 48 + (n % 2) * 4)
         for _ in range(5):
             console.type("x")
             time.sleep(0.01)
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(0.3)  # the console keeps drawing into the unread terminal meanwhile
 
 
 def run_trial(

@@ -251,7 +251,7 @@ async def streamed_answer(agent: ScriptedAgent) -> None:
         "filesystem fits the symptoms.\n",
     ):
         emit(ev.AssistantTextDelta(at=T0, turn_id="t1", text=piece))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the stream's pace: time passing, not a wait
     call = "toolu_1"
     emit(
         ev.ToolCallStarted(
@@ -329,7 +329,7 @@ async def streamed_answer(agent: ScriptedAgent) -> None:
     )
     for i in range(0, len(text), 40):
         emit(ev.AssistantTextDelta(at=T0, turn_id="t2", text=text[i : i + 40]))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the stream's pace: time passing, not a wait
     emit(
         ev.AssistantTurnEnded(
             at=T0,
@@ -346,7 +346,7 @@ async def api_fails_midturn(agent: ScriptedAgent) -> None:
     emit = agent.emit
     emit(ev.AssistantTurnStarted(at=T0, turn_id="t1"))
     emit(ev.AssistantTextDelta(at=T0, turn_id="t1", text="I will look at the dev"))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the stream's pace: time passing, not a wait
     emit(
         ev.ApiError(
             at=T0,
