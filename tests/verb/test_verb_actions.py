@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from breakglass_tui.verb import breakglass_verb as bv
+from tests.support.waiting import until_sync
 from tests.verb.conftest import FAST_DEADLINES, VERB_PATH, run_verb, sim_with, verb_env
 
 FAST = {"deadlines": FAST_DEADLINES}
@@ -288,10 +289,12 @@ def test_cycle_completes_when_the_client_disconnects_between_stop_and_start(pve:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not any(c.startswith("qm stop") for c in texts(pve)):
-            assert time.monotonic() < deadline, "the cycle never reached qm stop"
-            time.sleep(0.01)
+        until_sync(
+            lambda: any(c.startswith("qm stop") for c in texts(pve)),
+            what="the cycle to reach qm stop",
+            timeout_s=30,
+            interval_s=0.01,
+        )
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
@@ -321,10 +324,11 @@ def test_two_mutating_verbs_at_once_one_is_busy(pve: Any) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not any(c.startswith("qm config") for c in texts(pve)):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        until_sync(
+            lambda: any(c.startswith("qm config") for c in texts(pve)),
+            what="the first verb to reach qm config",
+            interval_s=0.01,
+        )
         second = run_verb(pve.verb_config_path, "reset")
         assert second.exit_code == 3 and second.doc["refused"] == "busy"
         assert first_proc.poll() is None  # refused at once, not queued behind the first
