@@ -32,6 +32,7 @@ from tests.support.openbao import (  # noqa: F401 - fixtures
     openbao,
 )
 from tests.support.realparts import Sshd, new_key, public_line, start_sshd
+from tests.support.waiting import until
 
 
 def pid_alive(pid: int) -> bool:
@@ -39,9 +40,12 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie is dead for our purposes.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1][0] != "Z"
+    # A zombie is dead for our purposes; one reaped since the kill above is gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def child_environ(pid: int) -> dict[str, str]:
@@ -319,10 +323,10 @@ async def test_the_private_agent_dies_with_the_console(tmp_path: Path) -> None:
     finally:
         console.kill()
         await console.wait()
-    deadline = time.monotonic() + 5
-    while pid_alive(agent_pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    alive = pid_alive(agent_pid)
-    if alive:  # clean up before failing: it is a process this test started
-        os.kill(agent_pid, 9)
-    assert not alive
+    try:
+        await until(
+            lambda: not pid_alive(agent_pid), what="the agent to die with the console", timeout_s=5
+        )
+    finally:
+        if pid_alive(agent_pid):  # clean up before failing: it is a process this test started
+            os.kill(agent_pid, 9)
