@@ -172,6 +172,7 @@ class BreakglassApp(Guarded, App[None]):
         self._early_keys: list[str] = []  # typed before the message box existed
         self._stop_task: asyncio.Task[None] | None = None
         self._app_context: contextvars.Context | None = None  # set on mount (see on_mount)
+        self._starting = False  # the hosts are up, the opening check not started yet
         self._closed_in_time = False
         self._unconfirmed_written = False
         self.stopper.add_last_resort(self._last_resort)
@@ -324,6 +325,10 @@ class BreakglassApp(Guarded, App[None]):
         self.post_message(AgentEvent(event, own=own))
 
     async def on_backend_ready(self, message: BackendReady) -> None:
+        # Until the opening check is started below, what the operator types queues behind it
+        # (_busy): run at once, it would be cancelled by the opening check's exclusive worker,
+        # or find no agent yet.
+        self._starting = True
         backend = self.backend = message.backend
         if backend.state_dir is not None:
             self.record.open(backend.state_dir, backend.operator)
@@ -333,8 +338,11 @@ class BreakglassApp(Guarded, App[None]):
         header.keys = backend.keys
         header.operator = backend.operator
         header.targets = backend.targets
-        if self.tab is not None:
-            await self.tab.confirm_operator()
+        try:
+            if self.tab is not None:
+                await self.tab.confirm_operator()
+        finally:
+            self._starting = False  # nothing below awaits before the opening check starts
         agent = self._start_agent() if self.driving else None
         manual = getattr(agent, "manual", backend.manual_reason is not None)
         if not (manual and header.claude_ok is False):  # keep a reason the agent already gave
@@ -702,6 +710,7 @@ class BreakglassApp(Guarded, App[None]):
         """Something runs, or waits to: a new message queues behind it."""
         return (
             self.backend is None
+            or self._starting
             or self.driving is None
             or self._agent_running()
             or bool(self.queue)

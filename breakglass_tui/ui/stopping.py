@@ -18,7 +18,10 @@ loop. A request:
   not confirmed, the lab's processes killed by PID, the lease released) and ends the process;
 - asks the app, through the loop, to stop in order (``BreakglassApp.begin_stop``): cancel the
   running step (the remote command is killed), release the lease, close the agent (the audit's
-  ``session_end``), the hosts and the lab, within :data:`CLOSE_TIME_S`.
+  ``session_end``), the hosts and the lab, within :data:`CLOSE_TIME_S`. The stop runs in the
+  app's own context, whoever asked: a signal can land in the middle of the agent worker's step,
+  and a stop that inherited that worker as Textual's active worker could not wait for it (it
+  closed the agent before the running command's cancel was recorded).
 
 The stopper is created by the CLI before anything heavy is imported, so a signal during start-up
 is not lost: the app acts on it as soon as it is mounted.

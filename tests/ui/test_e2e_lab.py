@@ -48,7 +48,14 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 async def ready(app: BreakglassApp, pilot) -> None:
+    """The lab is up and the console's opening check (/probe, /status) has ended."""
     await until(lambda: app.backend is not None, what="the lab to start", pause=pilot.pause)
+    # The opening check's two calls ended (the hosts can be up a moment before it starts).
+    await until(
+        lambda: len(app.query(ToolBlock)) >= 2 and not agent_busy(app),
+        what="the opening check",
+        pause=pilot.pause,
+    )
     await app.workers.wait_for_complete()
     await drawn(app, pilot)
 
@@ -329,8 +336,9 @@ async def test_a_stop_requested_inside_a_worker_still_waits_for_the_running_comm
     audit = [
         json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()
     ]
-    kinds = [r["kind"] for r in audit]
+    kinds = " ".join(f"{r['kind']}:{r.get('tool') or r.get('reason') or ''}" for r in audit)
     results = [r for r in audit if r["kind"] == "tool_result"]
-    assert results[-1]["tool"] == "devvm_shell" and results[-1]["cancelled"], kinds
-    assert kinds.index("session_end") > audit.index(results[-1]), kinds
     assert not any(r.get("forced") for r in audit), kinds
+    assert results[-1]["tool"] == "devvm_shell" and results[-1]["cancelled"], kinds
+    ended = [n for n, r in enumerate(audit) if r["kind"] == "session_end"]
+    assert ended and ended[-1] > audit.index(results[-1]), kinds

@@ -221,3 +221,47 @@ async def test_typing_while_help_is_open_goes_to_the_message_box(agents):
         await pilot.press("enter")
         await settle(app, pilot)
         assert agents[0].handled == ["quota"]
+
+
+async def test_a_message_sent_as_the_hosts_come_up_runs_after_the_opening_check(
+    tmp_path: Path, monkeypatch
+):
+    """The hosts are up (the backend is there) but the tab is still recording its lease when
+    the operator sends a command from the palette: it queues behind the opening check. It once
+    ran at once and was then cancelled by the opening check's worker (or found no agent yet and
+    was dropped)."""
+    from breakglass_tui.core.tab import TabSession
+
+    lease_written = asyncio.Event()
+    confirm = TabSession.confirm_operator
+
+    async def slow_confirm(self: TabSession) -> None:  # a slow state disk, widened on purpose
+        await lease_written.wait()
+        await confirm(self)
+
+    monkeypatch.setattr(TabSession, "confirm_operator", slow_confirm)
+    monkeypatch.setenv("BREAKGLASS_OPERATOR", "viktor")
+    agents: list[ScriptedAgent] = []
+    app = BreakglassApp(
+        AppOptions(lab=True, incident_dir=tmp_path),
+        backend_factory=fake_backend_factory(agents=agents, lazy=True),
+    )
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(lambda: app.backend is not None, what="the hosts")
+        # Sent from outside the app's own message loop (which waits on the lease), as the
+        # command palette and the question screens do.
+        try:
+            await app.submit("/sh df -h")
+            queued = [i.text for i in app.queue.items]
+        finally:
+            lease_written.set()  # (else a failure here would leave the app waiting forever)
+        assert queued == ["/sh df -h"], "it ran before the opening check"
+        await until(
+            lambda: agents and agents[0].handled == ["/probe", "/status", "/sh df -h"],
+            what="the opening check, then the message",
+            pause=pilot.pause,
+        )
+        await until(lambda: not agent_busy(app), what="the message to end", pause=pilot.pause)
+        assert agents[0].cancelled == 0
+        assert not app.queue
+        await app.shutdown()
