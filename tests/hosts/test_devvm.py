@@ -124,15 +124,22 @@ async def test_cancel_stops_the_remote_command_and_its_quiet_children(shell: Dev
     assert (await shell.run("echo after")).stdout == "after\n"
 
 
-async def test_close_right_after_a_cancel_still_stops_the_remote_command(sshd: Sshd):
-    """The app cancels the running command and closes the shell at once when it quits: close()
-    must wait for the kill to be sent, or the quiet command outlives the closed channel."""
+def start_quiet_command(sshd: Sshd, marker: str) -> tuple[DevvmShell, asyncio.Task, list[str]]:
+    """A new shell running `echo started; <marker>` (a command that then stays quiet), and
+    the output it has streamed so far."""
     devvm = DevvmShell(target_for(sshd), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
-    marker = "sleep 4712.25"
     seen: list[str] = []
     task = asyncio.create_task(
         devvm.run(f"echo started; {marker}", on_output=lambda chunk: seen.append(chunk.text))
     )
+    return devvm, task, seen
+
+
+async def test_close_right_after_a_cancel_still_stops_the_remote_command(sshd: Sshd):
+    """The app cancels the running command and closes the shell at once when it quits: close()
+    must wait for the kill to be sent, or the quiet command outlives the closed channel."""
+    marker = "sleep 4712.25"
+    devvm, task, seen = start_quiet_command(sshd, marker)
     try:
         assert await wait_for_pids(marker, present=True), "the remote command never started"
         # Its process-group line comes before its first output: once that is here, so is the line.
@@ -159,12 +166,8 @@ async def test_close_waits_only_a_bounded_time_for_a_stuck_stop(
     monkeypatch.setattr(devvm_module, "STOP_CLOSE_WAIT_S", 0.3)
     stuck_kill = "sleep 4713.5"  # what the devvm makes of the kill: it never returns
     monkeypatch.setattr(devvm_module, "stop_command", lambda pgid, *, as_root: stuck_kill)
-    devvm = DevvmShell(target_for(sshd), ConnectOptions(client_keys=[KEY], connect_timeout_s=3.0))
     marker = "sleep 4712.75"
-    seen: list[str] = []
-    task = asyncio.create_task(
-        devvm.run(f"echo started; {marker}", on_output=lambda chunk: seen.append(chunk.text))
-    )
+    devvm, task, seen = start_quiet_command(sshd, marker)
     try:
         await until(lambda: "started" in "".join(seen), what="the command's first output")
         task.cancel()

@@ -60,6 +60,21 @@ async def ready(app: BreakglassApp, pilot) -> None:
     await drawn(app, pilot)
 
 
+async def sleep_running(app: BreakglassApp, pilot) -> None:
+    """The console ready, then `/sh sleep 60` sent: its call on screen, the sleep running on
+    the devvm."""
+    await ready(app, pilot)
+    await pilot.press(*"/sh sleep 60", "enter")
+    await until(
+        lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start", pause=pilot.pause
+    )
+    await until(
+        lambda: processes_mentioning("sleep 60"),
+        what="the sleep running on the devvm",
+        pause=pilot.pause,
+    )
+
+
 async def test_lab_manual_mode_sh_df_and_quit_leaves_no_process(tmp_path, monkeypatch):
     """README's first command: --lab on the real devvm (QEMU, restored from its saved state)."""
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
@@ -95,16 +110,7 @@ async def test_escape_cancels_a_running_lab_command_at_once(tmp_path, monkeypatc
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     app = lab_app(tmp_path)
     async with app.run_test(size=(160, 48)) as pilot:
-        await ready(app, pilot)
-        await pilot.press(*"/sh sleep 60", "enter")
-        await until(
-            lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start", pause=pilot.pause
-        )
-        await until(
-            lambda: processes_mentioning("sleep 60"),
-            what="the sleep running on the devvm",
-            pause=pilot.pause,
-        )
+        await sleep_running(app, pilot)
         started = time.monotonic()
         await pilot.press("escape")
         await until(lambda: not agent_busy(app), what="the cancel", timeout_s=10, pause=pilot.pause)
@@ -321,11 +327,7 @@ async def test_a_stop_requested_inside_a_worker_still_waits_for_the_running_comm
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     app = lab_app(tmp_path)
     async with app.run_test(size=(160, 48)) as pilot:
-        await ready(app, pilot)
-        await pilot.press(*"/sh sleep 60", "enter")
-        await until(
-            lambda: len(app.query(ToolBlock)) == 3, what="the sleep to start", pause=pilot.pause
-        )
+        await sleep_running(app, pilot)
         worker = next(w for w in app.workers if w.group == "agent" and not w.is_finished)
         token = active_worker.set(worker)  # as inside the worker's step, when the signal lands
         try:
