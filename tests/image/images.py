@@ -183,6 +183,11 @@ def build_image(version: str) -> BuiltImage:
             f"VERSION={version}",
             "--build-arg",
             f"REVISION={revision}",
+            # Also as a label of the build itself: buildah's layer cache (Debian's 1.28) reuses
+            # the LABEL step built from an older REVISION when no copied file changed (a docs-only
+            # commit), and the image would name the wrong commit (docs/install.md says the same).
+            "--label",
+            f"org.opencontainers.image.revision={revision}",
             "--tag",
             APP_IMAGE,
             "--file",
