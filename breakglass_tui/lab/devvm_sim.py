@@ -193,7 +193,13 @@ class DevvmSim:
         relay = _Relay(reader, writer)
         self._relays.add(relay)
         try:
-            if self.mode != "ssh":
+            # The VM as it is now, not as the last poll saw it: a connection made right after a
+            # reset must not reach the guest that was reset (a real one stops answering at once).
+            self._read_vm()
+            desired = self._desired_mode()
+            if desired == "refused":
+                return  # stopped or booting: nothing listens (the next poll closes the port)
+            if self.mode != "ssh" or desired != "ssh":
                 # The kernel completed the handshake; sshd never answers.
                 while await reader.read(4096):
                     pass
